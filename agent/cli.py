@@ -1,0 +1,550 @@
+"""The ``wardpost`` command line.
+
+``run`` is the daemon; ``check-config`` validates a file; ``status``, ``events``,
+``emit``, ``simulate`` and ``reload`` talk to a running agent over its control
+socket; ``monitor`` and ``command`` are the centre's side; plug-ins add more
+sub-commands through the ``wardpost.cli`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from agent.control import ControlError, ControlServer, request
+from agent.registry import available_drivers, validate_drivers
+
+log = logging.getLogger("wardpost")
+
+
+def _load(path: str) -> Config:
+    config = load_config(path)
+    validate_drivers(config)
+    return config
+
+
+def _setup_logging(level: str) -> None:
+    from agent.logs import setup_logging
+
+    setup_logging(level)
+
+
+# ------------------------------------------------------------------ run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.logs import flush_repeats, register_secret, setup_logging
+    from agent.metrics import Histogram, LabelledCounter, MetricsServer, agent_metrics
+    from agent.runtime import Agent
+    from agent.sdnotify import Notifier
+
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(f"wardpost: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level or config.agent.log_level)
+    if (password := config.password()) is not None:
+        register_secret(password)
+    notifier = Notifier.from_env()
+    latency, events = Histogram(), LabelledCounter(("kind", "priority"))
+    agent = Agent(
+        config,
+        on_transmitted=latency.observe,
+        on_event=lambda e: events.inc(e.kind, e.priority.label),
+    )
+    stop = threading.Event()
+    reload_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    agent.start()
+    control = ControlServer(config.agent.control_socket_path, agent)
+    control.start()
+    metrics: MetricsServer | None = None
+    if config.metrics.enabled:
+        metrics = MetricsServer(
+            lambda: agent_metrics(agent.status(), latency=latency, events=events),
+            *config.metrics.address,
+        )
+        try:
+            metrics.start()
+        except OSError as exc:
+            log.error("metrics disabled: %s", exc)
+            metrics = None
+    status = _status_line(agent)
+    notifier.ready(status)
+    watchdog_every = notifier.watchdog_interval()
+    last_watchdog = 0.0
+    try:
+        while not stop.wait(0.5):
+            if reload_requested.is_set():
+                reload_requested.clear()
+                notifier.reloading()
+                result = agent.reload(args.config)
+                if result["ok"]:
+                    setup_logging(args.log_level or agent.config.agent.log_level)
+                notifier.ready(_status_line(agent))
+            now = time.monotonic()
+            if watchdog_every and now - last_watchdog >= watchdog_every and agent.healthy():
+                notifier.watchdog()
+                last_watchdog = now
+            if (line := _status_line(agent)) != status:
+                status = line
+                notifier.status(status)
+            flush_repeats()
+    finally:
+        notifier.stopping()
+        if metrics is not None:
+            metrics.stop()
+        control.stop()
+        agent.stop()
+        flush_repeats()
+        notifier.close()
+    return 0
+
+
+def _status_line(agent: Any) -> str:
+    status = agent.heartbeat()
+    drivers = status["drivers"]
+    ok = sum(1 for d in drivers.values() if d["state"] in ("ok", "degraded"))
+    link = "up" if agent.publisher is not None and agent.publisher.connected else "down"
+    return f"link {link}, backlog {status['backlog']['count']}, drivers {ok}/{len(drivers)} ok"
+
+
+# ------------------------------------------------------------ config & info
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = args.path or args.config
+    try:
+        config = _load(path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    enabled = [f"{s.name} ({s.type})" for s in config.drivers if s.enabled]
+    print(
+        f"{path}: ok — site {config.agent.site}, device {config.agent.device}, broker {config.mqtt.host}:{config.mqtt.port}, drivers: {', '.join(enabled) or 'none'}"
+    )
+    return 0
+
+
+def cmd_drivers(args: argparse.Namespace) -> int:
+    for name, ep in sorted(available_drivers().items()):
+        try:
+            summary = ep.load().summary
+        except Exception as exc:
+            summary = f"(fails to load: {exc})"
+        print(f"{name:16} {summary}")
+    return 0
+
+
+# ------------------------------------------------------------ control socket
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    try:
+        return load_config(args.config).agent.control_socket_path
+    except ConfigError as exc:
+        raise ControlError(f"cannot find the control socket: {exc} (or pass --socket)") from None
+
+
+def _control(args: argparse.Namespace, body: dict[str, Any]) -> dict[str, Any]:
+    reply = request(_socket(args), body)
+    if not reply.get("ok", False):
+        raise ControlError(str(reply.get("error", "failed")))
+    return reply
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _control(args, {"op": "status"})["status"]
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    link = status["link"]
+    backlog = status["backlog"]
+    print(
+        f"wardpost {status['version']}  site {status['site']}  device {status['device']}  up {status['uptime']:.0f}s  boot {status['boot']}"
+    )
+    print(
+        f"broker   {link['broker']}  {'connected' if link['connected'] else 'DISCONNECTED'}  delivery={link['delivery']}  in flight {link['in_flight']}"
+        + (f"  last error: {link['last_error']}" if link["last_error"] else "")
+    )
+    age = backlog["oldest_age"]
+    print(
+        f"backlog  {backlog['count']} events"
+        + (f", oldest {age:.1f}s" if age is not None else "")
+        + (f", {backlog['in_memory']} only in memory" if backlog["in_memory"] else "")
+    )
+    if status["storage"]["fault"]:
+        print(f"STORAGE  {status['storage']['fault']}")
+    tx = status["transmission"]
+    if tx.get("count"):
+        print(
+            f"transmission  mean {tx['mean'] * 1000:.1f} ms  p95 {tx['p95'] * 1000:.1f} ms  max {tx['max'] * 1000:.1f} ms  ({tx['count']} events)"
+        )
+    for name, health in sorted(status["drivers"].items()):
+        print(f"driver   {name:20} {health['type']:14} {health['state']:9} {health['detail']}")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    events = _control(args, {"op": "events", "limit": args.limit, "pending": args.pending})[
+        "events"
+    ]
+    for e in reversed(events):
+        if args.json:
+            print(e["body"])
+            continue
+        state = "sent   " if e["published"] else "PENDING"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["accepted"]))
+        print(f"{when} {state} {e['priority']:8} #{e['seq']:<6} {e['kind']:24} {e['id']}")
+    return 0
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        raise ControlError(f"--payload is not JSON: {exc}") from None
+    reply = _control(
+        args,
+        {
+            "op": "emit",
+            "kind": args.kind,
+            "payload": payload,
+            "priority": args.priority,
+            "test": args.test,
+        },
+    )
+    print(f"accepted {reply['id']} (seq {reply['seq']})")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    try:
+        extra = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise ControlError(f"--args is not JSON: {exc}") from None
+    reply = _control(
+        args, {"op": "simulate", "driver": args.driver, "action": args.action, "args": extra}
+    )
+    print(json.dumps(reply["result"]))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    reply = _control(args, {"op": "reload"})
+    print(
+        f"reloaded: started {reply['started']}, stopped {reply['stopped']}"
+        + (f"; restart needed for {reply['restart_needed']}" if reply["restart_needed"] else "")
+    )
+    return 0
+
+
+# ----------------------------------------------------------------- centre
+
+
+def _broker_options(args: argparse.Namespace) -> Any:
+    from agent.monitor import BrokerOptions
+
+    return BrokerOptions(
+        host=args.host,
+        port=args.port,
+        username=args.username,
+        password_file=args.password_file,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        prefix=args.prefix,
+    )
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from agent.monitor import Monitor, TerminalView
+    from agent.security import Signer
+
+    signer = Signer.from_file(args.key) if args.key else None
+    monitor = Monitor(
+        _broker_options(args),
+        args.site,
+        receipts=not args.no_receipts,
+        signer=signer,
+        operator=args.operator,
+        view=TerminalView(as_json=args.json),
+    )
+    lines = None if args.no_input else sys.stdin
+    try:
+        return monitor.run(duration=args.duration, table_every=args.table_every, lines=lines)
+    except (OSError, ConnectionError) as exc:
+        raise ControlError(f"cannot watch {args.host}:{args.port}: {exc}") from None
+
+
+def cmd_command(args: argparse.Namespace) -> int:
+    from agent.monitor import send_command
+    from agent.security import Signer
+
+    try:
+        cmd_args = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise ControlError(f"--args is not JSON: {exc}") from None
+    if not isinstance(cmd_args, dict):
+        raise ControlError("--args must be a JSON object")
+    site, _, device = args.device.partition("/")
+    if not site or not device:
+        raise ControlError("device must be given as SITE/DEVICE")
+    signer = Signer.from_file(args.key) if args.key else None
+    try:
+        result = send_command(
+            _broker_options(args),
+            site,
+            device,
+            args.name,
+            args=cmd_args,
+            target=args.target,
+            timeout=args.timeout,
+            signer=signer,
+        )
+    except OSError as exc:
+        raise ControlError(f"cannot reach {args.host}:{args.port}: {exc}") from None
+    print(json.dumps(result, indent=2))
+    return 0 if result.get("ok") else 1
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from agent.security import (
+        generate_keypair,
+        key_id,
+        load_private_key,
+        load_public_key,
+    )
+
+    if args.keys_command == "generate":
+        private, public = Path(args.private), Path(args.public)
+        try:
+            kid = generate_keypair(private, public)
+        except FileExistsError:
+            raise ControlError(f"{private} exists; refusing to overwrite a key") from None
+        except OSError as exc:
+            raise ControlError(f"cannot write the key pair: {exc}") from None
+        print(
+            f"wrote {private} (keep it secret, mode 0600) and {public} "
+            f"(list it in [commands] public_keys on every device); key id {kid}"
+        )
+        return 0
+    path = args.path
+    try:
+        key = load_public_key(path)
+    except ConfigError:
+        key = load_private_key(path).public_key()
+        print(f"{path}: Ed25519 PRIVATE key, key id {key_id(key)}")
+        return 0
+    print(f"{path}: Ed25519 public key, key id {key_id(key)}")
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def _broker_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--username", default="")
+    p.add_argument("--password-file", default="")
+    p.add_argument(
+        "--ca-file", default="", help="CA certificate to verify the broker (enables TLS)"
+    )
+    p.add_argument("--cert-file", default="", help="client certificate (TLS)")
+    p.add_argument("--key-file", default="", help="client private key (TLS)")
+    p.add_argument("--prefix", default="wardpost", help="topic prefix")
+
+
+def _common_options(default: Any) -> argparse.ArgumentParser:
+    """--config/--socket, accepted before or after the sub-command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        default=default if default is argparse.SUPPRESS else str(DEFAULT_CONFIG_PATH),
+        help=f"config file (default {DEFAULT_CONFIG_PATH})",
+    )
+    common.add_argument(
+        "--socket",
+        default=default if default is argparse.SUPPRESS else "",
+        help="control socket (default: from the config)",
+    )
+    return common
+
+
+class _SubParsers:
+    """Adds the shared options to every sub-command, plug-ins' included."""
+
+    def __init__(self, action: Any):
+        self._action = action
+        self._common = _common_options(argparse.SUPPRESS)
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs["parents"] = [*kwargs.get("parents", []), self._common]
+        parser: argparse.ArgumentParser = self._action.add_parser(name, **kwargs)
+        return parser
+
+
+CORE_COMMANDS = (
+    "run",
+    "check-config",
+    "drivers",
+    "status",
+    "events",
+    "emit",
+    "simulate",
+    "reload",
+    "monitor",
+    "command",
+    "keys",
+)
+
+
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wardpost",
+        description="Wardpost edge agent for hospital security",
+        parents=[_common_options(None)],
+    )
+    parser.add_argument("--version", action="version", version=f"wardpost {__version__}")
+    sub: Any = _SubParsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+
+    p = sub.add_parser("run", help="run the agent (the systemd service)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config file and exit non-zero if it is bad")
+    p.add_argument("path", nargs="?")
+    p.set_defaults(func=cmd_check_config)
+
+    sub.add_parser("drivers", help="list installed driver types").set_defaults(func=cmd_drivers)
+
+    p = sub.add_parser("status", help="backlog, drivers and broker link of the running agent")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("events", help="recent and buffered events of the running agent")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument(
+        "--pending", action="store_true", help="only events not yet confirmed by the centre"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("emit", help="inject a test event into the running agent")
+    p.add_argument("kind")
+    p.add_argument("--payload", default="{}", help="JSON object")
+    p.add_argument("--priority", default="normal", choices=["critical", "high", "normal", "low"])
+    p.add_argument("--test", action="store_true", help="mark the event as a test")
+    p.set_defaults(func=cmd_emit)
+
+    p = sub.add_parser(
+        "simulate", help="make a driver act as its hardware would (press a simulated button)"
+    )
+    p.add_argument("driver")
+    p.add_argument("action")
+    p.add_argument("--args", default="{}", help="JSON object")
+    p.set_defaults(func=cmd_simulate)
+
+    sub.add_parser("reload", help="re-read the config (like systemctl reload)").set_defaults(
+        func=cmd_reload
+    )
+
+    p = sub.add_parser("monitor", help="centre console: alarms, devices, events, receipts")
+    _broker_arguments(p)
+    p.add_argument("--site", default="+", help="site to watch (default all)")
+    p.add_argument(
+        "--key", default="", help="the centre's Ed25519 private key: signs ack/resolve/silence/test"
+    )
+    p.add_argument(
+        "--operator",
+        default=getpass.getuser(),
+        help="name sent as 'by' with acknowledgements (default: login name)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line, for scripts")
+    p.add_argument("--no-input", action="store_true", help="do not read commands from stdin")
+    p.add_argument("--no-receipts", action="store_true", help="do not confirm events")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument(
+        "--table-every",
+        type=float,
+        default=30.0,
+        help="print the device and alarm tables this often",
+    )
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("command", help="send a command to a device and print its result")
+    _broker_arguments(p)
+    p.add_argument("device", help="SITE/DEVICE")
+    p.add_argument("name", help="ack, resolve, silence, test, reload, ping, ...")
+    p.add_argument("--args", default="{}", help="JSON object")
+    p.add_argument("--target", default=None, help="driver instance name")
+    p.add_argument("--key", default="", help="the centre's Ed25519 private key file to sign with")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_command)
+
+    p = sub.add_parser("keys", help="make and inspect the centre's command-signing keys")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    g = keys.add_parser("generate", help="write a new Ed25519 key pair")
+    g.add_argument("--private", default="centre.key")
+    g.add_argument("--public", default="centre.pub")
+    k = keys.add_parser("show", help="print a key's type and id")
+    k.add_argument("path")
+    p.set_defaults(func=cmd_keys)
+
+    if plugins:
+        for ep in entry_points(group="wardpost.cli"):
+            try:
+                ep.load()(sub)
+            except Exception as exc:  # a broken plug-in must not break the core commands
+                print(f"wardpost: plug-in command {ep.name!r} unavailable: {exc}", file=sys.stderr)
+    return parser
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv``: the first word that is not an option or its value."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in ("--config", "--socket"):
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Plug-in sub-commands (and what they import, OpenCV for one) load only when asked for,
+    # so the daemon and the core commands stay small and start fast.
+    args = build_parser(plugins=_command_word(argv) not in CORE_COMMANDS).parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except (ControlError, ConfigError) as exc:
+        print(f"wardpost {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

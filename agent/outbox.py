@@ -1,0 +1,807 @@
+"""The outbox: every accepted event, durable in SQLite until the centre has it.
+
+One writer thread owns the database. Drivers never wait for it: :meth:`Outbox.submit`
+queues the event and returns; the writer commits whatever has queued up in one
+transaction (group commit), fully synced when the batch holds a critical event,
+then marks each :class:`~agent.driver.Emission` durable. That is the moment an
+event counts as *accepted*.
+
+Failure handling, because the alarm path must survive the storage under it:
+
+* corrupt or truncated file at start: moved aside as ``outbox.db.corrupt-<time>``,
+  readable pending rows salvaged into a fresh database, reported to the caller;
+* disk full: a ballast file (``reserve_bytes``) is deleted to make room and the
+  commit retried; if writing still fails, or the state directory cannot be opened
+  at all, events are held in memory (accepted, delivered as usual, but lost on a
+  power cut), and the fault is reported; the writer keeps retrying the disk;
+* over ``max_rows``/``max_bytes``: published rows go first, then pending rows of
+  the lowest priority, oldest first. Critical events are never evicted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.config import OutboxConfig
+from agent.driver import Emission
+from agent.event import Event, Priority
+
+log = logging.getLogger("wardpost.outbox")
+
+SCHEMA_VERSION = 1
+_RETRY_DISK_EVERY = 5.0  # seconds between attempts to move in-memory events back to disk
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRow:
+    """A not-yet-published event as the outbox stores it and the publisher sends it."""
+
+    id: str
+    rank: int
+    seq: int
+    kind: str
+    accepted: float
+    body: str
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.rank, self.seq)
+
+    @classmethod
+    def of(cls, event: Event) -> PendingRow:
+        return cls(
+            event.id, int(event.priority), event.seq, event.kind, event.time, event.to_json()
+        )
+
+
+@dataclass
+class StorageReport:
+    """What happened to storage that the centre should hear about (raised as events)."""
+
+    kind: str
+    payload: dict[str, Any] = field(default_factory=dict)
+    priority: Priority = Priority.HIGH
+
+
+class StorageFault(Exception):
+    pass
+
+
+class Outbox:
+    """Durable event buffer. Thread-safe; all writes go through one writer thread.
+
+    ``on_committed(min_key)`` is called after each commit that added events, with
+    the smallest ``(rank, seq)`` among them, so the publisher can rewind its cursor.
+    ``on_released(ids)`` is called once releases are committed. ``on_report`` gets
+    :class:`StorageReport` items (evictions, disk faults) for the agent to emit.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        config: OutboxConfig,
+        *,
+        on_committed: Callable[[tuple[int, int]], None] = lambda key: None,
+        on_released: Callable[[list[str]], None] = lambda ids: None,
+        on_report: Callable[[StorageReport], None] = lambda report: None,
+    ):
+        self.path = Path(path)
+        self.config = config
+        self.on_committed = on_committed
+        self.on_released = on_released
+        self.on_report = on_report
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._seq_lock = threading.Lock()
+        self._next_seq = 1
+        self._persisted_seq = 0
+        self._conn: sqlite3.Connection | None = None
+        self._sync_full: bool | None = None
+        self._memory: dict[str, PendingRow] = {}  # accepted while the disk is failing
+        self._memory_lock = threading.Lock()
+        self._rows = 0
+        self._bytes = 0
+        self._last_disk_retry = 0.0
+        self._disk_fault: str | None = None
+        self._unreleased: list[str] = []  # releases whose commit failed, retried next batch
+        self._fault_announced = False
+        self._last_failure_at = 0.0
+        #: Seconds a failed disk must stay writable before recovery is announced.
+        self.restore_after = 30.0
+        self._thread: threading.Thread | None = None
+        self._readers = threading.local()
+        self.boot = 0
+        self.counters = {
+            "committed": 0,
+            "evicted": 0,
+            "released": 0,
+            "batches": 0,
+            "memory_fallback": 0,
+            "faults_folded": 0,
+        }
+
+    # ----------------------------------------------------------------- opening
+
+    @property
+    def ballast_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".reserve")
+
+    def open(self) -> list[StorageReport]:
+        """Open (recovering if needed) and start the writer. Returns what to report."""
+        reports: list[StorageReport] = []
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = self._open_checked(reports)
+            self._load_counters(self._conn)  # writes the boot counter: fails on a read-only disk
+        except (sqlite3.Error, OSError) as exc:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+            self._disk_fault = f"cannot open {self.path}: {exc}"
+            self._fault_announced, self._last_failure_at = True, time.monotonic()
+            if self.path.exists():
+                self._load_counters_read_only()
+            log.critical(
+                "outbox: %s; events are kept in memory until the disk is usable", self._disk_fault
+            )
+            reports.append(
+                StorageReport(
+                    "agent.storage_failed",
+                    {"path": str(self.path), "error": str(exc)},
+                    Priority.CRITICAL,
+                )
+            )
+        if self._conn is not None:
+            self._ensure_ballast()
+        self._thread = threading.Thread(target=self._writer, name="outbox-writer", daemon=True)
+        self._thread.start()
+        return reports
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        # Keep the WAL small: on a nearly full SD card a 4 MB WAL can be the last straw.
+        conn.execute("PRAGMA wal_autocheckpoint=256")
+        conn.execute("PRAGMA journal_size_limit=1048576")
+        return conn
+
+    def _open_checked(self, reports: list[StorageReport]) -> sqlite3.Connection:
+        try:
+            conn = self._connect()
+            result = [row[0] for row in conn.execute("PRAGMA quick_check")]
+            if result != ["ok"]:
+                conn.close()
+                raise sqlite3.DatabaseError("; ".join(str(r) for r in result[:3]))
+            self._create_schema(conn)
+            return conn
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
+                raise
+            return self._recover(exc, reports)
+
+    def _recover(self, error: Exception, reports: list[StorageReport]) -> sqlite3.Connection:
+        salvaged = list(self._salvage())
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        moved_to = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(moved_to) + suffix))
+        log.error(
+            "outbox: %s is corrupt (%s); moved to %s, salvaged %d pending events",
+            self.path,
+            error,
+            moved_to,
+            len(salvaged),
+        )
+        conn = self._connect()
+        self._create_schema(conn)
+        if salvaged:
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT OR IGNORE INTO events (id, rank, seq, kind, accepted, body, size) VALUES (?,?,?,?,?,?,?)",
+                [(r.id, r.rank, r.seq, r.kind, r.accepted, r.body, len(r.body)) for r in salvaged],
+            )
+            conn.execute("COMMIT")
+        reports.append(
+            StorageReport(
+                "agent.storage_recovered",
+                {
+                    "path": str(self.path),
+                    "moved_to": str(moved_to),
+                    "error": str(error),
+                    "salvaged": len(salvaged),
+                },
+            )
+        )
+        return conn
+
+    def _salvage(self) -> Iterator[PendingRow]:
+        """Best effort: read the pending rows a damaged file still holds.
+
+        Works on a copy whose header page count is corrected to the real file size
+        (a truncated file otherwise fails before the first row), scanning the table
+        in rowid order without indexes (they may be what is damaged) up to the
+        first unreadable page."""
+        copy = self.path.with_name(self.path.name + ".salvage")
+        try:
+            data = bytearray(self.path.read_bytes())
+            if data.startswith(b"SQLite format 3\0") and len(data) >= 100:
+                page_size = int.from_bytes(data[16:18], "big")
+                page_size = 65536 if page_size == 1 else page_size
+                if page_size:
+                    data[28:32] = (len(data) // page_size).to_bytes(4, "big")
+            copy.write_bytes(data)
+            conn = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+        except (OSError, sqlite3.Error):
+            return
+        try:
+            for row in conn.execute(
+                "SELECT id, rank, seq, kind, accepted, body, published FROM events NOT INDEXED"
+            ):
+                if row[6] is None:
+                    yield PendingRow(*row[:6])
+        except sqlite3.Error as exc:
+            log.warning("outbox: salvage stopped early: %s", exc)
+        finally:
+            conn.close()
+            with contextlib.suppress(OSError):
+                copy.unlink()
+
+    @staticmethod
+    def _create_schema(conn: sqlite3.Connection) -> None:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone():
+            return
+        # sqlite-utils (and numpy, which it imports when installed) is loaded only to
+        # create the database, so the running agent stays small.
+        from sqlite_utils import Database
+
+        db = Database(conn)
+        events, meta = db.table("events"), db.table("meta")
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("VACUUM")  # auto_vacuum only takes effect on an empty database after VACUUM
+        events.create(
+            {
+                "id": str,
+                "rank": int,
+                "seq": int,
+                "kind": str,
+                "accepted": float,
+                "body": str,
+                "size": int,
+                "published": float,
+            },
+            pk="id",
+            not_null={"rank", "seq", "kind", "accepted", "body", "size"},
+        )
+        conn.execute("CREATE INDEX events_pending ON events(rank, seq) WHERE published IS NULL")
+        conn.execute(
+            "CREATE INDEX events_published ON events(published) WHERE published IS NOT NULL"
+        )
+        meta.create({"key": str, "value": int}, pk="key")
+        conn.execute(
+            "INSERT INTO meta VALUES ('schema', ?), ('next_seq', 1), ('boot', 0)", (SCHEMA_VERSION,)
+        )
+
+    def _load_counters(self, conn: sqlite3.Connection, *, writable: bool = True) -> None:
+        """Sequence, boot and size counters from the database. Never moves the sequence
+        backwards (events may already be numbered from memory), and counts this process's
+        boot once: persisted when the disk allows, kept in memory until then."""
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        max_seq = conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
+        with self._seq_lock:
+            self._next_seq = max(self._next_seq, int(meta.get("next_seq", 1)), max_seq + 1)
+            self._persisted_seq = max_seq
+        self._rows, self._bytes = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM events").fetchone()
+        if self.boot == 0:
+            self.boot = int(meta.get("boot", 0)) + 1
+        if writable:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('boot', ?)", (self.boot,))
+
+    def _load_counters_read_only(self) -> None:
+        """On a disk that cannot be written, still continue the numbering it holds."""
+        try:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True)
+        except sqlite3.Error:
+            return
+        try:
+            self._load_counters(conn, writable=False)
+        except sqlite3.Error as exc:
+            log.warning("outbox: cannot read counters from %s: %s", self.path, exc)
+        finally:
+            conn.close()
+
+    def _ensure_ballast(self) -> None:
+        """Pre-reserve disk space that can be given back when the disk fills up."""
+        size = self.config.reserve_bytes
+        if size <= 0 or (self.ballast_path.exists() and self.ballast_path.stat().st_size >= size):
+            return
+        try:
+            with open(self.ballast_path, "wb") as f:
+                chunk = b"\0" * min(size, 1 << 20)
+                written = 0
+                while written < size:
+                    written += f.write(chunk[: size - written])
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            log.warning(
+                "outbox: could not reserve %d bytes at %s: %s", size, self.ballast_path, exc
+            )
+            with contextlib.suppress(OSError):
+                self.ballast_path.unlink()
+
+    # ------------------------------------------------------------------ API
+
+    def next_seq(self) -> int:
+        with self._seq_lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            return seq
+
+    def submit(self, emission: Emission, row: PendingRow | None = None) -> None:
+        """Queue an event for commit. Never blocks."""
+        self._queue.put(("add", (emission, row or PendingRow.of(emission.event))))
+
+    def release(self, ids: Iterable[str]) -> None:
+        """Mark events published (the centre has them). Never blocks."""
+        self._queue.put(("release", list(ids)))
+
+    def set_meta(self, key: str, value: int) -> None:
+        self._queue.put(("meta", (key, value)))
+
+    def get_meta(self, key: str) -> int | None:
+        row = self._reader_query("SELECT value FROM meta WHERE key = ?", (key,))
+        return int(row[0][0]) if row else None
+
+    def prune(self) -> None:
+        """Drop published rows past the retention age and give the space back."""
+        self._queue.put(("prune", None))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued so far is committed (or failed over to memory)."""
+        done = threading.Event()
+        self._queue.put(("barrier", done))
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(("stop", None))
+        self._thread.join(timeout)
+        self._thread = None
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+            self._conn = None
+        reader = getattr(self._readers, "conn", None)
+        if reader is not None:
+            reader.close()
+
+    @property
+    def in_memory(self) -> int:
+        return len(self._memory)
+
+    @property
+    def fault(self) -> str | None:
+        return self._disk_fault
+
+    def backlog(self) -> tuple[int, float | None]:
+        """(pending events, accepted time of the oldest) including in-memory ones."""
+        rows = self._reader_query(
+            "SELECT count(*), min(accepted) FROM events WHERE published IS NULL"
+        )
+        count, oldest = rows[0] if rows else (0, None)
+        with self._memory_lock:
+            if self._memory:
+                count += len(self._memory)
+                mem_oldest = min(r.accepted for r in self._memory.values())
+                oldest = mem_oldest if oldest is None else min(oldest, mem_oldest)
+        return int(count), oldest
+
+    def fetch_pending(
+        self, after: tuple[int, int], limit: int, exclude: set[str] | frozenset[str] = frozenset()
+    ) -> list[PendingRow]:
+        """Pending events in send order (critical first, then oldest) after ``after``."""
+        rows: list[PendingRow] = []
+        want = limit + len(exclude)
+        for row in self._reader_query(
+            "SELECT id, rank, seq, kind, accepted, body FROM events "
+            "WHERE published IS NULL AND (rank, seq) > (?, ?) ORDER BY rank, seq LIMIT ?",
+            (after[0], after[1], want),
+        ):
+            if row[0] not in exclude:
+                rows.append(PendingRow(*row))
+        with self._memory_lock:
+            if self._memory:
+                rows.extend(
+                    r for r in self._memory.values() if r.key > after and r.id not in exclude
+                )
+                rows.sort(key=lambda r: r.key)
+        return rows[:limit]
+
+    def recent(self, limit: int = 50, pending_only: bool = False) -> list[dict[str, Any]]:
+        where = "WHERE published IS NULL" if pending_only else ""
+        rows = self._reader_query(
+            f"SELECT id, kind, rank, seq, accepted, published, body FROM events {where} "  # noqa: S608 - fixed strings
+            "ORDER BY accepted DESC LIMIT ?",
+            (limit,),
+        )
+        return [
+            {
+                "id": r[0],
+                "kind": r[1],
+                "priority": Priority(r[2]).label,
+                "seq": r[3],
+                "accepted": r[4],
+                "published": r[5],
+                "body": r[6],
+            }
+            for r in rows
+        ]
+
+    def _reader_query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run a read on this thread's own connection (WAL readers never block the writer).
+
+        While the writer has no database (a read-only disk), rows already on disk are
+        still read, through an immutable connection, so they are sent in their turn."""
+        writable = self._conn is not None
+        if not writable and not self.path.exists():
+            return []
+        conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
+        if conn is not None and getattr(self._readers, "writable", None) != writable:
+            conn.close()  # the disk changed state: reopen in the matching mode
+            conn = None
+        try:
+            if conn is None:
+                mode = "mode=ro" if writable else "mode=ro&immutable=1"
+                conn = sqlite3.connect(
+                    f"file:{self.path}?{mode}",
+                    uri=True,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    timeout=5,
+                )
+                self._readers.conn, self._readers.writable = conn, writable
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            log.warning("outbox: read failed: %s", exc)
+            if conn is not None:
+                conn.close()
+            self._readers.conn = None
+            return []
+
+    # ---------------------------------------------------------------- writer
+
+    def _writer(self) -> None:
+        stop = False
+        while not stop:
+            degraded = bool(self._memory) or self._conn is None
+            try:
+                ops = [self._queue.get(timeout=_RETRY_DISK_EVERY if degraded else None)]
+            except queue.Empty:
+                ops = []
+            while len(ops) < 5000:
+                try:
+                    ops.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            adds: list[tuple[Emission, PendingRow]] = []
+            releases: list[str] = []
+            metas: list[tuple[str, int]] = []
+            barriers: list[threading.Event] = []
+            prune = False
+            for op, arg in ops:
+                if op == "add":
+                    adds.append(arg)
+                elif op == "release":
+                    releases.extend(arg)
+                elif op == "meta":
+                    metas.append(arg)
+                elif op == "prune":
+                    prune = True
+                elif op == "barrier":
+                    barriers.append(arg)
+                elif op == "stop":
+                    stop = True
+            try:
+                self._write_batch(adds, releases, metas, prune)
+            except Exception:  # the writer must never die: log, keep events in memory
+                log.exception("outbox: unexpected error in the writer")
+                self._to_memory(adds, "unexpected writer error")
+            for barrier in barriers:
+                barrier.set()
+
+    def _write_batch(
+        self,
+        adds: list[tuple[Emission, PendingRow]],
+        releases: list[str],
+        metas: list[tuple[str, int]],
+        prune: bool,
+    ) -> None:
+        degraded = bool(self._memory) or self._conn is None
+        if degraded and time.monotonic() - self._last_disk_retry >= _RETRY_DISK_EVERY:
+            self._retry_memory()
+        self._announce_recovery()
+        if not (adds or releases or metas or prune):
+            return
+        if releases:
+            self._release_memory(releases)
+        if self._conn is None:
+            self._to_memory(adds, self._disk_fault or "no database")
+            # Rows on a read-only disk stay pending there: keep their releases until they
+            # can be recorded (the publisher holds them back from re-sending meanwhile).
+            self._unreleased.extend(releases)
+            return
+        # Releases whose update failed earlier are retried with this batch.
+        releases, self._unreleased = self._unreleased + releases, []
+        rows = [row for _, row in adds]
+        critical = any(row.rank == Priority.CRITICAL for row in rows)
+        try:
+            self._commit(rows, releases, metas, prune, critical)
+        except sqlite3.Error as exc:
+            error: sqlite3.Error = exc
+            retried = False
+            if self._disk_full(exc) and self._free_ballast():
+                try:
+                    self._commit(rows, releases, metas, prune, critical)
+                    retried = True
+                except sqlite3.Error as exc2:
+                    error = exc2
+            if not retried:
+                self._unreleased = releases
+                self._to_memory(adds, f"write failed: {error}")
+                return
+        if self._disk_fault and not self._memory:
+            self._storage_restored()
+        for emission, _ in adds:
+            emission.mark_durable()
+        if rows:
+            self.on_committed(min(r.key for r in rows))
+        if releases:
+            self.on_released(releases)
+
+    def _commit(
+        self,
+        rows: list[PendingRow],
+        releases: list[str],
+        metas: list[tuple[str, int]],
+        prune: bool,
+        critical: bool,
+    ) -> None:
+        conn = self._conn
+        assert conn is not None
+        if self._sync_full is not critical:
+            conn.execute("PRAGMA synchronous=FULL" if critical else "PRAGMA synchronous=NORMAL")
+            self._sync_full = critical
+        now = time.time()
+        evicted: dict[str, int] = {}
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            added = 0
+            added_bytes = 0
+            if rows:
+                before = conn.total_changes
+                conn.executemany(
+                    "INSERT OR IGNORE INTO events (id, rank, seq, kind, accepted, body, size) VALUES (?,?,?,?,?,?,?)",
+                    [(r.id, r.rank, r.seq, r.kind, r.accepted, r.body, len(r.body)) for r in rows],
+                )
+                added = conn.total_changes - before
+                added_bytes = sum(len(r.body) for r in rows)
+                top = max(r.seq for r in rows)
+                if top > self._persisted_seq:
+                    conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (top + 1,))
+            released = 0
+            if releases:
+                before = conn.total_changes
+                conn.executemany(
+                    "UPDATE events SET published = ? WHERE id = ? AND published IS NULL",
+                    [(now, i) for i in releases],
+                )
+                released = conn.total_changes - before
+            for key, value in metas:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            rows_now, bytes_now = self._rows + added, self._bytes + added_bytes
+            pruned = (0, 0)
+            if prune:
+                pruned = self._prune(conn, now)
+                rows_now, bytes_now = rows_now - pruned[0], bytes_now - pruned[1]
+            if rows_now > self.config.max_rows or bytes_now > self.config.max_bytes:
+                evicted, freed_rows, freed_bytes, evicted_pending = self._evict(
+                    conn, rows_now, bytes_now
+                )
+                rows_now, bytes_now = rows_now - freed_rows, bytes_now - freed_bytes
+                released += evicted_pending
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        if rows:
+            self._persisted_seq = max(self._persisted_seq, *(r.seq for r in rows))
+        self._rows, self._bytes = rows_now, bytes_now
+        self.counters["committed"] += added
+        self.counters["released"] += released
+        self.counters["batches"] += 1
+        if prune:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA incremental_vacuum")
+        if evicted:
+            n = sum(evicted.values())
+            self.counters["evicted"] += n
+            log.warning(
+                "outbox: full (%d rows, %d bytes max); evicted %s",
+                self.config.max_rows,
+                self.config.max_bytes,
+                evicted,
+            )
+            self.on_report(StorageReport("agent.outbox_evicted", {"evicted": evicted, "count": n}))
+
+    def _prune(self, conn: sqlite3.Connection, now: float) -> tuple[int, int]:
+        cutoff = now - self.config.retention_hours * 3600
+        count, size = conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM events WHERE published IS NOT NULL AND published <= ?",
+            (cutoff,),
+        ).fetchone()
+        if count:
+            conn.execute(
+                "DELETE FROM events WHERE published IS NOT NULL AND published <= ?", (cutoff,)
+            )
+        return int(count), int(size)
+
+    def _evict(
+        self, conn: sqlite3.Connection, rows_now: int, bytes_now: int
+    ) -> tuple[dict[str, int], int, int, int]:
+        """Free space: published rows first, then pending lowest priority oldest first; never critical."""
+        evicted: dict[str, int] = {}
+        freed_rows = freed_bytes = evicted_pending = 0
+        target_rows = int(self.config.max_rows * 0.95)
+        target_bytes = int(self.config.max_bytes * 0.95)
+        published = (
+            "SELECT id, size FROM events WHERE published IS NOT NULL ORDER BY published LIMIT ?"
+        )
+        by_rank = (
+            "SELECT id, size FROM events WHERE published IS NULL AND rank = ? ORDER BY seq LIMIT ?"
+        )
+        queries: list[tuple[str, str, tuple[int, ...]]] = [
+            ("published", published, ()),
+            *(
+                (p.label, by_rank, (int(p),))
+                for p in sorted(Priority, reverse=True)
+                if p is not Priority.CRITICAL
+            ),
+        ]
+        for label, sql, params in queries:
+            while rows_now - freed_rows > target_rows or bytes_now - freed_bytes > target_bytes:
+                victims = conn.execute(sql, (*params, 1000)).fetchall()
+                if not victims:
+                    break
+                conn.executemany("DELETE FROM events WHERE id = ?", [(v[0],) for v in victims])
+                freed_rows += len(victims)
+                freed_bytes += sum(v[1] for v in victims)
+                if label != "published":
+                    evicted[label] = evicted.get(label, 0) + len(victims)
+                    evicted_pending += len(victims)
+        return evicted, freed_rows, freed_bytes, evicted_pending
+
+    # ------------------------------------------------------- disk trouble
+
+    @staticmethod
+    def _disk_full(exc: sqlite3.Error) -> bool:
+        text = str(exc).lower()
+        return "full" in text or "disk i/o" in text
+
+    def _free_ballast(self) -> bool:
+        try:
+            self.ballast_path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log.error("outbox: could not release the reserve file %s: %s", self.ballast_path, exc)
+            return False
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        log.critical(
+            "outbox: disk full at %s; released the %d-byte reserve to keep alarms flowing",
+            self.path,
+            self.config.reserve_bytes,
+        )
+        self.on_report(
+            StorageReport(
+                "agent.disk_full",
+                {"path": str(self.path), "reserve_released": self.config.reserve_bytes},
+                Priority.CRITICAL,
+            )
+        )
+        return True
+
+    def _to_memory(self, adds: list[tuple[Emission, PendingRow]], reason: str) -> None:
+        if not adds:
+            return
+        with self._memory_lock:
+            for _, row in adds:
+                self._memory[row.id] = row
+        self.counters["memory_fallback"] += len(adds)
+        self._disk_fault = reason
+        self._report_fault(reason)
+        if not self._last_disk_retry:
+            self._last_disk_retry = time.monotonic()  # the first retry comes after a pause
+        for emission, _ in adds:
+            emission.mark_durable()
+        self.on_committed(min(row.key for _, row in adds))
+
+    def _report_fault(self, reason: str) -> None:
+        """Announce a storage failure once; a disk that keeps failing and recovering
+        (each small commit that still fits) stays one announced fault."""
+        self._last_failure_at = time.monotonic()
+        if self._fault_announced:
+            self.counters["faults_folded"] += 1
+            log.warning("outbox: %s (holding events in memory)", reason)
+            return
+        self._fault_announced = True
+        log.critical("outbox: %s; holding events in memory (not safe against power loss)", reason)
+        self.on_report(
+            StorageReport(
+                "agent.storage_failed", {"path": str(self.path), "error": reason}, Priority.CRITICAL
+            )
+        )
+
+    def _storage_restored(self) -> None:
+        if self._disk_fault is not None:
+            log.warning("outbox: storage is writable again")
+        self._disk_fault = None
+
+    def _announce_recovery(self) -> None:
+        """Announce recovery once the disk has stayed writable for ``restore_after`` s."""
+        if (
+            self._fault_announced
+            and self._disk_fault is None
+            and time.monotonic() - self._last_failure_at >= self.restore_after
+        ):
+            self._fault_announced = False
+            self.on_report(StorageReport("agent.storage_restored", {"path": str(self.path)}))
+
+    def _release_memory(self, ids: list[str]) -> None:
+        with self._memory_lock:
+            for i in ids:
+                self._memory.pop(i, None)
+
+    def _retry_memory(self) -> None:
+        """Move events held in memory back to disk once it works again."""
+        self._last_disk_retry = time.monotonic()
+        if self._conn is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._conn = self._open_checked([])
+                self._load_counters(self._conn)
+            except (sqlite3.Error, OSError):
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn = None
+                return
+        with self._memory_lock:
+            rows = list(self._memory.values())
+        releases, self._unreleased = self._unreleased, []
+        try:
+            self._commit(rows, releases, [], False, True)
+        except sqlite3.Error:
+            self._unreleased = releases + self._unreleased
+            return
+        self._release_memory([r.id for r in rows])
+        if releases:
+            self.on_released(releases)
+        self._ensure_ballast()
+        if self._disk_fault and not self._memory:
+            self._storage_restored()

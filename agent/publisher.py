@@ -1,0 +1,596 @@
+"""The publisher: moves events from the outbox to the MQTT broker and releases them.
+
+Two threads, each with one job:
+
+* the **network thread** runs paho's loop, connects and reconnects with jittered
+  exponential backoff, and turns paho callbacks into items on the pump's inbox
+  (never doing work inside a paho callback: an exception there can kill paho's loop);
+* the **pump thread** owns every piece of delivery state: which event went out under
+  which message id, which wait for a PUBACK or a receipt, the outbox cursor. It sends
+  critical events the moment they are emitted (from memory, while their commit
+  completes), then fills a bounded in-flight window from the outbox, critical first
+  then oldest first, and releases events once the centre has them.
+
+An event is released (marked published in the outbox) on the broker's PUBACK with
+``delivery = "broker"``, or on the centre's receipt with ``delivery = "receipt"``.
+Anything not confirmed within its timeout is sent again with the same id: the
+centre de-duplicates by id.
+
+After a reconnect everything unconfirmed goes out again from the outbox, in order
+(critical first, then oldest first). paho would re-send the messages it still had in
+flight on its own, ahead of or interleaved with the pump's sends, and one source's
+events could then arrive out of order; so the network thread drops paho's copies the
+moment the new connection is accepted, and nothing is sent on it until the pump has
+taken in that connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import random
+import ssl
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from weakref import WeakValueDictionary
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent import __version__
+from agent.config import Config
+from agent.driver import Emission
+from agent.event import Priority, utc_iso
+from agent.outbox import Outbox, PendingRow
+
+log = logging.getLogger("wardpost.publisher")
+
+_START = (-1, -1)  # a cursor before every (rank, seq)
+
+
+@dataclass
+class _Sent:
+    row_id: str
+    key: tuple[int, int]
+    accepted: float
+    sent: float
+
+
+class TransmissionStats:
+    """Accepted → confirmed times over a sliding window (EN 50136 style figures)."""
+
+    def __init__(
+        self,
+        window: float = 3600.0,
+        max_samples: int = 10_000,
+        on_sample: Callable[[float], None] | None = None,
+    ):
+        self.window = window
+        self.on_sample = on_sample
+        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        with self._lock:
+            self._samples.append((time.monotonic(), seconds))
+        if self.on_sample is not None:
+            self.on_sample(seconds)
+
+    def summary(self) -> dict[str, float | int | None]:
+        cutoff = time.monotonic() - self.window
+        with self._lock:
+            values = sorted(v for t, v in self._samples if t >= cutoff)
+        if not values:
+            return {"count": 0, "mean": None, "p95": None, "max": None, "window": self.window}
+        p95 = values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
+        return {
+            "count": len(values),
+            "mean": round(statistics.fmean(values), 6),
+            "p95": round(p95, 6),
+            "max": round(values[-1], 6),
+            "window": self.window,
+        }
+
+
+class Topics:
+    def __init__(self, prefix: str, site: str, device: str):
+        self.base = f"{prefix}/{site}/{device}"
+        self.status = f"{self.base}/status"
+        self.heartbeat = f"{self.base}/heartbeat"
+        self.receipts = f"{self.base}/receipts"
+        self.commands = f"{self.base}/cmd/+"
+        self.command_prefix = f"{self.base}/cmd/"
+
+    def event(self, kind: str) -> str:
+        return f"{self.base}/events/{kind}"
+
+    def command_result(self, command_id: str) -> str:
+        return f"{self.base}/cmd_result/{command_id}"
+
+
+class Publisher:
+    """Delivers the outbox to the broker. See the module docstring for the design."""
+
+    def __init__(
+        self,
+        config: Config,
+        outbox: Outbox,
+        *,
+        status_extra: Callable[[], Mapping[str, Any]] = dict,
+        on_command: Callable[[str, bytes], None] = lambda name, payload: None,
+        on_link_change: Callable[[bool], None] = lambda up: None,
+        on_transmitted: Callable[[float], None] | None = None,
+    ):
+        self.config = config
+        self.mqtt = config.mqtt
+        self.outbox = outbox
+        self.topics = Topics(config.mqtt.topic_prefix, config.agent.site, config.agent.device)
+        self.status_extra = status_extra
+        self.on_command = on_command
+        self.on_link_change = on_link_change
+        self.receipt_mode = config.mqtt.delivery == "receipt"
+        self.stats = TransmissionStats(on_sample=on_transmitted)
+        self.counters = {
+            "sent": 0,
+            "resent": 0,
+            "confirmed": 0,
+            "connects": 0,
+            "disconnects": 0,
+            "rejected": 0,
+        }
+        self.boot = outbox.boot
+        self.connection = outbox.get_meta("connection") or 0
+        self.connected = False
+        self.last_error: str | None = None
+
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._live: WeakValueDictionary[str, Emission] = WeakValueDictionary()
+        self._live_lock = threading.Lock()
+        # Held around every publish of an event and while the network thread drops paho's
+        # copies on connect; a direct send and its record enter the inbox together under it.
+        self._send_lock = threading.Lock()
+        self._link_generation = 0  # counts accepted connections (network thread, under lock)
+        self._sendable = False  # events may go out on the current connection (under lock)
+        # Pump-thread state only:
+        self._by_mid: dict[int, _Sent] = {}
+        self._inflight: dict[str, int] = {}  # event id -> mid, waiting for PUBACK
+        self._awaiting: dict[str, _Sent] = {}  # event id -> sent, waiting for a receipt
+        self._releasing: set[str] = set()  # released, until the outbox confirms
+        self._cursor = _START
+        self._db_exhausted = False
+        self._rewind_lock = threading.Lock()
+        self._rewind_to: tuple[int, int] | None = None  # first key to look at again
+        # Direct sends of new critical events wait until older critical rows from the
+        # outbox are out, so one source's alarms never arrive out of order after an outage.
+        self._criticals_caught_up = False
+
+        self.client = self._make_client()
+        self._net_thread = threading.Thread(
+            target=self._network_loop, name="mqtt-network", daemon=True
+        )
+        self._pump_thread = threading.Thread(target=self._pump, name="mqtt-pump", daemon=True)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _make_client(self) -> mqtt.Client:
+        v5 = self.mqtt.protocol == "5"
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.config.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else True,
+        )
+        client.max_inflight_messages_set(0)  # we bound the window ourselves
+        client.max_queued_messages_set(0)
+        # _drop_paho_resends() relies on these paho internals; fail at start, not mid-outage.
+        if not (hasattr(client, "_out_messages") and hasattr(client, "_out_message_mutex")):
+            raise RuntimeError("unsupported paho-mqtt version: no _out_messages to manage")
+        if self.mqtt.username:
+            client.username_pw_set(self.mqtt.username, self.config.password())
+        tls = self.mqtt.tls
+        if tls.enabled:
+            client.tls_set(
+                ca_certs=tls.ca_file or None,
+                certfile=tls.cert_file or None,
+                keyfile=tls.key_file or None,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+            client.tls_insecure_set(not tls.server_hostname_check)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        # paho writes to the socket from whichever thread calls publish() unless an external
+        # loop is registered; two writers can reorder or interleave packets. Registering a
+        # no-op makes publish() only queue and wake our network thread, the one writer.
+        client.on_socket_register_write = lambda client, userdata, sock: None
+        return client
+
+    def start(self) -> None:
+        self._net_thread.start()
+        self._pump_thread.start()
+
+    def stop(self, flush_timeout: float = 5.0) -> None:
+        """Publish ``stopped``, wait up to ``flush_timeout`` for in-flight events, disconnect."""
+        deadline = time.monotonic() + flush_timeout
+        while time.monotonic() < deadline and self.connected and self._inflight:
+            time.sleep(0.02)
+        if self.connected:
+            info = self.client.publish(
+                self.topics.status, self._status_payload("stopped"), qos=1, retain=True
+            )
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        self._stopping.set()
+        self._wake.set()
+        self.client.disconnect()
+        self._net_thread.join(5)
+        self._pump_thread.join(5)
+
+    # -------------------------------------------------------- called by agent
+
+    def track(self, emission: Emission, row: PendingRow) -> None:
+        """Follow a live emission so it can be marked delivered.
+
+        A critical event is published right here, on the emitting thread, while its
+        commit is still under way: the alarm waits for neither the disk nor another
+        thread, and may exceed the in-flight window. Without a link it goes out from
+        the outbox, critical first, as soon as the link is back."""
+        with self._live_lock:
+            self._live[emission.event.id] = emission
+        if row.rank == Priority.CRITICAL and self._criticals_caught_up:
+            with self._send_lock:
+                if not self._sendable:
+                    return
+                info = self.client.publish(self.topics.event(row.kind), row.body, qos=1)
+                self._inbox.put(("sent", (info, row)))
+            self._wake.set()
+
+    def committed(self, min_key: tuple[int, int]) -> None:
+        """The outbox committed events starting at ``min_key``: look there again."""
+        self._rewind(min_key)
+        self._wake.set()
+
+    def released(self, ids: list[str]) -> None:
+        self._inbox.put(("released", ids))
+        self._wake.set()
+
+    def publish_direct(
+        self, topic: str, payload: Mapping[str, Any], qos: int = 1, retain: bool = False
+    ) -> None:
+        """Status-like messages that live outside the outbox (heartbeats, command results)."""
+        if self.connected:
+            self.client.publish(
+                topic, json.dumps(payload, separators=(",", ":")), qos=qos, retain=retain
+            )
+
+    def alive(self) -> bool:
+        return self._net_thread.is_alive() and self._pump_thread.is_alive()
+
+    def in_flight(self) -> int:
+        return len(self._inflight) + len(self._awaiting)
+
+    # -------------------------------------------------------- paho callbacks
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        # Runs inside paho's CONNACK handling, before paho re-sends what it had in flight.
+        with self._send_lock:
+            self._sendable = False
+            if not reason.is_failure:
+                self._drop_paho_resends()
+            self._link_generation += 1
+            generation = self._link_generation
+        self._inbox.put(("connack", (reason, generation)))
+        self._wake.set()
+
+    def _drop_paho_resends(self) -> None:
+        """Forget paho's unacknowledged messages: the pump re-sends them in order itself.
+
+        The sessions are clean, so the broker keeps no state that these would complete."""
+        with self.client._out_message_mutex:
+            self.client._out_messages.clear()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        self._inbox.put(("disconnected", reason))
+        self._wake.set()
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        self._inbox.put(("puback", (mid, reason)))
+        self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            if msg.topic == self.topics.receipts:
+                self._inbox.put(("receipt", msg.payload))
+                self._wake.set()
+            elif msg.topic.startswith(self.topics.command_prefix):
+                self.on_command(msg.topic[len(self.topics.command_prefix) :], bytes(msg.payload))
+        except Exception:  # never let an exception reach paho's loop
+            log.exception("error handling a message on %s", msg.topic)
+
+    # -------------------------------------------------------- network thread
+
+    def _status_payload(self, state: str, connection: int | None = None) -> str:
+        body: dict[str, Any] = {
+            "state": state,
+            "boot": self.boot,
+            "connection": self.connection if connection is None else connection,
+            "version": __version__,
+            "time": utc_iso(time.time()),
+        }
+        if state == "online":
+            body.update(self.status_extra())
+        return json.dumps(body, separators=(",", ":"))
+
+    def _network_loop(self) -> None:
+        delay = self.mqtt.reconnect_min_delay
+        first = True
+        socket_open = False
+        while not self._stopping.is_set():
+            if not socket_open:
+                attempt = self.connection + 1
+                # The Last Will carries the connection number it belongs to, so a console can
+                # ignore an "offline" that arrives after this device already came back.
+                self.client.will_set(
+                    self.topics.status, self._status_payload("offline", attempt), qos=1, retain=True
+                )
+                try:
+                    if first:
+                        self.client.connect(self.mqtt.host, self.mqtt.port, self.mqtt.keepalive)
+                        first = False
+                    else:
+                        self.client.reconnect()
+                    socket_open = True
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    self._note_error(f"cannot connect to {self.mqtt.host}:{self.mqtt.port}: {exc}")
+                    wait = random.uniform(delay / 2, delay)
+                    delay = min(delay * 2, self.mqtt.reconnect_max_delay)
+                    self._stopping.wait(wait)
+                    continue
+            rc = self.client.loop(timeout=0.5)
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                socket_open = False
+                with self._send_lock:
+                    self._sendable = False
+                if self.connected:
+                    delay = self.mqtt.reconnect_min_delay
+                    self._inbox.put(("disconnected", rc))
+                    self._wake.set()
+                if not self._stopping.is_set():
+                    wait = random.uniform(delay / 2, delay)
+                    delay = min(delay * 2, self.mqtt.reconnect_max_delay)
+                    self._stopping.wait(wait)
+            elif self.connected:
+                delay = self.mqtt.reconnect_min_delay
+
+    def _note_error(self, text: str) -> None:
+        if text != self.last_error:
+            log.warning("%s", text)
+        self.last_error = text
+
+    # ----------------------------------------------------------- pump thread
+
+    def _pump(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(timeout=0.5)  # also the resolution of ack/receipt timeouts
+            self._wake.clear()
+            try:
+                self._pump_once()
+            except Exception:  # the pump must never die
+                log.exception("publisher pump error")
+                time.sleep(0.1)
+
+    def _pump_once(self) -> None:
+        releases: list[str] = []
+        items = []
+        with self._send_lock:  # a direct send's PUBACK and its record are drained in one pass
+            while True:
+                try:
+                    items.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+        early_acks: dict[int, ReasonCode] = {}
+        for item, arg in items:
+            if item == "sent":
+                info, row = arg
+                if self._record(info, row) and info.mid in early_acks:
+                    self._handle_puback(info.mid, early_acks.pop(info.mid), releases)
+            elif item == "puback":
+                if arg[0] in self._by_mid:
+                    self._handle_puback(arg[0], arg[1], releases)
+                else:  # a direct send acknowledged before its record was read
+                    early_acks[arg[0]] = arg[1]
+            elif item == "receipt":
+                self._handle_receipt(arg, releases)
+            elif item == "released":
+                self._releasing.difference_update(arg)
+            elif item == "connack":
+                self._handle_connack(*arg)
+            elif item == "disconnected":
+                self._handle_disconnect(arg)
+        if releases:
+            self._release(releases)
+        if not self.connected:
+            return
+        self._expire()
+        self._fill_window()
+
+    def _handle_connack(self, reason: ReasonCode, generation: int) -> None:
+        if reason.is_failure:
+            self._note_error(f"broker refused the connection: {reason}")
+            return
+        self.connected = True
+        self.last_error = None
+        self.connection += 1
+        self.counters["connects"] += 1
+        self.outbox.set_meta("connection", self.connection)
+        log.info(
+            "connected to %s:%d (connection %d)", self.mqtt.host, self.mqtt.port, self.connection
+        )
+        self.client.subscribe([(self.topics.receipts, 1), (self.topics.commands, 1)])
+        self.client.publish(self.topics.status, self._status_payload("online"), qos=1, retain=True)
+        # Whatever was unconfirmed on the last connection goes out again from the outbox,
+        # critical first then oldest first (paho's own copies were dropped on CONNACK).
+        self._by_mid.clear()
+        self._inflight.clear()
+        self._awaiting.clear()
+        self._criticals_caught_up = False
+        self._cursor = _START
+        self._db_exhausted = False
+        with self._send_lock:
+            # A later connection may already be up: then its own CONNACK item enables sends.
+            self._sendable = generation == self._link_generation
+        self.on_link_change(True)
+
+    def _handle_disconnect(self, reason: Any) -> None:
+        if not self.connected:
+            return
+        self.connected = False
+        self.counters["disconnects"] += 1
+        log.warning("disconnected from broker: %s", reason)
+        self.on_link_change(False)
+
+    def _handle_puback(self, mid: int, reason: ReasonCode, releases: list[str]) -> None:
+        sent = self._by_mid.pop(mid, None)
+        if sent is None:
+            return
+        if self._inflight.get(sent.row_id) == mid:
+            del self._inflight[sent.row_id]
+        if reason.is_failure:
+            self.counters["rejected"] += 1
+            log.error("broker rejected event %s: %s (will retry)", sent.row_id, reason)
+            return
+        if self.receipt_mode:
+            if sent.row_id not in self._releasing:
+                self._awaiting[sent.row_id] = sent
+        else:
+            releases.append(sent.row_id)
+            self.stats.add(time.time() - sent.accepted)
+
+    def _handle_receipt(self, payload: bytes, releases: list[str]) -> None:
+        try:
+            ids = json.loads(payload)["ids"]
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise TypeError("ids must be a list of strings")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring malformed receipt on %s: %s", self.topics.receipts, exc)
+            return
+        now = time.time()
+        for event_id in ids:
+            sent = self._awaiting.pop(event_id, None)
+            mid = self._inflight.pop(event_id, None)
+            if mid is not None:
+                sent = self._by_mid.pop(mid, None) or sent
+            if sent is not None:
+                self.stats.add(now - sent.accepted)
+            releases.append(event_id)
+
+    def _release(self, ids: list[str]) -> None:
+        self._releasing.update(ids)
+        self.counters["confirmed"] += len(ids)
+        self.outbox.release(ids)
+        with self._live_lock:
+            emissions = [self._live.pop(i, None) for i in ids]
+        for emission in emissions:
+            if emission is not None:
+                emission.mark_delivered()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        resend_from: tuple[int, int] | None = None
+        ack_cutoff = now - self.mqtt.ack_timeout
+        for mid, sent in list(self._by_mid.items()):
+            if sent.sent < ack_cutoff:
+                del self._by_mid[mid]
+                self._inflight.pop(sent.row_id, None)
+                resend_from = sent.key if resend_from is None else min(resend_from, sent.key)
+        receipt_cutoff = now - self.mqtt.receipt_timeout
+        for event_id, sent in list(self._awaiting.items()):
+            if sent.sent < receipt_cutoff:
+                del self._awaiting[event_id]
+                resend_from = sent.key if resend_from is None else min(resend_from, sent.key)
+        if resend_from is not None:
+            self.counters["resent"] += 1
+            self._rewind(resend_from)
+
+    def _rewind(self, key: tuple[int, int]) -> None:
+        """Make the next fill look at ``key`` and everything after it again."""
+        with self._rewind_lock:
+            self._rewind_to = key if self._rewind_to is None else min(self._rewind_to, key)
+
+    def _fill_window(self) -> None:
+        with self._rewind_lock:
+            rewind, self._rewind_to = self._rewind_to, None
+        if rewind is not None:
+            self._cursor = min(self._cursor, (rewind[0], rewind[1] - 1))
+            self._db_exhausted = False
+        while not self._db_exhausted and self.connected:
+            room = self.mqtt.inflight_window - len(self._inflight) - len(self._awaiting)
+            if room <= 0:
+                return
+            busy = self._inflight.keys() | self._awaiting.keys() | self._releasing
+            rows = self.outbox.fetch_pending(self._cursor, room, busy)
+            for row in rows:
+                if not self._send(row):
+                    return  # the link went; the next CONNACK starts over from the top
+                self._cursor = row.key
+            if len(rows) < room:
+                self._db_exhausted = True
+            if self._db_exhausted or self._cursor[0] > Priority.CRITICAL:
+                self._criticals_caught_up = True
+
+    def _send(self, row: PendingRow) -> bool:
+        with self._send_lock:
+            if not self._sendable:
+                return False
+            info = self.client.publish(self.topics.event(row.kind), row.body, qos=1)
+        self._record(info, row)
+        return True
+
+    def _record(self, info: mqtt.MQTTMessageInfo, row: PendingRow) -> bool:
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.warning("publish of %s failed: %s", row.id, mqtt.error_string(info.rc))
+            return False
+        sent = _Sent(row.id, row.key, row.accepted, time.monotonic())
+        old = self._inflight.get(row.id)
+        if old is not None:
+            self._by_mid.pop(old, None)
+            self.counters["resent"] += 1
+        self._by_mid[info.mid] = sent
+        self._inflight[row.id] = info.mid
+        self.counters["sent"] += 1
+        return True

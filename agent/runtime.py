@@ -1,0 +1,550 @@
+"""The agent: builds the data path and supervises the drivers on it.
+
+    driver ──emit──▶ Event ──▶ Outbox (SQLite, durable) ──▶ Publisher ──▶ broker
+       ▲                                                        │
+       └──────── Dispatcher ◀──── cmd/<name> ◀──────────────────┘
+
+:class:`Agent` owns one of each. Drivers are found through the registry, each
+started in isolation: one that fails to start is marked failed, reported, and
+retried with backoff while every other driver keeps running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from agent import __version__
+from agent.commands import Dispatcher, Verifier
+from agent.config import Config, ConfigError, DriverSection, load_config
+from agent.driver import (
+    Command,
+    CommandError,
+    CommandHandler,
+    Driver,
+    DriverContext,
+    Emission,
+    Health,
+    Timer,
+)
+from agent.event import Event, Priority, valid_kind
+from agent.outbox import Outbox, PendingRow, StorageReport
+from agent.publisher import Publisher
+from agent.registry import driver_config, validate_drivers
+from agent.security import verifier_for
+
+log = logging.getLogger("wardpost")
+
+CORE = "agent"  # the source name of the core's own events and commands
+_RETRY_MIN, _RETRY_MAX = 2.0, 300.0
+
+
+class RepeatingTimer:
+    """Calls ``callback`` every ``interval`` seconds on its own daemon thread."""
+
+    def __init__(self, interval: float, callback: Callable[[], None], name: str):
+        self._stop = threading.Event()
+        self._callback = callback
+        self._interval = interval
+        self._name = name
+        self.errors = 0
+        self._thread = threading.Thread(target=self._run, name=f"timer-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        next_at = time.monotonic() + self._interval
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            next_at += self._interval
+            if next_at < time.monotonic():  # fell behind (suspend, overload): don't burst
+                next_at = time.monotonic() + self._interval
+            try:
+                self._callback()
+            except Exception:
+                self.errors += 1
+                log.exception("timer %s failed", self._name)
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+
+class EventBus:
+    """Delivers every emitted event to watchers on one thread, off the emitting thread."""
+
+    def __init__(self) -> None:
+        self._watchers: list[tuple[str, Callable[[Event], None]]] = []
+        self._queue: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="event-bus", daemon=True)
+        self._thread.start()
+
+    def add(self, owner: str, callback: Callable[[Event], None]) -> None:
+        self._watchers.append((owner, callback))
+
+    def remove_owner(self, owner: str) -> None:
+        self._watchers = [(o, c) for o, c in self._watchers if o != owner]
+
+    def post(self, event: Event) -> None:
+        if self._watchers:
+            self._queue.put(event)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(2)
+
+    def _run(self) -> None:
+        while (event := self._queue.get()) is not None:
+            for owner, callback in list(self._watchers):
+                try:
+                    callback(event)
+                except Exception:
+                    log.exception("watcher of %s failed on %s", owner, event.kind)
+
+
+@dataclass
+class DriverSlot:
+    """One configured driver instance and its supervision state."""
+
+    section: DriverSection
+    instance: Driver | None = None
+    state: Literal["starting", "running", "failed", "stopped"] = "stopped"
+    error: str = ""
+    failures: int = 0
+    retry_at: float = 0.0
+    timers: list[Timer] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.section.name
+
+    def health(self) -> Health:
+        if self.state == "failed":
+            return Health("failed", self.error, {"failures": self.failures})
+        if self.state != "running" or self.instance is None:
+            return Health("stopped" if self.state == "stopped" else "starting", self.error)
+        try:
+            return self.instance.health()
+        except Exception as exc:
+            return Health("degraded", f"health() raised {type(exc).__name__}: {exc}")
+
+
+class _Context(DriverContext):
+    def __init__(self, agent: Agent, slot: DriverSlot):
+        self._agent = agent
+        self._slot = slot
+        self.name = slot.name
+        self.site = agent.config.agent.site
+        self.device = agent.config.agent.device
+        self.log = logging.getLogger(f"wardpost.driver.{slot.name}")
+        self.state_dir = Path(agent.config.agent.state_dir) / "drivers" / slot.name
+        self.delivery = agent.config.mqtt.delivery
+
+    def emit(
+        self,
+        kind: str,
+        payload: Mapping[str, Any] | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        *,
+        test: bool = False,
+    ) -> Emission:
+        return self._agent.emit(self.name, kind, payload, priority, test=test)
+
+    def on_command(self, name: str, handler: CommandHandler) -> None:
+        self._agent.dispatcher.register(name, self.name, handler)
+
+    def watch(self, callback: Callable[[Event], None]) -> None:
+        self._agent.bus.add(self.name, callback)
+
+    def every(self, interval: float, callback: Callable[[], None]) -> Timer:
+        timer = RepeatingTimer(interval, callback, self.name)
+        self._slot.timers.append(timer)
+        return timer
+
+
+class Agent:
+    """The running agent. ``start()``, then ``stop()``; ``run()`` does both around signals."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        verifier: Verifier | None = None,
+        on_transmitted: Callable[[float], None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ):
+        """``on_transmitted(seconds)`` gets each accepted → confirmed time and ``on_event``
+        each emitted event (both for metrics); neither may block."""
+        self.config = config
+        self.on_transmitted = on_transmitted
+        self.on_event = on_event
+        self.started_at = time.monotonic()
+        self.verifier: Verifier = verifier or verifier_for(config)
+        self.bus = EventBus()
+        self.outbox = Outbox(
+            config.outbox_path,
+            config.outbox,
+            on_committed=self._on_committed,
+            on_released=self._on_released,
+            on_report=self._on_storage_report,
+        )
+        self.publisher: Publisher | None = None
+        self.dispatcher = Dispatcher(self.verifier, self._publish_command_result, self._report_core)
+        self.slots: dict[str, DriverSlot] = {}
+        self._timers: list[RepeatingTimer] = []
+        self._supervisor_stop = threading.Event()
+        self._lock = threading.RLock()
+        self.ready = threading.Event()
+        self.emitted = 0
+        self._pending_reports: list[StorageReport] = []
+
+    # --------------------------------------------------------------- events
+
+    def emit(
+        self,
+        source: str,
+        kind: str,
+        payload: Mapping[str, Any] | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        *,
+        test: bool = False,
+    ) -> Emission:
+        """Accept an event from ``source``. Never blocks on the disk or the network."""
+        if not valid_kind(kind):
+            raise ValueError(
+                f"invalid event kind {kind!r}: use dotted lowercase words like 'gate.alarm'"
+            )
+        event = Event(
+            kind=kind,
+            source=source,
+            priority=Priority.parse(priority),
+            site=self.config.agent.site,
+            device=self.config.agent.device,
+            seq=self.outbox.next_seq(),
+            payload=dict(payload or {}),
+            test=test,
+        )
+        emission = Emission(event)
+        row = PendingRow.of(event)  # serialised once, for the disk and the wire
+        self.outbox.submit(emission, row)
+        if self.publisher is not None:
+            self.publisher.track(emission, row)
+        self.emitted += 1
+        if self.on_event is not None:
+            self.on_event(event)
+        self.bus.post(event)
+        return emission
+
+    def _report_core(self, kind: str, payload: Mapping[str, Any]) -> None:
+        self.emit(CORE, kind, payload, Priority.HIGH)
+
+    def _on_storage_report(self, report: StorageReport) -> None:
+        if self.publisher is None:  # reported once the data path is up
+            self._pending_reports.append(report)
+        else:
+            self.emit(CORE, report.kind, report.payload, report.priority)
+
+    def _on_committed(self, min_key: tuple[int, int]) -> None:
+        if self.publisher is not None:
+            self.publisher.committed(min_key)
+
+    def _on_released(self, ids: list[str]) -> None:
+        if self.publisher is not None:
+            self.publisher.released(ids)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        state_dir = Path(self.config.agent.state_dir)
+        with contextlib.suppress(OSError):
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._pending_reports.extend(self.outbox.open())
+        self.publisher = Publisher(
+            self.config,
+            self.outbox,
+            status_extra=self._status_extra,
+            on_command=self.dispatcher.submit,
+            on_link_change=self._on_link_change,
+            on_transmitted=self.on_transmitted,
+        )
+        self.dispatcher.register("reload", CORE, self._command_reload)
+        self.dispatcher.register(
+            "ping", CORE, lambda cmd: {"pong": time.time(), "version": __version__}
+        )
+        self.dispatcher.start()
+        for report in self._pending_reports:
+            self.emit(CORE, report.kind, report.payload, report.priority)
+        self._pending_reports.clear()
+        self.emit(
+            CORE,
+            "agent.started",
+            {
+                "version": __version__,
+                "boot": self.outbox.boot,
+                "config": self.config.digest,
+                "drivers": [s.name for s in self.config.drivers if s.enabled],
+            },
+        )
+        self.publisher.start()
+        for section in self.config.drivers:
+            if section.enabled:
+                slot = DriverSlot(section)
+                self.slots[section.name] = slot
+                self._start_slot(slot)
+        self._timers.append(
+            RepeatingTimer(
+                self.config.agent.heartbeat_interval, self.publish_heartbeat, "heartbeat"
+            )
+        )
+        self._timers.append(RepeatingTimer(1.0, self._supervise, "supervisor"))
+        self._timers.append(RepeatingTimer(3600.0, self.outbox.prune, "retention"))
+        self.outbox.prune()
+        self.ready.set()
+        log.info(
+            "wardpost %s started: site %s device %s, %d drivers",
+            __version__,
+            self.config.agent.site,
+            self.config.agent.device,
+            len(self.slots),
+        )
+
+    def stop(self, flush_timeout: float = 5.0) -> None:
+        log.info("stopping")
+        for timer in self._timers:
+            timer.cancel()
+        with self._lock:
+            for slot in list(self.slots.values()):
+                self._stop_slot(slot)
+        self.dispatcher.stop()
+        self.outbox.flush(flush_timeout)
+        if self.publisher is not None:
+            self.publisher.stop(flush_timeout)
+        self.outbox.close()
+        self.bus.close()
+        self.ready.clear()
+        log.info("stopped")
+
+    # -------------------------------------------------------------- drivers
+
+    def _start_slot(self, slot: DriverSlot) -> None:
+        slot.state = "starting"
+        try:
+            cls, options = driver_config(slot.section)
+            context = _Context(self, slot)
+            try:
+                context.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            except OSError as exc:  # a read-only disk must not stop a panic button
+                log.error("driver %s has no state folder (%s); it runs without one", slot.name, exc)
+            slot.instance = cls(context, options)
+            slot.instance.start()
+        except Exception as exc:
+            self._driver_failed(slot, exc)
+            return
+        slot.state = "running"
+        if slot.failures:
+            log.info("driver %s recovered after %d failed starts", slot.name, slot.failures)
+            self.emit(
+                CORE,
+                "agent.driver_recovered",
+                {"driver": slot.name, "type": slot.section.type},
+                Priority.HIGH,
+            )
+        slot.failures = 0
+        slot.error = ""
+
+    def _driver_failed(self, slot: DriverSlot, exc: Exception) -> None:
+        message = (
+            str(exc)
+            if isinstance(exc, (ConfigError, CommandError, OSError, ValueError, RuntimeError))
+            else f"{type(exc).__name__}: {exc}"
+        )
+        if slot.instance is not None:
+            with contextlib.suppress(Exception):
+                slot.instance.stop()
+        self._cleanup_slot(slot)
+        slot.state = "failed"
+        slot.failures += 1
+        slot.retry_at = time.monotonic() + min(_RETRY_MAX, _RETRY_MIN * 2 ** (slot.failures - 1))
+        if slot.error != message:
+            log.error("driver %s (%s) failed to start: %s", slot.name, slot.section.type, message)
+            self.emit(
+                CORE,
+                "agent.driver_failed",
+                {"driver": slot.name, "type": slot.section.type, "error": message},
+                Priority.HIGH,
+            )
+        slot.error = message
+
+    def _cleanup_slot(self, slot: DriverSlot) -> None:
+        for timer in slot.timers:
+            timer.cancel()
+        slot.timers.clear()
+        self.dispatcher.unregister_owner(slot.name)
+        self.bus.remove_owner(slot.name)
+        slot.instance = None
+
+    def _stop_slot(self, slot: DriverSlot) -> None:
+        if slot.instance is not None:
+            try:
+                slot.instance.stop()
+            except Exception:
+                log.exception("driver %s failed to stop cleanly", slot.name)
+        self._cleanup_slot(slot)
+        slot.state = "stopped"
+
+    def _supervise(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for slot in self.slots.values():
+                if slot.state == "failed" and now >= slot.retry_at:
+                    self._start_slot(slot)
+
+    def healthy(self, timeout: float = 5.0) -> bool:
+        """True while the data path really works: the outbox writer commits and the
+        publisher's threads run. Drives the systemd watchdog."""
+        pub = self.publisher
+        return pub is not None and pub.alive() and self.outbox.flush(timeout)
+
+    def driver(self, name: str) -> Driver:
+        slot = self.slots.get(name)
+        if slot is None or slot.instance is None:
+            raise KeyError(f"no running driver named {name!r}")
+        return slot.instance
+
+    # --------------------------------------------------------------- reload
+
+    def reload(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """Re-read the config; restart only the drivers whose section changed.
+
+        A config that fails validation is rejected and the running one kept."""
+        source = path or self.config.source
+        try:
+            new = load_config(source)
+            validate_drivers(new)
+        except ConfigError as exc:
+            log.error("reload rejected, keeping the running config: %s", exc)
+            return {"ok": False, "error": str(exc)}
+        changed_core = [
+            name
+            for name in ("agent", "mqtt", "outbox")
+            if getattr(new, name) != getattr(self.config, name)
+        ]
+        old_sections = {s.name: s for s in self.config.drivers if s.enabled}
+        new_sections = {s.name: s for s in new.drivers if s.enabled}
+        stopped, started = [], []
+        with self._lock:
+            for name, section in old_sections.items():
+                if new_sections.get(name) != section:
+                    self._stop_slot(self.slots.pop(name))
+                    stopped.append(name)
+            for name, section in new_sections.items():
+                if old_sections.get(name) != section:
+                    slot = DriverSlot(section)
+                    self.slots[name] = slot
+                    self._start_slot(slot)
+                    started.append(name)
+            self.config = Config(
+                agent=self.config.agent,
+                mqtt=self.config.mqtt,
+                outbox=self.config.outbox,
+                commands=new.commands,
+                drivers=new.drivers,
+                source=new.source,
+                digest=new.digest,
+                sections=new.sections,
+            )
+        if changed_core:
+            log.warning(
+                "reload: changes to [%s] take effect after a restart", ", ".join(changed_core)
+            )
+        result = {
+            "ok": True,
+            "stopped": stopped,
+            "started": started,
+            "restart_needed": changed_core,
+            "config": new.digest,
+        }
+        log.info("reloaded %s: %s", source, result)
+        self.emit(CORE, "agent.reloaded", result, Priority.NORMAL)
+        return result
+
+    def _command_reload(self, command: Command) -> Mapping[str, Any]:
+        result = self.reload()
+        if not result["ok"]:
+            raise CommandError(result["error"])
+        return result
+
+    # ---------------------------------------------------------------- status
+
+    def _on_link_change(self, up: bool) -> None:
+        log.info("broker link %s", "up" if up else "down")
+
+    def _publish_command_result(self, command_id: str, body: Mapping[str, Any]) -> None:
+        if self.publisher is not None:
+            self.publisher.publish_direct(self.publisher.topics.command_result(command_id), body)
+
+    def _status_extra(self) -> dict[str, Any]:
+        drivers = sorted(s.name for s in self.config.drivers if s.enabled)
+        return {
+            "drivers": drivers,
+            "config": self.config.digest,
+            "backlog": self.outbox.backlog()[0],
+        }
+
+    def drivers_health(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {
+                name: {"type": slot.section.type, **slot.health().to_dict()}
+                for name, slot in self.slots.items()
+            }
+
+    def heartbeat(self) -> dict[str, Any]:
+        count, oldest = self.outbox.backlog()
+        pub = self.publisher
+        return {
+            "uptime": round(time.monotonic() - self.started_at, 3),
+            "interval": self.config.agent.heartbeat_interval,
+            "backlog": {
+                "count": count,
+                "oldest_age": None if oldest is None else round(max(0.0, time.time() - oldest), 3),
+                "in_memory": self.outbox.in_memory,
+            },
+            "drivers": self.drivers_health(),
+            "transmission": pub.stats.summary() if pub else {},
+            "storage": {"fault": self.outbox.fault},
+            "boot": self.outbox.boot,
+            "connection": pub.connection if pub else 0,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def publish_heartbeat(self) -> None:
+        if self.publisher is not None:
+            self.publisher.publish_direct(self.publisher.topics.heartbeat, self.heartbeat(), qos=0)
+
+    def status(self) -> dict[str, Any]:
+        pub = self.publisher
+        return {
+            "version": __version__,
+            "site": self.config.agent.site,
+            "device": self.config.agent.device,
+            "config": {"path": self.config.source, "digest": self.config.digest},
+            "link": {
+                "connected": bool(pub and pub.connected),
+                "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
+                "delivery": self.config.mqtt.delivery,
+                "in_flight": pub.in_flight() if pub else 0,
+                "last_error": pub.last_error if pub else None,
+                "counters": dict(pub.counters) if pub else {},
+            },
+            "outbox": {
+                "path": str(self.config.outbox_path),
+                "counters": dict(self.outbox.counters),
+            },
+            "commands": dict(self.dispatcher.counters),
+            **self.heartbeat(),
+        }
