@@ -1,0 +1,349 @@
+"""From a frame to face embeddings: detect, check quality, align, embed.
+
+Each stage is a small class so the benchmark can time it alone and the
+enrolment command can reuse it:
+
+* :class:`FaceDetector` runs YuNet through ``cv2.FaceDetectorYN`` (boxes + 5 landmarks);
+* :func:`align_face` maps the 5 landmarks onto the 112x112 ArcFace template with a
+  similarity transform (rotation, uniform scale, shift: faces are not sheared);
+* :func:`measure_quality` and :class:`QualityGate` set aside faces too small, blurred
+  or turned away to be judged;
+* :class:`FaceEmbedder` runs a TFLite face embedder and returns unit-length vectors,
+  so a dot product is the cosine similarity.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from drivers.camera_face.config import CameraFaceConfig, ModelFile
+from drivers.camera_face.models import ModelError, Normalisation, verify_model
+
+#: A BGR image as OpenCV gives it (uint8, height x width x 3).
+Image = npt.NDArray[Any]
+Vector = npt.NDArray[np.float32]
+
+#: Where the eyes, nose tip and mouth corners of a frontal face sit in a 112x112
+#: ArcFace crop (image left eye first, as YuNet orders its landmarks).
+ARCFACE_TEMPLATE = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    dtype=np.float32,
+)
+ALIGNED_SIZE = 112
+#: Nose height between eye line (0) and mouth line (1) of a frontal face as YuNet places
+#: the landmarks (median over LFW; YuNet puts the nose tip lower than the template does).
+_FRONTAL_NOSE_HEIGHT = 0.56
+
+QualityReason = Literal["score", "size", "blur", "pose", "align"]
+
+
+@dataclass(frozen=True)
+class Face:
+    """A detected face in frame pixels."""
+
+    box: tuple[float, float, float, float]  #: x, y, width, height
+    landmarks: npt.NDArray[np.float32]  #: 5x2: eyes, nose tip, mouth corners
+    score: float
+
+    @property
+    def size(self) -> float:
+        return min(self.box[2], self.box[3])
+
+
+class FaceDetector:
+    """YuNet face detection; frames wider than ``max_width`` are shrunk first."""
+
+    def __init__(self, model: ModelFile, min_score: float = 0.8, max_width: int = 640):
+        verify_model(model.path, model.sha256)
+        self.max_width = max_width
+        self._size = (320, 320)
+        try:
+            self._yunet = cv2.FaceDetectorYN.create(
+                str(model.path), "", self._size, min_score, 0.3, 50
+            )
+        except cv2.error as exc:
+            raise ModelError(f"model file {model.path} is not a YuNet detector: {exc}") from None
+
+    def detect(self, frame: Image) -> list[Face]:
+        height, width = frame.shape[:2]
+        scale = min(1.0, self.max_width / width)
+        small = frame
+        if scale < 1.0:
+            size = (round(width * scale), round(height * scale))
+            small = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+        size = (small.shape[1], small.shape[0])
+        if size != self._size:
+            self._yunet.setInputSize(size)
+            self._size = size
+        _, rows = self._yunet.detect(small)
+        if rows is None:
+            return []
+        faces = []
+        for row in rows:
+            values = row[:14] / scale
+            faces.append(
+                Face(
+                    box=(float(values[0]), float(values[1]), float(values[2]), float(values[3])),
+                    landmarks=values[4:14].reshape(5, 2).astype(np.float32),
+                    score=float(row[14]),
+                )
+            )
+        return faces
+
+
+def align_face(frame: Image, face: Face) -> Image | None:
+    """The face warped onto the 112x112 template, or None if the landmarks are degenerate."""
+    matrix, _ = cv2.estimateAffinePartial2D(face.landmarks, ARCFACE_TEMPLATE, method=cv2.LMEDS)
+    if matrix is None:
+        return None
+    aligned: Image = cv2.warpAffine(
+        frame,
+        matrix,
+        (ALIGNED_SIZE, ALIGNED_SIZE),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    return aligned
+
+
+@dataclass(frozen=True)
+class Quality:
+    sharpness: float  #: variance of the Laplacian of the aligned grey face
+    yaw: float  #: nose offset from the face midline, in eye distances (0 = frontal)
+    pitch: float  #: nose height between eye and mouth lines, minus the frontal value
+
+
+def measure_quality(face: Face, aligned: Image) -> Quality:
+    right_eye, left_eye, nose, right_mouth, left_mouth = face.landmarks.astype(np.float64)
+    eyes = (right_eye + left_eye) / 2
+    mouth = (right_mouth + left_mouth) / 2
+    eye_distance = float(np.linalg.norm(left_eye - right_eye)) or 1e-6
+    midline = mouth - eyes
+    midline_length = float(np.linalg.norm(midline)) or 1e-6
+    offset = nose - eyes
+    # Signed distance of the nose from the eye-to-mouth line, and its height along it.
+    yaw = float(midline[0] * offset[1] - midline[1] * offset[0]) / midline_length / eye_distance
+    pitch = float(np.dot(offset, midline)) / midline_length**2 - _FRONTAL_NOSE_HEIGHT
+    grey = cv2.cvtColor(aligned, cv2.COLOR_BGR2GRAY)
+    sharpness = float(cv2.Laplacian(grey, cv2.CV_32F).var())
+    return Quality(sharpness, yaw, pitch)
+
+
+@dataclass(frozen=True)
+class QualityGate:
+    """Limits below which a face is not judged (see :class:`CameraFaceConfig`)."""
+
+    min_score: float = 0.8
+    min_size: float = 40
+    min_sharpness: float = 15.0
+    max_yaw: float = 0.4
+    max_pitch: float = 0.25
+
+    @classmethod
+    def from_config(cls, config: CameraFaceConfig) -> QualityGate:
+        return cls(
+            config.min_detection_score,
+            config.min_face_size,
+            config.min_sharpness,
+            config.max_yaw,
+            config.max_pitch,
+        )
+
+    def size_reason(self, face: Face) -> QualityReason | None:
+        """The cheap checks, done before alignment."""
+        if face.score < self.min_score:
+            return "score"
+        if face.size < self.min_size:
+            return "size"
+        return None
+
+    def image_reason(self, quality: Quality) -> QualityReason | None:
+        if abs(quality.yaw) > self.max_yaw or abs(quality.pitch) > self.max_pitch:
+            return "pose"
+        if quality.sharpness < self.min_sharpness:
+            return "blur"
+        return None
+
+
+def _interpreter_class() -> Callable[..., Any]:
+    """LiteRT's interpreter, else tflite-runtime's (which needs numpy < 2)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except Exception as exc:  # tflite-runtime built for numpy 1 fails in odd ways
+            raise ModelError(
+                "no TFLite runtime: install ai-edge-litert (or tflite-runtime with numpy < 2): "
+                f"{exc}"
+            ) from None
+    interpreter: Callable[..., Any] = Interpreter
+    return interpreter
+
+
+_SCALING: dict[Normalisation, tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] = {
+    # x * scale + offset, per RGB channel
+    "imagenet": (
+        (1 / (255 * np.array([0.229, 0.224, 0.225]))).astype(np.float32),
+        (-np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225])).astype(np.float32),
+    ),
+    "symmetric": (np.full(3, 1 / 128, np.float32), np.full(3, -127.5 / 128, np.float32)),
+}
+
+
+class FaceEmbedder:
+    """A TFLite face embedder: aligned 112x112 BGR face in, unit-length vector out."""
+
+    def __init__(self, model: ModelFile, threads: int = 1):
+        verify_model(model.path, model.sha256)
+        if model.normalisation is None:
+            raise ModelError(f"the input scaling of {model.path} is unknown")
+        self.model = model
+        try:
+            interpreter = _interpreter_class()
+            self._interpreter = interpreter(model_path=str(model.path), num_threads=threads)
+            self._interpreter.allocate_tensors()
+        except ValueError as exc:
+            raise ModelError(f"model file {model.path} is not a TFLite model: {exc}") from None
+        source = self._interpreter.get_input_details()[0]
+        target = self._interpreter.get_output_details()[0]
+        shape = [int(n) for n in source["shape"]]
+        if shape != [1, ALIGNED_SIZE, ALIGNED_SIZE, 3] or source["dtype"] != np.float32:
+            raise ModelError(
+                f"model file {model.path} takes {source['dtype'].__name__} {shape}, "
+                "not float32 [1, 112, 112, 3]"
+            )
+        self._input = source["index"]
+        self._output = target["index"]
+        self.dimension = int(target["shape"][-1])
+        self._scale, self._offset = _SCALING[model.normalisation]
+        self._batch = np.empty((1, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.float32)
+
+    def prepare(self, aligned: Image) -> npt.NDArray[np.float32]:
+        """The model input for one aligned BGR face (a reused buffer)."""
+        np.multiply(aligned[:, :, ::-1], self._scale, out=self._batch[0], casting="unsafe")
+        self._batch[0] += self._offset
+        return self._batch
+
+    def invoke(self, batch: npt.NDArray[np.float32]) -> Vector:
+        """The bare model call: raw (not normalised) embedding."""
+        self._interpreter.set_tensor(self._input, batch)
+        self._interpreter.invoke()
+        raw: Vector = self._interpreter.get_tensor(self._output)[0].astype(np.float32)
+        return raw
+
+    def embed(self, aligned: Image) -> Vector:
+        return unit(self.invoke(self.prepare(aligned)))
+
+    def embed_mirrored(self, aligned: Image) -> Vector:
+        """Mean of the face's and its mirror image's embeddings: steadier, for enrolment."""
+        return unit(self.embed(aligned) + self.embed(np.ascontiguousarray(aligned[:, ::-1])))
+
+
+def unit(vector: Vector) -> Vector:
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm < 1e-9:
+        raise ValueError("the embedding has no direction (zero or not finite)")
+    result: Vector = (vector / norm).astype(np.float32)
+    return result
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage, summed over the frames seen (for health and benchmarks)."""
+
+    detect: float = 0.0
+    align: float = 0.0
+    embed: float = 0.0
+    frames: int = 0
+
+
+@dataclass(frozen=True)
+class FaceSample:
+    """One detected face of a frame, judged or not."""
+
+    face: Face
+    reason: QualityReason | None  #: why it was not judged; None when it was
+    aligned: Image | None = None
+    embedding: Vector | None = None
+    quality: Quality | None = None
+
+
+@dataclass
+class FacePipeline:
+    """Detector, gate and embedder together: ``analyse(frame)`` gives every face's verdict."""
+
+    detector: FaceDetector
+    embedder: FaceEmbedder
+    gate: QualityGate = field(default_factory=QualityGate)
+    times: StageTimes = field(default_factory=StageTimes)
+
+    @classmethod
+    def from_config(cls, config: CameraFaceConfig) -> FacePipeline:
+        """Load and verify both models; raises :class:`ModelError` naming the bad file."""
+        detector = FaceDetector(
+            config.detector_file, config.min_detection_score, config.detect_max_width
+        )
+        embedder = FaceEmbedder(config.embedder_file, config.threads)
+        return cls(detector, embedder, QualityGate.from_config(config))
+
+    def analyse(self, frame: Image) -> list[FaceSample]:
+        clock = time.perf_counter
+        started = clock()
+        faces = self.detector.detect(frame)
+        detected = clock()
+        samples: list[FaceSample] = []
+        align_time = embed_time = 0.0
+        for face in faces:
+            reason = self.gate.size_reason(face)
+            if reason is not None:
+                samples.append(FaceSample(face, reason))
+                continue
+            begin = clock()
+            aligned = align_face(frame, face)
+            quality = measure_quality(face, aligned) if aligned is not None else None
+            aligned_at = clock()
+            align_time += aligned_at - begin
+            if aligned is None or quality is None:
+                samples.append(FaceSample(face, "align"))
+                continue
+            reason = self.gate.image_reason(quality)
+            if reason is not None:
+                samples.append(FaceSample(face, reason, aligned, None, quality))
+                continue
+            embedding = self.embedder.embed(aligned)
+            embed_time += clock() - aligned_at
+            samples.append(FaceSample(face, None, aligned, embedding, quality))
+        self.times.detect += detected - started
+        self.times.align += align_time
+        self.times.embed += embed_time
+        self.times.frames += 1
+        return samples
+
+    def enrolment_embedding(self, image: Image) -> tuple[Vector | None, int]:
+        """The embedding of the largest face of an enrolment photo, and how many faces it has.
+
+        Enrolment photos skip the live quality gates (an operator chose them) but
+        use the mirror-averaged embedding, which is steadier.
+        """
+        faces = self.detector.detect(image)
+        if not faces:
+            return None, 0
+        largest = max(faces, key=lambda f: f.box[2] * f.box[3])
+        aligned = align_face(image, largest)
+        if aligned is None:
+            return None, len(faces)
+        return self.embedder.embed_mirrored(aligned), len(faces)
