@@ -1,0 +1,303 @@
+"""``wardpost receiver ...``: run the receiver, print its report, handle alarms, test DC-09.
+
+Plugged into the ``wardpost`` command through the ``wardpost.cli`` entry point
+(:func:`add_cli`); also runnable as ``python -m central ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.config import ConfigError
+from central.config import DEFAULT_CENTRAL_CONFIG, ReceiverConfig, load_receiver_config
+
+log = logging.getLogger("wardpost.central")
+
+
+def _config(args: argparse.Namespace) -> ReceiverConfig:
+    return load_receiver_config(args.central_config)
+
+
+def _setup_logging(level: str) -> None:
+    try:
+        from agent.logs import setup_logging
+
+        setup_logging(level)
+    except ImportError:  # pragma: no cover - older core
+        logging.basicConfig(
+            level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from central.receiver import Receiver
+
+    config = _config(args)
+    _setup_logging(config.log_level)
+    receiver = Receiver(config).start()
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    log.info("receiver running (store %s)", receiver.store.engine)
+    done.wait(args.duration)
+    receiver.stop()
+    log.info("receiver stopped: %s", receiver.stats)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    print(
+        f"{config.source}: OK (store {config.store.url.split('://')[0]}, dc09 "
+        f"{'on' if config.dc09.enabled else 'off'}, {len(config.dc09.map)} Contact ID mappings)"
+    )
+    return 0
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from central.store import open_store
+
+    return open_store(_config(args).store)
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from central.stats import gather
+
+    store = _store(args)
+    try:
+        now = time.time()
+        days, windows = gather(store, now, args.days, args.windows)
+        devices = store.devices()
+    finally:
+        store.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "transmission": [asdict(d) for d in days],
+                    "availability": [{**asdict(a), "ratio": a.ratio} for a in windows],
+                    "devices": [
+                        {
+                            "site": d.site,
+                            "device": d.device,
+                            "state": d.state,
+                            "lost": d.lost,
+                            "backlog": d.backlog,
+                            "last_heartbeat": d.last_heartbeat,
+                        }
+                        for d in devices
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    console = Console()
+    table = Table(title=f"Transmission time, device accepted → stored (last {args.days} days, UTC)")
+    for column in ("site", "device", "day", "events", "mean s", "p95 s", "max s"):
+        table.add_column(column, justify="right" if column.endswith(("s", "events")) else "left")
+    for d in days:
+        table.add_row(
+            d.site, d.device, d.day, str(d.count), f"{d.mean:.3f}", f"{d.p95:.3f}", f"{d.max:.3f}"
+        )
+    console.print(table)
+    table = Table(title="Path availability per 7-day window (newest first)")
+    for column in ("site", "device", "window from", "window to", "known h", "availability"):
+        table.add_column(column)
+    for a in windows:
+        ratio = "-" if a.ratio is None else f"{100 * a.ratio:.3f} %"
+        table.add_row(
+            a.site, a.device, _when(a.start), _when(a.end), f"{a.known / 3600:.1f}", ratio
+        )
+    console.print(table)
+    table = Table(title="Devices")
+    for column in (
+        "site",
+        "device",
+        "status",
+        "supervision",
+        "backlog",
+        "last heartbeat",
+        "interval s",
+    ):
+        table.add_column(column)
+    for d in devices:
+        table.add_row(
+            d.site,
+            d.device,
+            d.state,
+            "LOST" if d.lost else "ok",
+            str(d.backlog if d.backlog is not None else "-"),
+            _when(d.last_heartbeat),
+            f"{d.heartbeat_interval:g}" if d.heartbeat_interval else "-",
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_alarms(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        alarms = store.alarms(state=args.state)
+    finally:
+        store.close()
+    for a in alarms:
+        who = f" by {a.acknowledged_by}" if a.acknowledged_by else ""
+        print(
+            f"{a.id}  {_when(a.raised_at)}  {a.priority:8} {a.state:12}{who:14}"
+            f" {a.site}/{a.device} {a.kind}"
+            f"{' [test]' if a.test else ''}"
+        )
+    return 0
+
+
+def cmd_transition(args: argparse.Namespace) -> int:
+    from central.alarms import AlarmDesk, AlarmError, MqttCommander
+    from central.receiver import command_signer, connect, make_client
+    from central.store import open_store
+
+    config = _config(args)
+    store = open_store(config.store)
+    mq = config.mqtt
+    client = make_client(
+        mq, f"{mq.client_id}-desk-{int(time.time())}", persistent=False, password=config.password()
+    )
+    connect(client, mq, persistent=False)
+    try:
+        desk = AlarmDesk(store, MqttCommander(client, mq.topic_prefix, command_signer(config)))
+        move = desk.acknowledge if args.command_name == "ack" else desk.resolve
+        alarm = move(args.alarm, args.by, args.note)
+        print(f"{alarm.id}: {alarm.state} by {args.by}")
+        return 0
+    except AlarmError as exc:
+        print(f"wardpost receiver {args.command_name}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        time.sleep(0.2)  # let the command leave before disconnecting
+        client.disconnect()
+        client.loop_stop()
+        store.close()
+
+
+def cmd_dc09_listen(args: argparse.Namespace) -> int:
+    from central.dc09 import parse_key
+    from central.dc09_receiver import Dc09Receiver, Received
+
+    accounts: dict[str, bytes | None] = {}
+    for spec in args.account:
+        account, _, key_file = spec.partition(":")
+        if key_file:
+            with open(key_file, encoding="ascii") as f:
+                accounts[account] = parse_key(f.read())
+        else:
+            accounts[account] = None
+
+    def show(received: Received) -> None:
+        frame = received.frame
+        what = (
+            f"{frame.id} seq {frame.seq:04d} #{frame.account} [{frame.data}]"
+            if frame
+            else received.raw.decode("ascii", "replace").strip()
+        )
+        print(
+            f"{_when(received.at)} {received.transport} {received.reply}: {what} {received.error}",
+            flush=True,
+        )
+
+    receiver = Dc09Receiver(accounts, args.host, args.port, on_frame=show).start()
+    print(
+        f"listening on {receiver.host}:{receiver.port} (TCP and UDP),"
+        f" accounts {', '.join(accounts)}",
+        flush=True,
+    )
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait(args.duration)
+    receiver.stop()
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    """Add ``receiver`` and its sub-commands to the ``wardpost`` parser."""
+    parser = subparsers.add_parser(
+        "receiver", help="the centre: store events from devices, receipts, supervision"
+    )
+    sub = parser.add_subparsers(dest="receiver_command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config",
+            dest="central_config",
+            default=str(DEFAULT_CENTRAL_CONFIG),
+            help=f"receiver config (default {DEFAULT_CENTRAL_CONFIG})",
+        )
+        return p
+
+    p = with_config(sub.add_parser("run", help="run the receiver service"))
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.set_defaults(func=cmd_run)
+    with_config(sub.add_parser("check-config", help="validate the receiver config")).set_defaults(
+        func=cmd_check
+    )
+    p = with_config(
+        sub.add_parser("report", help="transmission times and path availability (EN 50136 figures)")
+    )
+    p.add_argument("--days", type=int, default=7, help="transmission days to show")
+    p.add_argument("--windows", type=int, default=4, help="7-day availability windows to show")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)
+    p = with_config(sub.add_parser("alarms", help="list alarms at the centre"))
+    p.add_argument("--state", choices=("new", "acknowledged", "resolved"), default=None)
+    p.set_defaults(func=cmd_alarms)
+    for name, text in (
+        ("ack", "acknowledge an alarm (tells the device)"),
+        ("resolve", "resolve an alarm"),
+    ):
+        p = with_config(sub.add_parser(name, help=text))
+        p.add_argument("alarm", help="alarm id (the id of the event that raised it)")
+        p.add_argument("--by", required=True, help="operator name")
+        p.add_argument("--note", default=None)
+        p.set_defaults(func=cmd_transition, command_name=name)
+    p = sub.add_parser(
+        "dc09-listen", help="a minimal SIA DC-09 receiver that validates and ACKs (for tests)"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=12000)
+    p.add_argument(
+        "--account", action="append", required=True, help="ACCOUNT or ACCOUNT:KEYFILE (hex AES key)"
+    )
+    p.add_argument("--duration", type=float, default=None)
+    p.set_defaults(func=cmd_dc09_listen)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m central <sub-command> ...`` (same as ``wardpost receiver ...``)."""
+    parser = argparse.ArgumentParser(prog="python -m central")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["receiver", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        code: int = args.func(args)
+        return code
+    except ConfigError as exc:
+        print(f"wardpost receiver: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

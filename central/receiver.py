@@ -1,0 +1,299 @@
+"""The receiver service: MQTT in, durable store, receipts out.
+
+Threads:
+
+* paho's network thread only queues each message (an exception in a paho
+  callback can kill that thread, so nothing else happens there);
+* the **writer** thread takes whatever has queued up (at most ``batch_max``),
+  lets :class:`~central.intake.Intake` decide what it means, commits it in one
+  transaction, and only then publishes the receipts (``{"ids": [...]}`` per
+  device) and acknowledges the MQTT messages (manual PUBACK). A receiver killed
+  at any point therefore loses nothing: what was not committed is neither
+  receipted nor PUBACKed, so the broker redelivers it on reconnect (persistent
+  session) and the device re-sends it after its receipt timeout. Ids make the
+  second copy harmless. Supervision runs on the same thread every
+  ``check_every`` seconds, so there is exactly one writer;
+* the optional DC-09 bridge (:mod:`central.bridge`) forwards from the store.
+
+If the store fails, the batch is kept and retried; nothing is receipted meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from central.alarms import MqttCommander, Signing, unsigned
+from central.config import ReceiverConfig, ReceiverMQTTConfig
+from central.intake import Inbound, Intake, Outcome
+from central.store import Store, open_store
+
+log = logging.getLogger("wardpost.central.receiver")
+
+RECEIPT_CHUNK = 500  # ids per receipt message
+
+
+@dataclass
+class ReceiverStats:
+    messages: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    receipts: int = 0
+    batches: int = 0
+    store_errors: int = 0
+    connects: int = 0
+
+
+def make_client(
+    config: ReceiverMQTTConfig,
+    client_id: str,
+    *,
+    persistent: bool,
+    manual_ack: bool = False,
+    password: str | None = None,
+) -> mqtt.Client:
+    """A paho 2.x client for the centre side, with TLS and credentials from the config."""
+    v5 = config.protocol == "5"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+        clean_session=None if v5 else not persistent,
+        manual_ack=manual_ack,
+    )
+    client.reconnect_delay_set(1, 5)
+    client.max_queued_messages_set(0)
+    client.max_inflight_messages_set(1000)
+    if config.username:
+        client.username_pw_set(config.username, password)
+    if config.tls.enabled:
+        client.tls_set(
+            ca_certs=config.tls.ca_file or None,
+            certfile=config.tls.cert_file or None,
+            keyfile=config.tls.key_file or None,
+        )
+        client.tls_insecure_set(not config.tls.server_hostname_check)
+    return client
+
+
+def command_signer(config: ReceiverConfig) -> Signing:
+    """Signs with ``[commands] signing_key`` (the centre's Ed25519 key), or not at all."""
+    if not config.commands.signing_key:
+        return unsigned
+    from agent.security import Signer
+
+    return Signer.from_file(config.commands.signing_key).sign
+
+
+def connect(client: mqtt.Client, config: ReceiverMQTTConfig, *, persistent: bool) -> None:
+    """Start connecting (asynchronously; paho keeps reconnecting)."""
+    properties = None
+    if config.protocol == "5":
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = config.session_expiry if persistent else 0
+    client.connect_async(
+        config.host,
+        config.port,
+        keepalive=config.keepalive,
+        clean_start=not persistent if config.protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+        properties=properties,
+    )
+    client.loop_start()
+
+
+class Receiver:
+    """Subscribes, stores, receipts, supervises. ``start()``/``stop()``; thread-safe to query."""
+
+    def __init__(self, config: ReceiverConfig, store: Store | None = None):
+        self.config = config
+        self.store = store if store is not None else open_store(config.store)
+        self._own_store = store is None
+        self.stats = ReceiverStats()
+        self.intake = Intake(config, self.store.devices(), self.store.known_ids)
+        self.connected = threading.Event()
+        self._inbox: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._writer = threading.Thread(
+            target=self._write_loop, name="receiver-writer", daemon=True
+        )
+        self._listeners: list[Callable[[Outcome], None]] = []
+        mq = config.mqtt
+        self.client = make_client(
+            mq, mq.client_id, persistent=True, manual_ack=True, password=config.password()
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.bridge: Any = None
+        if config.dc09.enabled:
+            from central.bridge import Dc09Bridge
+
+            self.bridge = Dc09Bridge(config, self.store)
+
+    def commander(self) -> MqttCommander:
+        """Commands over the receiver's connection, signed if ``[commands] signing_key`` is set."""
+        return MqttCommander(
+            self.client, self.config.mqtt.topic_prefix, command_signer(self.config)
+        )
+
+    def on_committed(self, listener: Callable[[Outcome], None]) -> None:
+        """Call ``listener(outcome)`` on the writer thread after each committed batch."""
+        self._listeners.append(listener)
+
+    # --- lifecycle ---
+    def start(self) -> Receiver:
+        self._writer.start()
+        connect(self.client, self.config.mqtt, persistent=True)
+        if self.bridge is not None:
+            self.bridge.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking messages, commit and receipt what has arrived, disconnect."""
+        self.client.unsubscribe(self._filters())
+        self._stopping.set()
+        self._writer.join(timeout=timeout)
+        if self.bridge is not None:
+            self.bridge.stop()
+        self.client.disconnect()
+        self.client.loop_stop()
+        if self._own_store:
+            self.store.close()
+
+    def wait_connected(self, timeout: float = 10.0) -> bool:
+        return self.connected.wait(timeout)
+
+    # --- paho callbacks: queue only ---
+    def _filters(self) -> list[str]:
+        prefix = self.config.mqtt.topic_prefix
+        sites = self.config.mqtt.sites or ["+"]
+        return [
+            f"{prefix}/{site}/+/{rest}"
+            for site in sites
+            for rest in ("events/#", "status", "heartbeat", "cmd_result/+")
+        ]
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        try:
+            if reason.is_failure:
+                log.error("broker refused the connection: %s", reason)
+                return
+            self.stats.connects += 1
+            client.subscribe([(f, 1) for f in self._filters()])
+            self.connected.set()
+            log.info(
+                "connected to %s:%d, subscribed to %s",
+                self.config.mqtt.host,
+                self.config.mqtt.port,
+                ", ".join(self._filters()),
+            )
+        except Exception:  # never let an exception kill paho's thread
+            log.exception("on_connect failed")
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        self.connected.clear()
+        if not self._stopping.is_set():
+            log.warning("disconnected from the broker (%s); reconnecting", reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._inbox.put(
+                Inbound(msg.topic, bytes(msg.payload), time.time(), msg.mid, msg.qos, msg.retain)
+            )
+        except Exception:
+            log.exception("could not queue a message on %s", msg.topic)
+
+    # --- the writer ---
+    def _write_loop(self) -> None:
+        sup = self.config.supervision
+        next_check = time.monotonic() + sup.check_every
+        while True:
+            messages: list[Inbound] = []
+            try:
+                messages.append(
+                    self._inbox.get(
+                        timeout=max(0.0, min(sup.check_every, next_check - time.monotonic()))
+                    )
+                )
+                while len(messages) < self.config.store.batch_max:
+                    messages.append(self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            if not messages and self._stopping.is_set():
+                return
+            try:
+                self._cycle(messages, supervise=time.monotonic() >= next_check)
+            except Exception:  # a bug must not silently end the only writer
+                log.exception("receiver cycle failed; retrying")
+                time.sleep(0.5)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + sup.check_every
+
+    def _cycle(self, messages: list[Inbound], supervise: bool) -> None:
+        now = time.time()
+        outcome = self.intake.process(messages, now)
+        if supervise:
+            self.intake.supervise(now, outcome.batch)
+        self._commit(outcome)
+        self._receipt(outcome)
+        for msg in messages:
+            if msg.qos > 0:
+                self.client.ack(msg.mid, msg.qos)
+        self.stats.messages += len(messages)
+        self.stats.stored += sum(1 for e in outcome.batch.events if e.origin == "device")
+        self.stats.duplicates += outcome.duplicates
+        self.stats.rejected += outcome.rejected
+        self.stats.batches += 1
+        for listener in self._listeners:
+            try:
+                listener(outcome)
+            except Exception:
+                log.exception("on_committed listener failed")
+        if self.bridge is not None and outcome.batch.forwards:
+            self.bridge.wake()
+
+    def _commit(self, outcome: Outcome) -> None:
+        delay = 0.1
+        while True:
+            try:
+                self.store.write(outcome.batch)
+                return
+            except Exception as exc:
+                self.stats.store_errors += 1
+                log.error(
+                    "store write failed (%s); nothing receipted, retrying in %.1f s", exc, delay
+                )
+                if self._stopping.is_set() and delay > 5:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                try:
+                    self.store.reconnect()
+                except ConnectionError as again:
+                    log.error("%s", again)
+
+    def _receipt(self, outcome: Outcome) -> None:
+        prefix = self.config.mqtt.topic_prefix
+        for (site, device), ids in outcome.receipts.items():
+            for start in range(0, len(ids), RECEIPT_CHUNK):
+                body = json.dumps(
+                    {"ids": ids[start : start + RECEIPT_CHUNK]}, separators=(",", ":")
+                )
+                self.client.publish(f"{prefix}/{site}/{device}/receipts", body, qos=1)
+                self.stats.receipts += 1

@@ -1,0 +1,715 @@
+"""The centre's durable store: events, devices, alarms, link history, DC-09 forwards.
+
+One interface, two engines with the same schema and the same SQL:
+
+* :class:`SQLiteStore` (``sqlite:///path``): WAL with ``synchronous=FULL``, so a
+  committed batch survives a power cut; the default for one hospital;
+* :class:`PostgresStore` (``postgresql://user@host/db``, psycopg 3): for a
+  hospital group or a city's many sites, optionally in its own ``schema``.
+
+The receiver writes each batch of messages with :meth:`Store.write` in ONE
+transaction and only then publishes the receipts, so a receipted event is on
+disk. Event ids are the primary key: a re-sent event is never stored twice.
+Every method is thread-safe (one connection behind a lock).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from central.config import StoreConfig
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS events (
+        id TEXT PRIMARY KEY, site TEXT NOT NULL, device TEXT NOT NULL, source TEXT NOT NULL,
+        kind TEXT NOT NULL, priority TEXT NOT NULL, seq BIGINT, test INTEGER NOT NULL,
+        event_time DOUBLE PRECISION NOT NULL, stored_at DOUBLE PRECISION NOT NULL,
+        origin TEXT NOT NULL, body TEXT NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS events_by_device ON events (site, device, stored_at)""",
+    """CREATE INDEX IF NOT EXISTS events_by_time ON events (stored_at)""",
+    """CREATE TABLE IF NOT EXISTS devices (
+        site TEXT NOT NULL, device TEXT NOT NULL, state TEXT NOT NULL,
+        boot BIGINT, connection BIGINT,
+        version TEXT, config TEXT, drivers TEXT, backlog BIGINT, status_time TEXT,
+        first_seen DOUBLE PRECISION NOT NULL, last_seen DOUBLE PRECISION NOT NULL,
+        last_heartbeat DOUBLE PRECISION, heartbeat_interval DOUBLE PRECISION, heartbeat TEXT,
+        lost INTEGER NOT NULL, seq_upto BIGINT, seq_above TEXT NOT NULL,
+        hole_since DOUBLE PRECISION,
+        PRIMARY KEY (site, device))""",
+    """CREATE TABLE IF NOT EXISTS alarms (
+        id TEXT PRIMARY KEY, site TEXT NOT NULL, device TEXT NOT NULL, kind TEXT NOT NULL,
+        priority TEXT NOT NULL, origin TEXT NOT NULL, test INTEGER NOT NULL,
+        raised_at DOUBLE PRECISION NOT NULL,
+        state TEXT NOT NULL, acknowledged_by TEXT, acknowledged_at DOUBLE PRECISION,
+        resolved_by TEXT, resolved_at DOUBLE PRECISION, note TEXT)""",
+    """CREATE INDEX IF NOT EXISTS alarms_open ON alarms (state, raised_at)""",
+    """CREATE TABLE IF NOT EXISTS links (
+        site TEXT NOT NULL, device TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, up INTEGER NOT NULL,
+        reason TEXT NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS links_by_device ON links (site, device, at)""",
+    """CREATE TABLE IF NOT EXISTS forwards (
+        event_id TEXT PRIMARY KEY, queued_at DOUBLE PRECISION NOT NULL, sent_at DOUBLE PRECISION,
+        attempts INTEGER NOT NULL, last_error TEXT)""",
+    """CREATE TABLE IF NOT EXISTS commands (
+        id TEXT PRIMARY KEY, site TEXT NOT NULL, device TEXT NOT NULL, name TEXT NOT NULL,
+        args TEXT NOT NULL, issued_at DOUBLE PRECISION NOT NULL, alarm_id TEXT,
+        ok INTEGER, result TEXT, result_at DOUBLE PRECISION)""",
+)
+
+_EVENT_COLUMNS = (
+    "id, site, device, source, kind, priority, seq, test, event_time, stored_at, origin, body"
+)
+_DEVICE_COLUMNS = (
+    "site, device, state, boot, connection, version, config, drivers, backlog, status_time,"
+    " first_seen, last_seen, last_heartbeat, heartbeat_interval, heartbeat, lost, seq_upto,"
+    " seq_above, hole_since"
+)
+_ALARM_COLUMNS = (
+    "id, site, device, kind, priority, origin, test, raised_at, state, acknowledged_by,"
+    " acknowledged_at,"
+    " resolved_by, resolved_at, note"
+)
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One row of ``events``: a device's event or one the centre raised (``origin="centre"``)."""
+
+    id: str
+    site: str
+    device: str
+    source: str
+    kind: str
+    priority: str
+    seq: int | None
+    test: bool
+    event_time: float
+    stored_at: float
+    origin: str
+    body: str
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.id,
+            self.site,
+            self.device,
+            self.source,
+            self.kind,
+            self.priority,
+            self.seq,
+            int(self.test),
+            self.event_time,
+            self.stored_at,
+            self.origin,
+            self.body,
+        )
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> StoredEvent:
+        return cls(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            row[6],
+            bool(row[7]),
+            row[8],
+            row[9],
+            row[10],
+            row[11],
+        )
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        payload = json.loads(self.body).get("payload")
+        return payload if isinstance(payload, dict) else {}
+
+
+@dataclass(slots=True)
+class DeviceState:
+    """What the centre knows about one device; the receiver keeps these in memory too."""
+
+    site: str
+    device: str
+    first_seen: float
+    last_seen: float
+    state: str = "unknown"  # online | stopped | offline from the retained status
+    boot: int | None = None
+    connection: int | None = None
+    version: str | None = None
+    config: str | None = None
+    drivers: list[Any] = field(default_factory=list)
+    backlog: int | None = None
+    status_time: str | None = None
+    last_heartbeat: float | None = None
+    heartbeat_interval: float | None = None
+    heartbeat: dict[str, Any] = field(default_factory=dict)
+    lost: bool = False
+    seq_upto: int | None = None
+    seq_above: list[int] = field(default_factory=list)
+    hole_since: float | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.site, self.device)
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.site,
+            self.device,
+            self.state,
+            self.boot,
+            self.connection,
+            self.version,
+            self.config,
+            json.dumps(self.drivers),
+            self.backlog,
+            self.status_time,
+            self.first_seen,
+            self.last_seen,
+            self.last_heartbeat,
+            self.heartbeat_interval,
+            json.dumps(self.heartbeat),
+            int(self.lost),
+            self.seq_upto,
+            json.dumps(self.seq_above),
+            self.hole_since,
+        )
+
+    @classmethod
+    def from_row(cls, r: Sequence[Any]) -> DeviceState:
+        return cls(
+            site=r[0],
+            device=r[1],
+            state=r[2],
+            boot=r[3],
+            connection=r[4],
+            version=r[5],
+            config=r[6],
+            drivers=json.loads(r[7] or "[]"),
+            backlog=r[8],
+            status_time=r[9],
+            first_seen=r[10],
+            last_seen=r[11],
+            last_heartbeat=r[12],
+            heartbeat_interval=r[13],
+            heartbeat=json.loads(r[14] or "{}"),
+            lost=bool(r[15]),
+            seq_upto=r[16],
+            seq_above=json.loads(r[17] or "[]"),
+            hole_since=r[18],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """An alarm at the centre: ``new`` → ``acknowledged`` (who, when) → ``resolved``."""
+
+    id: str  # the id of the event that raised it
+    site: str
+    device: str
+    kind: str
+    priority: str
+    origin: str  # "device", or "centre" for alarms the receiver raised (device.lost, ...)
+    test: bool
+    raised_at: float
+    state: str = "new"
+    acknowledged_by: str | None = None
+    acknowledged_at: float | None = None
+    resolved_by: str | None = None
+    resolved_at: float | None = None
+    note: str | None = None
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.id,
+            self.site,
+            self.device,
+            self.kind,
+            self.priority,
+            self.origin,
+            int(self.test),
+            self.raised_at,
+            self.state,
+            self.acknowledged_by,
+            self.acknowledged_at,
+            self.resolved_by,
+            self.resolved_at,
+            self.note,
+        )
+
+    @classmethod
+    def from_row(cls, r: Sequence[Any]) -> Alarm:
+        return cls(
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5],
+            bool(r[6]),
+            r[7],
+            r[8],
+            r[9],
+            r[10],
+            r[11],
+            r[12],
+            r[13],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LinkChange:
+    """Path availability changed: ``up`` false from lost/offline, true from heartbeat/online."""
+
+    site: str
+    device: str
+    at: float
+    up: bool
+    reason: str
+
+
+@dataclass
+class Batch:
+    """Everything one receiver cycle writes, committed together."""
+
+    events: list[StoredEvent] = field(default_factory=list)
+    devices: dict[tuple[str, str], DeviceState] = field(default_factory=dict)
+    alarms: list[Alarm] = field(default_factory=list)
+    links: list[LinkChange] = field(default_factory=list)
+    forwards: list[str] = field(default_factory=list)
+    command_results: list[tuple[str, bool, str, float]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.events
+            or self.devices
+            or self.alarms
+            or self.links
+            or self.forwards
+            or self.command_results
+        )
+
+
+class Store(abc.ABC):
+    """The store interface; subclasses supply the connection and the placeholder style."""
+
+    engine = "abstract"
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    # --- engine hooks ---
+    @abc.abstractmethod
+    def _cursor(self) -> Any: ...
+
+    @abc.abstractmethod
+    def _begin(self) -> None: ...
+
+    @abc.abstractmethod
+    def _commit(self) -> None: ...
+
+    @abc.abstractmethod
+    def _rollback(self) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def reconnect(self) -> None:  # noqa: B027 - optional hook; SQLite has nothing to reopen
+        """After a failed write: reopen the connection if the engine has one to lose."""
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    # --- helpers ---
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._lock:
+            self._begin()
+            try:
+                yield
+            except BaseException:
+                self._rollback()
+                raise
+            self._commit()
+
+    def _exec(self, sql: str, params: Sequence[Any] = ()) -> int:
+        cur = self._cursor()
+        cur.execute(self._sql(sql), tuple(params))
+        return int(cur.rowcount)
+
+    def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        rows = [tuple(r) for r in rows]
+        if rows:
+            self._cursor().executemany(self._sql(sql), rows)
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            cur = self._cursor()
+            cur.execute(self._sql(sql), tuple(params))
+            return [tuple(r) for r in cur.fetchall()]
+
+    def _before_migration(self) -> None:  # noqa: B027 - optional hook
+        """Runs first inside the migration transaction (PostgreSQL serialises migrations here)."""
+
+    def migrate(self) -> None:
+        with self.transaction():
+            self._before_migration()
+            for statement in _SCHEMA:
+                self._exec(statement)
+            self._exec(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                ("schema", str(SCHEMA_VERSION)),
+            )
+        found = self._rows("SELECT value FROM meta WHERE key = 'schema'")
+        if int(found[0][0]) > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"store schema {found[0][0]} is newer than this receiver ({SCHEMA_VERSION})"
+            )
+
+    # --- the receiver's write path ---
+    def known_ids(self, ids: Sequence[str]) -> set[str]:
+        """The ids among ``ids`` already stored."""
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            found.update(
+                r[0]
+                for r in self._rows(
+                    f"SELECT id FROM events WHERE id IN ({_marks(len(chunk))})",  # noqa: S608
+                    chunk,
+                )
+            )
+        return found
+
+    def write(self, batch: Batch) -> None:
+        """Commit one batch atomically. Duplicate event ids are skipped, never doubled."""
+        if not batch:
+            return
+        with self.transaction():
+            self._many(
+                f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({_marks(12)})"  # noqa: S608
+                " ON CONFLICT (id) DO NOTHING",
+                (e.row() for e in batch.events),
+            )
+            updates = ", ".join(
+                f"{c.strip()} = excluded.{c.strip()}" for c in _DEVICE_COLUMNS.split(",")[2:]
+            )
+            self._many(
+                f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES ({_marks(19)})"  # noqa: S608
+                f" ON CONFLICT (site, device) DO UPDATE SET {updates}",
+                (d.row() for d in batch.devices.values()),
+            )
+            self._many(
+                f"INSERT INTO alarms ({_ALARM_COLUMNS}) VALUES ({_marks(14)})"  # noqa: S608
+                " ON CONFLICT (id) DO NOTHING",
+                (a.row() for a in batch.alarms),
+            )
+            self._many(
+                "INSERT INTO links (site, device, at, up, reason) VALUES (?, ?, ?, ?, ?)",
+                ((c.site, c.device, c.at, int(c.up), c.reason) for c in batch.links),
+            )
+            now = time.time()
+            self._many(
+                "INSERT INTO forwards (event_id, queued_at, attempts) VALUES (?, ?, 0)"
+                " ON CONFLICT (event_id) DO NOTHING",
+                ((i, now) for i in batch.forwards),
+            )
+            self._many(
+                "UPDATE commands SET ok = ?, result = ?, result_at = ? WHERE id = ?",
+                ((int(ok), result, at, cid) for cid, ok, result, at in batch.command_results),
+            )
+
+    # --- reading ---
+    def devices(self) -> list[DeviceState]:
+        return [
+            DeviceState.from_row(r)
+            for r in self._rows(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY site, device")  # noqa: S608
+        ]
+
+    def events(
+        self,
+        *,
+        site: str | None = None,
+        device: str | None = None,
+        kind: str | None = None,
+        since: float | None = None,
+        limit: int = 1000,
+    ) -> list[StoredEvent]:
+        where, params = self._filters(site=site, device=device, kind=kind)
+        if since is not None:
+            where.append("stored_at >= ?")
+            params.append(since)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return [
+            StoredEvent.from_row(r)
+            for r in self._rows(
+                f"SELECT {_EVENT_COLUMNS} FROM events {clause} ORDER BY stored_at, id LIMIT ?",  # noqa: S608
+                [*params, limit],
+            )
+        ]
+
+    def count_events(self, *, origin: str | None = None) -> int:
+        if origin is None:
+            return int(self._rows("SELECT count(*) FROM events")[0][0])
+        return int(self._rows("SELECT count(*) FROM events WHERE origin = ?", (origin,))[0][0])
+
+    @staticmethod
+    def _filters(**values: str | None) -> tuple[list[str], list[Any]]:
+        pairs = [(k, v) for k, v in values.items() if v is not None]
+        return [f"{k} = ?" for k, _ in pairs], [v for _, v in pairs]
+
+    # --- alarms ---
+    def alarms(self, state: str | None = None, site: str | None = None) -> list[Alarm]:
+        where, params = self._filters(state=state, site=site)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return [
+            Alarm.from_row(r)
+            for r in self._rows(
+                f"SELECT {_ALARM_COLUMNS} FROM alarms {clause} ORDER BY raised_at, id",  # noqa: S608
+                params,
+            )
+        ]
+
+    def alarm(self, alarm_id: str) -> Alarm | None:
+        rows = self._rows(f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE id = ?", (alarm_id,))  # noqa: S608
+        return Alarm.from_row(rows[0]) if rows else None
+
+    def transition_alarm(
+        self, alarm_id: str, to: str, who: str, note: str | None, audit: StoredEvent
+    ) -> bool:
+        """Move an alarm on (to acknowledged or resolved), storing ``audit``. False: not allowed."""
+        allowed = {"acknowledged": ("new",), "resolved": ("new", "acknowledged")}[to]
+        column = "acknowledged" if to == "acknowledged" else "resolved"
+        with self.transaction():
+            changed = self._exec(
+                f"UPDATE alarms SET state = ?, {column}_by = ?, {column}_at = ?,"  # noqa: S608
+                " note = coalesce(?, note)"
+                f" WHERE id = ? AND state IN ({_marks(len(allowed))})",
+                (to, who, audit.stored_at, note, alarm_id, *allowed),
+            )
+            if changed:
+                self._exec(
+                    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({_marks(12)})",  # noqa: S608
+                    audit.row(),
+                )
+        return changed > 0
+
+    # --- commands to devices ---
+    def record_command(
+        self,
+        command_id: str,
+        site: str,
+        device: str,
+        name: str,
+        args: dict[str, Any],
+        *,
+        issued_at: float,
+        alarm_id: str | None,
+    ) -> None:
+        with self.transaction():
+            self._exec(
+                "INSERT INTO commands (id, site, device, name, args, issued_at, alarm_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (command_id, site, device, name, json.dumps(args), issued_at, alarm_id),
+            )
+
+    def command(self, command_id: str) -> dict[str, Any] | None:
+        rows = self._rows(
+            "SELECT id, site, device, name, args, issued_at, alarm_id, ok, result, result_at"
+            " FROM commands WHERE id = ?",
+            (command_id,),
+        )
+        if not rows:
+            return None
+        keys = (
+            "id",
+            "site",
+            "device",
+            "name",
+            "args",
+            "issued_at",
+            "alarm_id",
+            "ok",
+            "result",
+            "result_at",
+        )
+        return dict(zip(keys, rows[0], strict=True))
+
+    # --- DC-09 forwarding ---
+    def pending_forwards(
+        self, limit: int = 50, retry_before: float | None = None
+    ) -> list[StoredEvent]:
+        """Events queued for the alarm receiving centre and not yet ACKed by it, oldest first."""
+        cutoff = time.time() if retry_before is None else retry_before
+        columns = ", ".join(f"e.{c.strip()}" for c in _EVENT_COLUMNS.split(","))
+        return [
+            StoredEvent.from_row(r)
+            for r in self._rows(
+                f"SELECT {columns} FROM forwards f JOIN events e ON e.id = f.event_id"  # noqa: S608
+                " WHERE f.sent_at IS NULL AND (f.attempts = 0 OR f.queued_at <= ?)"
+                " ORDER BY e.priority = 'critical' DESC, f.queued_at, e.id LIMIT ?",
+                (cutoff, limit),
+            )
+        ]
+
+    def mark_forward(self, event_id: str, ok: bool, error: str = "", retry_at: float = 0.0) -> None:
+        """Record an attempt. A failed one is retried when ``retry_at`` has passed."""
+        with self.transaction():
+            if ok:
+                self._exec(
+                    "UPDATE forwards SET sent_at = ?, attempts = attempts + 1, last_error = NULL"
+                    " WHERE event_id = ?",
+                    (time.time(), event_id),
+                )
+            else:
+                self._exec(
+                    "UPDATE forwards SET attempts = attempts + 1, last_error = ?, queued_at = ?"
+                    " WHERE event_id = ?",
+                    (error, retry_at, event_id),
+                )
+
+    def forward_state(self, event_id: str) -> tuple[float | None, int, str | None] | None:
+        rows = self._rows(
+            "SELECT sent_at, attempts, last_error FROM forwards WHERE event_id = ?", (event_id,)
+        )
+        return (rows[0][0], int(rows[0][1]), rows[0][2]) if rows else None
+
+    # --- statistics inputs ---
+    def transmission_samples(self, since: float) -> list[tuple[str, str, float, float]]:
+        """(site, device, device event time, stored at) for device events stored since ``since``."""
+        return [
+            (r[0], r[1], float(r[2]), float(r[3]))
+            for r in self._rows(
+                "SELECT site, device, event_time, stored_at FROM events"
+                " WHERE origin = 'device' AND stored_at >= ?"
+                " ORDER BY site, device, stored_at",
+                (since,),
+            )
+        ]
+
+    def link_history(self) -> list[LinkChange]:
+        return [
+            LinkChange(r[0], r[1], float(r[2]), bool(r[3]), r[4])
+            for r in self._rows(
+                "SELECT site, device, at, up, reason FROM links ORDER BY site, device, at"
+            )
+        ]
+
+
+class SQLiteStore(Store):
+    """SQLite in WAL mode with full fsync on commit."""
+
+    engine = "sqlite"
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30
+        )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        self.migrate()
+
+    def _cursor(self) -> sqlite3.Cursor:
+        return self._conn.cursor()
+
+    def _begin(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def _commit(self) -> None:
+        self._conn.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class PostgresStore(Store):
+    """PostgreSQL through psycopg 3; ``schema`` keeps the tables apart from others."""
+
+    engine = "postgresql"
+
+    def __init__(self, url: str, schema: str = ""):
+        import psycopg
+
+        super().__init__()
+        self._psycopg = psycopg
+        self.url = url
+        self.schema = schema
+        self._conn = self._open()
+        self.migrate()
+
+    def _open(self) -> Any:
+        conn = self._psycopg.connect(self.url, autocommit=True)
+        if self.schema:
+            conn.execute(f'SET search_path TO "{self.schema}"')
+        return conn
+
+    def _before_migration(self) -> None:
+        # Two processes creating the same tables at once collide in PostgreSQL's catalogue
+        # ("IF NOT EXISTS" is not atomic): take a lock for the migration transaction.
+        self._exec("SELECT pg_advisory_xact_lock(hashtext('wardpost.central.migrate'))")
+        if self.schema:
+            self._exec(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+
+    def reconnect(self) -> None:
+        with self._lock:
+            if not self._conn.closed and not self._conn.broken:
+                return
+            try:
+                self._conn = self._open()
+            except self._psycopg.OperationalError as exc:
+                raise ConnectionError(f"PostgreSQL unreachable: {exc}") from None
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def _cursor(self) -> Any:
+        return self._conn.cursor()
+
+    def _begin(self) -> None:
+        self._conn.execute("BEGIN")
+
+    def _commit(self) -> None:
+        self._conn.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def open_store(config: StoreConfig) -> Store:
+    """The engine the URL names, migrated and ready."""
+    if config.url.startswith("sqlite:///"):
+        return SQLiteStore(config.url[len("sqlite:///") :])
+    return PostgresStore(config.url, config.schema)
