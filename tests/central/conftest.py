@@ -1,0 +1,55 @@
+"""Fixtures for the receiver: both store engines, a receiver config, simulated devices."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from central.config import ReceiverConfig, parse_receiver_config
+from central.store import Store, open_store
+from tests.support.broker import Broker
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_section(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A ``[store]`` table for each engine; PostgreSQL gets its own schema, dropped afterwards."""
+    if request.param == "sqlite":
+        yield {"url": f"sqlite:///{tmp_path / 'central.db'}"}
+        return
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    yield {"url": PG_URL, "schema": schema}
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def make_config(store_section: dict[str, Any]) -> Callable[..., ReceiverConfig]:
+    """``make_config(broker, supervision={...}, ...)``: a validated receiver config."""
+
+    def make(broker: Broker | None = None, **sections: Any) -> ReceiverConfig:
+        data: dict[str, Any] = {"store": {**store_section, **sections.pop("store", {})}}
+        if broker is not None:
+            data["mqtt"] = {
+                "host": broker.host,
+                "port": broker.port,
+                "client_id": f"receiver-{uuid.uuid4().hex[:8]}",
+                **sections.pop("mqtt", {}),
+            }
+        data.update(sections)
+        return parse_receiver_config(data, "<test>")
+
+    return make
+
+
+@pytest.fixture
+def store(make_config: Callable[..., ReceiverConfig]) -> Iterator[Store]:
+    s = open_store(make_config().store)
+    yield s
+    s.close()

@@ -1,0 +1,1 @@
+"""Deployment checks: systemd unit, install scripts."""

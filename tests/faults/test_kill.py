@@ -1,0 +1,58 @@
+"""SIGKILL of the agent at random moments during a burst: nothing accepted is lost."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faults.harness import Emitter, Rig, iterations, outbox_rows
+from tests.support.broker import Broker
+
+pytestmark = pytest.mark.faults
+
+GATE = {"gate": {"type": "simulated", "kind": "gate.alarm", "priority": "high", "rate": 200.0}}
+
+
+def test_sigkill_during_burst_loses_no_accepted_event(
+    tmp_path: Path, fault_broker: Broker, fault_matrix: Callable[[dict[str, Any]], None], seed: int
+) -> None:
+    runs = iterations(5)
+    rig = Rig(tmp_path, fault_broker, drivers=GATE).start()
+    acked_not_committed: list[str] = []
+    kill_times = []
+    try:
+        for i in range(runs):
+            rng = random.Random(seed + i)
+            kill_after = rng.uniform(0.0, 0.6)
+            burst = [
+                Emitter(rig.agent, rig.ledger, priorities=("normal", "low", "high"), tag=f"i{i}").start(),
+                Emitter(rig.agent, rig.ledger, kind="panic.pressed", priorities=("critical", "normal"), tag=f"i{i}").start(),
+            ]
+            time.sleep(kill_after)
+            rig.agent.kill(signal.SIGKILL)
+            for emitter in burst:
+                emitter.stop()
+            committed = {row[0] for row in outbox_rows(rig.db_path)}
+            rig.ledger.read_outbox(rig.db_path)
+            acked_not_committed += [a for a, e in rig.ledger.accepted.items() if e.tag == f"i{i}" and a not in committed]
+            kill_times.append(kill_after)
+            print(f"iteration {i}: seed {seed + i}, SIGKILL after {kill_after:.3f}s, "
+                  f"{sum(e.accepted for e in burst)} accepted by emit, {len(committed)} rows in the outbox")
+            rig.ledger.fault_cleared()
+            rig.agent.start()
+        verdict = rig.finish()
+    finally:
+        rig.close()
+    fault_matrix(verdict.row(
+        "SIGKILL during burst", runs,
+        unanswered_emits=rig.ledger.unanswered, acked_not_committed=len(acked_not_committed),
+        committed_rows=len(rig.ledger.committed),
+    ))
+    assert not acked_not_committed, f"emit said durable but the row was not in the outbox after SIGKILL: {acked_not_committed[:5]}"
+    verdict.assert_promise()

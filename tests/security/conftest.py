@@ -1,0 +1,83 @@
+"""A mosquitto started with the shipped TLS listener and ACL (config/mosquitto/), and its PKI."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.monitor import BrokerOptions
+from agent.security import generate_keypair
+from tests.support.agent import DEVICE, SITE, Recorder
+from tests.support.broker import Broker, free_port
+from tests.support.tls import Identity, TestPKI
+
+MOSQUITTO_DIR = Path(__file__).resolve().parents[2] / "config" / "mosquitto"
+
+
+@dataclass
+class TLSSetup:
+    broker: Broker
+    pki: TestPKI
+    device: Identity  # CN "test-site/test-device"
+    other_device: Identity  # CN "test-site/other-device"
+    centre: Identity  # CN "centre"
+    centre_key: Path  # the centre's Ed25519 command-signing key
+    centre_pub: Path
+
+    def agent_mqtt(self, identity: Identity | None = None) -> dict[str, Any]:
+        """The ``[mqtt]`` table of an agent that connects with ``identity`` (default: its own)."""
+        who = identity or self.device
+        return {
+            "port": self.broker.port,
+            "tls": {"enabled": True, "ca_file": str(self.pki.ca_file),
+                    "cert_file": str(who.cert_file), "key_file": str(who.key_file)},
+        }
+
+    def options(self, identity: Identity | None = None) -> BrokerOptions:
+        who = identity or self.centre
+        return BrokerOptions(host=self.broker.host, port=self.broker.port,
+                             ca_file=str(self.pki.ca_file), cert_file=str(who.cert_file),
+                             key_file=str(who.key_file))
+
+    def recorder(self, topic: str = "wardpost/#", identity: Identity | None = None) -> Recorder:
+        """A :class:`Recorder` that connects over TLS (as the centre unless told otherwise)."""
+        who = identity or self.centre
+        rec = Recorder(self.broker, topic)
+        rec.client.tls_set(ca_certs=str(self.pki.ca_file), certfile=str(who.cert_file),
+                           keyfile=str(who.key_file))
+        return rec
+
+
+def shipped_broker_config(cert_dir: Path, port: int) -> str:
+    """config/mosquitto/wardpost.conf with its paths pointed at ``cert_dir``, on loopback."""
+    text = (MOSQUITTO_DIR / "wardpost.conf").read_text()
+    assert "listener 8883\n" in text and "/etc/mosquitto/wardpost/" in text
+    return (text.replace("listener 8883\n", f"listener {port} 127.0.0.1\n")
+            .replace("/etc/mosquitto/wardpost/", f"{cert_dir}/"))
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSSetup]:
+    root = tmp_path_factory.mktemp("tls")
+    pki = TestPKI(root / "pki")
+    pki.issue("broker", server=True)
+    shutil.copy(MOSQUITTO_DIR / "wardpost.acl", pki.directory / "wardpost.acl")
+    port = free_port()
+    broker = Broker(root / "broker", port=port,
+                    extra_config=shipped_broker_config(pki.directory, port))
+    broker.start()
+    generate_keypair(root / "centre.key", root / "centre.pub")
+    setup = TLSSetup(
+        broker=broker, pki=pki,
+        device=pki.issue(f"{SITE}/{DEVICE}"),
+        other_device=pki.issue(f"{SITE}/other-device"),
+        centre=pki.issue("centre"),
+        centre_key=root / "centre.key", centre_pub=root / "centre.pub",
+    )
+    yield setup
+    broker.stop()

@@ -1,0 +1,183 @@
+"""Signed commands end to end: agent and centre over the TLS broker with the shipped ACL."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.monitor import Monitor, TerminalView, command_message
+from agent.security import Signer
+from tests.security.conftest import TLSSetup
+from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
+
+pytest.importorskip("drivers.panic_button")
+
+OWN = f"wardpost/{SITE}/{DEVICE}"
+MAX_AGE = 60.0
+PANIC = {"panic": {"type": "panic_button", "pin": 17, "location": {"ward": "3B", "room": "12"},
+                   "pin_factory": "mock", "bounce_time": 0.01}}
+
+
+@pytest.fixture
+def harness(tmp_path: Path, tls: TLSSetup) -> Iterator[AgentHarness]:
+    h = AgentHarness(tmp_path, tls.broker, drivers=PANIC, mqtt=tls.agent_mqtt(),
+                     commands={"require_signature": True, "public_keys": [str(tls.centre_pub)],
+                               "max_age": MAX_AGE})
+    h.start()
+    yield h
+    h.stop()
+
+
+@pytest.fixture
+def centre(tls: TLSSetup) -> Iterator[Recorder]:
+    with tls.recorder(f"{OWN}/#") as rec:
+        yield rec
+
+
+@pytest.fixture
+def signer(tls: TLSSetup) -> Signer:
+    return Signer.from_file(str(tls.centre_key))
+
+
+def send(centre: Recorder, name: str, message: dict[str, Any] | bytes) -> dict[str, Any]:
+    """Publish a command as the centre and return the device's result."""
+    raw = message if isinstance(message, bytes) else json.dumps(message).encode()
+    command_id = json.loads(raw)["id"]
+    topic = f"{OWN}/cmd_result/{command_id}"
+    before = len(centre.on_topic(topic))
+    centre.publish(f"{OWN}/cmd/{name}", raw)
+    centre.wait_for(lambda msgs: sum(m.topic == topic for m in msgs) > before, 10,
+                    f"the result of {command_id}")
+    result: dict[str, Any] = centre.on_topic(topic)[-1].json()
+    return result
+
+
+def rejection_for(centre: Recorder, command_id: str) -> dict[str, Any]:
+    """The ``security.command_rejected`` event the device reported for ``command_id``."""
+    centre.wait_for(lambda _: any(e["payload"]["id"] == command_id
+                                  for e in centre.events("security.command_rejected")),
+                    10, f"a security event about {command_id}")
+    return next(e for e in centre.events("security.command_rejected")
+                if e["payload"]["id"] == command_id)
+
+
+def ping(signer: Signer | None, **changes: Any) -> dict[str, Any]:
+    message = command_message("ping", {}, None, site=SITE, device=DEVICE, signer=signer)
+    return {**message, **changes}
+
+
+def signed_at(signer: Signer, issued_at: float) -> dict[str, Any]:
+    message = {"id": f"t-{issued_at:.0f}", "issued_at": issued_at, "args": {}, "target": None}
+    return signer.sign(SITE, DEVICE, "ping", message)
+
+
+ATTACKS: dict[str, tuple[Callable[[Signer], dict[str, Any]], str]] = {
+    "unsigned": (lambda s: ping(None), "unsigned command"),
+    "forged (another key)": (lambda s: ping(Signer(Ed25519PrivateKey.generate())),
+                             "bad signature"),
+    "tampered args": (lambda s: ping(s, args={"extra": 1}), "bad signature"),
+    "tampered target": (lambda s: ping(s, target="panic"), "bad signature"),
+    "signed for another device": (
+        lambda s: s.sign(SITE, "other-device", "ping", ping(None)), "bad signature"),
+    "garbage signature": (lambda s: ping(s, signature="not base64!"), "not base64"),
+    "expired": (lambda s: signed_at(s, time.time() - 2 * MAX_AGE), "expired"),
+    "from the future": (lambda s: signed_at(s, time.time() + 2 * MAX_AGE), "expired"),
+}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_bad_commands_are_rejected_and_reported(harness: AgentHarness, centre: Recorder,
+                                                signer: Signer, attack: str) -> None:
+    make, reason = ATTACKS[attack]
+    message = make(signer)
+    result = send(centre, "ping", message)
+    assert result["ok"] is False and result["handled_by"] == []
+    assert result["error"].startswith("rejected: ") and reason in result["error"]
+    event = rejection_for(centre, message["id"])
+    assert event["priority"] == "high" and event["source"] == "agent"
+    assert event["payload"]["command"] == "ping" and reason in event["payload"]["reason"]
+    assert harness.agent is not None and harness.agent.dispatcher.counters["rejected"] == 1
+
+
+def test_a_replay_is_refused_even_after_a_restart(harness: AgentHarness, centre: Recorder,
+                                                  signer: Signer) -> None:
+    raw = json.dumps(ping(signer)).encode()
+    assert send(centre, "ping", raw)["ok"] is True
+    again = send(centre, "ping", raw)
+    assert again["ok"] is False and "replayed" in again["error"]
+    harness.stop()
+    harness.start()
+    after_restart = send(centre, "ping", raw)
+    assert after_restart["ok"] is False and "replayed" in after_restart["error"]
+    assert rejection_for(centre, json.loads(raw)["id"])["payload"]["reason"].startswith("replayed")
+    assert send(centre, "ping", ping(signer))["ok"] is True, "fresh commands still work"
+
+
+def test_the_consoles_signed_ack_and_resolve_are_applied(harness: AgentHarness,
+                                                         centre: Recorder, tls: TLSSetup,
+                                                         signer: Signer) -> None:
+    out = io.StringIO()
+    monitor = Monitor(tls.options(), SITE, signer=signer, operator="desk-2",
+                      view=TerminalView(out, as_json=True))
+    monitor.start()
+    try:
+        assert harness.agent is not None
+        harness.agent.driver("panic").simulate("press", {})
+        wait_until(lambda: len(monitor.state.alarms) == 1, 10, "the alarm at the console")
+        alarm = next(iter(monitor.state.alarms.values()))
+        assert (alarm.state, alarm.kind, alarm.priority) == ("new", "panic.pressed", "critical")
+        assert alarm.where == f"{SITE}/{DEVICE} ward 3B, room 12"
+
+        reply = monitor.execute("ack")
+        assert reply.ok, reply.text
+        wait_until(lambda: alarm.state == "acknowledged", 10, "the device's acknowledgement")
+        assert alarm.by == "desk-2"
+        monitor.execute("resolve 1")
+        wait_until(lambda: alarm.state == "resolved", 10, "the device's resolution")
+
+        records = [json.loads(line) for line in out.getvalue().splitlines()]
+        results = [r for r in records if r["type"] == "cmd_result"]
+        assert [(r["name"], r["ok"], r["alarm_number"]) for r in results] == \
+            [("ack", True, 1), ("resolve", True, 1)]
+        states = [r["state"] for r in records if r["type"] == "alarm"]
+        assert states == ["new", "acknowledged", "resolved"]
+        assert harness.agent.dispatcher.counters["rejected"] == 0
+    finally:
+        monitor.stop()
+
+
+def test_an_unsigned_console_cannot_acknowledge(harness: AgentHarness, centre: Recorder,
+                                                tls: TLSSetup) -> None:
+    out = io.StringIO()
+    monitor = Monitor(tls.options(), SITE, signer=None, view=TerminalView(out, as_json=True))
+    monitor.start()
+    try:
+        assert harness.agent is not None
+        harness.agent.driver("panic").simulate("press", {})
+        wait_until(lambda: len(monitor.state.alarms) == 1, 10, "the alarm at the console")
+        reply = monitor.execute("ack 1")
+        command_id = reply.record["id"]
+        assert rejection_for(centre, command_id)["payload"]["reason"] == "unsigned command"
+        wait_until(lambda: not monitor.state.pending, 10, "the result at the console")
+        assert next(iter(monitor.state.alarms.values())).state == "new"
+    finally:
+        monitor.stop()
+
+
+def test_monitor_run_reads_operator_lines_and_quits(tls: TLSSetup, signer: Signer) -> None:
+    out = io.StringIO()
+    monitor = Monitor(tls.options(), SITE, signer=signer, view=TerminalView(out, as_json=True))
+    started = time.monotonic()
+    assert monitor.run(duration=10, lines=iter(["devices", "ack", "quit"])) == 0
+    assert time.monotonic() - started < 5, "quit ends the session"
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    replies = [r for r in records if r["type"] in ("devices", "reply")]
+    assert replies[0]["type"] == "devices"
+    assert {"type": "reply", "ok": False, "text": "no open alarm"} in replies

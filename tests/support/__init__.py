@@ -1,0 +1,1 @@
+"""Shared test support: a private mosquitto broker and a recording driver context."""

@@ -1,0 +1,213 @@
+"""The outbox on its own: durability, sequence numbers, eviction, corruption, full disk."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.config import OutboxConfig
+from agent.driver import Emission
+from agent.event import Event, Priority
+from agent.outbox import Outbox, StorageReport
+
+
+class Box:
+    """An outbox with its callbacks recorded."""
+
+    def __init__(self, path: Path, **config: int | float) -> None:
+        self.reports: list[StorageReport] = []
+        self.released: list[str] = []
+        self.committed = threading.Event()
+        self.outbox = Outbox(
+            path,
+            OutboxConfig(**config),  # type: ignore[arg-type]
+            on_committed=lambda key: self.committed.set(),
+            on_released=self.released.extend,
+            on_report=self.reports.append,
+        )
+        self.reports.extend(self.outbox.open())
+
+    def add(
+        self, kind: str = "test.event", priority: Priority = Priority.NORMAL, size: int = 0
+    ) -> Emission:
+        e = Emission(
+            Event(
+                kind=kind,
+                source="t",
+                priority=priority,
+                site="s",
+                device="d",
+                seq=self.outbox.next_seq(),
+                payload={"pad": "x" * size},
+            )
+        )
+        self.outbox.submit(e)
+        return e
+
+    def pending(self) -> list[str]:
+        return [r.id for r in self.outbox.fetch_pending((-1, -1), 1_000_000)]
+
+    def kinds(self) -> list[str]:
+        return [r.kind for r in self.reports]
+
+
+def test_submit_commits_and_marks_durable(tmp_path: Path) -> None:
+    box = Box(tmp_path / "o.db")
+    emissions = [box.add() for _ in range(500)]
+    assert box.outbox.flush()
+    assert all(e.is_durable for e in emissions)
+    assert box.pending() == [e.event.id for e in emissions]
+    box.outbox.close()
+
+
+def test_pending_order_is_critical_first_then_oldest(tmp_path: Path) -> None:
+    box = Box(tmp_path / "o.db")
+    low = box.add(priority=Priority.LOW)
+    normal = box.add()
+    critical = box.add(priority=Priority.CRITICAL)
+    high = box.add(priority=Priority.HIGH)
+    box.outbox.flush()
+    assert box.pending() == [critical.event.id, high.event.id, normal.event.id, low.event.id]
+    box.outbox.close()
+
+
+def test_release_marks_published_and_survives_reopen_with_seq_and_boot(tmp_path: Path) -> None:
+    box = Box(tmp_path / "o.db")
+    a, b = box.add(), box.add()
+    box.outbox.flush()
+    box.outbox.release([a.event.id])
+    box.outbox.flush()
+    assert box.released == [a.event.id]
+    assert box.pending() == [b.event.id]
+    boot = box.outbox.boot
+    box.outbox.close()
+    again = Box(tmp_path / "o.db")
+    assert again.pending() == [b.event.id]
+    assert again.outbox.next_seq() == b.event.seq + 1
+    assert again.outbox.boot == boot + 1
+    again.outbox.close()
+
+
+def test_eviction_spares_critical_and_takes_lowest_priority_oldest_first(tmp_path: Path) -> None:
+    box = Box(tmp_path / "o.db", max_rows=100)
+    critical = [box.add(priority=Priority.CRITICAL) for _ in range(60)]
+    normal = [box.add() for _ in range(30)]
+    low = [box.add(priority=Priority.LOW) for _ in range(30)]
+    box.outbox.flush()
+    pending = set(box.pending())
+    assert {e.event.id for e in critical} <= pending, "a critical event was evicted"
+    assert not {e.event.id for e in low[:20]} & pending, (
+        "oldest low-priority events should go first"
+    )
+    assert {e.event.id for e in normal} <= pending
+    assert "agent.outbox_evicted" in box.kinds()
+    # Batching decides how many reports there are; together they account for every eviction.
+    reports = [r.payload["evicted"] for r in box.reports if r.kind == "agent.outbox_evicted"]
+    assert all(set(r) == {"low"} for r in reports)
+    assert sum(r["low"] for r in reports) == sum(1 for e in low if e.event.id not in pending)
+    box.outbox.close()
+
+
+def test_corrupt_database_is_moved_aside_and_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    path.write_bytes(b"this is not a database" * 500)
+    box = Box(path)
+    assert box.kinds() == ["agent.storage_recovered"]
+    moved = Path(box.reports[0].payload["moved_to"])
+    assert moved.exists() and moved.read_bytes().startswith(b"this is not")
+    e = box.add(priority=Priority.CRITICAL)
+    box.outbox.flush()
+    assert e.is_durable and box.pending() == [e.event.id]
+    box.outbox.close()
+
+
+def test_truncated_database_salvages_readable_pending_rows(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    box = Box(path)
+    kept = [box.add(size=200) for _ in range(2000)]
+    box.outbox.flush()
+    box.outbox.close()
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size * 6 // 10)  # a copy or a power cut that left the file short
+    again = Box(path)
+    assert again.kinds() == ["agent.storage_recovered"]
+    salvaged = again.reports[0].payload["salvaged"]
+    assert 0 < salvaged < len(kept)
+    pending = again.pending()
+    assert len(pending) == salvaged
+    assert set(pending) <= {e.event.id for e in kept}
+    e = again.add(priority=Priority.CRITICAL)
+    again.outbox.flush()
+    assert e.is_durable
+    again.outbox.close()
+
+
+def test_unwritable_state_dir_falls_back_to_memory(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    box = Box(blocker / "sub" / "o.db")  # parent is a file: cannot be created, even by root
+    assert box.kinds() == ["agent.storage_failed"]
+    e = box.add(priority=Priority.CRITICAL)
+    box.outbox.flush()
+    assert e.is_durable, "accepted into memory"
+    assert box.pending() == [e.event.id]
+    assert box.outbox.backlog()[0] == 1
+    box.outbox.release([e.event.id])
+    box.outbox.flush()
+    assert box.pending() == []
+    box.outbox.close()
+
+
+def test_full_disk_keeps_accepting_and_recovers(tmp_path: Path) -> None:
+    box = Box(tmp_path / "o.db", reserve_bytes=0)
+    box.outbox.flush()
+    conn = box.outbox._conn
+    assert conn is not None
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # the database cannot grow: SQLITE_FULL
+    emissions = [box.add(size=4000) for _ in range(20)]
+    critical = box.add(priority=Priority.CRITICAL, size=4000)
+    box.outbox.flush()
+    assert critical.is_durable and all(e.is_durable for e in emissions)
+    assert "agent.storage_failed" in box.kinds()
+    assert box.outbox.in_memory > 0
+    assert critical.event.id in box.pending()
+    assert box.kinds().count("agent.storage_failed") == 1, "one announcement per fault"
+    conn.execute("PRAGMA max_page_count = 1000000")
+    box.outbox.restore_after = 0.2
+    box.outbox._last_disk_retry = 0.0
+    box.add()
+    box.outbox.flush()
+    assert box.outbox.in_memory == 0 and box.outbox.fault is None
+    assert "agent.storage_restored" not in box.kinds(), "announced only once the disk stays good"
+    time.sleep(0.3)
+    box.outbox.flush()
+    assert box.kinds().count("agent.storage_restored") == 1
+    assert len(box.pending()) == 22
+    box.outbox.close()
+
+
+def test_retention_prunes_published_rows_only(tmp_path: Path) -> None:
+    box = Box(tmp_path / "o.db", retention_hours=0.0)
+    a, b = box.add(), box.add()
+    box.outbox.flush()
+    box.outbox.release([a.event.id])
+    box.outbox.prune()
+    box.outbox.flush()
+    ids = [r["id"] for r in box.outbox.recent(10)]
+    assert ids == [b.event.id]
+    box.outbox.close()
+
+
+@pytest.mark.parametrize("count", [1, 3000])
+def test_group_commit_of_bursts(tmp_path: Path, count: int) -> None:
+    box = Box(tmp_path / "o.db")
+    emissions = [box.add() for _ in range(count)]
+    assert emissions[-1].wait_durable(10)
+    assert box.outbox.counters["committed"] == count
+    assert box.outbox.counters["batches"] <= count
+    box.outbox.close()

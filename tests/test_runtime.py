@@ -1,0 +1,47 @@
+"""Driver supervision: one failing driver never takes the others down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.config import parse_config
+from agent.runtime import Agent
+from tests.support.agent import AgentHarness, Recorder, agent_config, wait_until
+from tests.support.broker import Broker
+
+
+def test_failing_driver_is_isolated_reported_and_retried(tmp_path: Path, broker: Broker) -> None:
+    doc = agent_config(
+        tmp_path,
+        broker,
+        drivers={"good": {"type": "simulated", "rate": 20.0}, "bad": {"type": "not_installed"}},
+    )
+    agent = Agent(
+        parse_config(doc, "test.toml")
+    )  # skips driver validation, as a plug-in that breaks later would
+    with Recorder(broker) as rec:
+        agent.start()
+        try:
+            rec.wait_events("agent.driver_failed")
+            failed = rec.events("agent.driver_failed")[0]
+            assert (
+                failed["payload"]["driver"] == "bad"
+                and "unknown driver type 'not_installed'" in failed["payload"]["error"]
+            )
+            rec.wait_events("sim.tick", 5)
+            health = agent.drivers_health()
+            assert health["bad"]["state"] == "failed" and health["good"]["state"] == "ok"
+            wait_until(lambda: agent.slots["bad"].failures >= 2, 10, "a retry")
+            assert len(rec.events("agent.driver_failed")) == 1, "the same failure is reported once"
+        finally:
+            agent.stop()
+
+
+def test_started_event_and_healthy(tmp_path: Path, broker: Broker) -> None:
+    with (
+        Recorder(broker) as rec,
+        AgentHarness(tmp_path, broker, drivers={"sim": {"type": "simulated", "rate": 0.0}}) as h,
+    ):
+        started = rec.wait_events("agent.started")[0]
+        assert started["payload"]["drivers"] == ["sim"] and started["source"] == "agent"
+        assert h.agent is not None and h.agent.healthy()
