@@ -369,20 +369,26 @@ class UdpTransport(_Transport):
 
     def __init__(self, host: str, port: int):
         self.address = (host, port)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock: socket.socket | None = None
 
     def exchange(self, frame: bytes, timeout: float) -> bytes:
-        self._sock.settimeout(timeout)
-        self._sock.sendto(frame, self.address)
+        if self._sock is None:
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = self._sock
+        sock.settimeout(timeout)
+        sock.sendto(frame, self.address)
         deadline = time.monotonic() + timeout
         while True:
-            self._sock.settimeout(max(0.001, deadline - time.monotonic()))
-            data, peer = self._sock.recvfrom(4096)  # raises TimeoutError at the deadline
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            data, peer = sock.recvfrom(4096)  # raises TimeoutError at the deadline
             if peer[1] == self.address[1]:
                 return data
 
     def close(self) -> None:
-        """UDP has no connection; the socket is kept."""
+        """Release the socket; the next exchange opens a new one (a fresh source port)."""
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = None
 
 
 @dataclass
