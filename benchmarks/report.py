@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# scripts/bench sets this to a file where each suite script leaves its headline rows.
+ROWS_ENV = "WARDPOST_BENCH_ROWS"
 
 
 @dataclass
@@ -81,6 +83,29 @@ class Report:
         }
         path.write_text(json.dumps(body, indent=2) + "\n")
         return path
+
+
+def hand_over(rows: list[Row]) -> None:
+    """Leave a suite's headline rows for ``scripts/bench``'s one table (when it runs us)."""
+    path = os.environ.get(ROWS_ENV)
+    if path:
+        Path(path).write_text(json.dumps([asdict(r) for r in rows]))
+
+
+def versions(*distributions: str) -> list[str]:
+    """``name version`` of each installed distribution, for a suite's machine line."""
+    from importlib.metadata import version
+
+    return [f"{name} {version(name)}" for name in distributions]
+
+
+def machine_line(*extra: str) -> str:
+    """:func:`machine` as one line, with the versions a suite cares about appended."""
+    info = machine()
+    return ", ".join([
+        f"{info['cpu']} ({info['cores']} cores)", f"{info['memory_gib']} GiB", info["os"],
+        f"Python {info['python']}", info["broker"], *extra,
+    ])
 
 
 def _fmt(v: float) -> str:
