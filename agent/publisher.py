@@ -174,7 +174,10 @@ class Publisher:
         self._rewind_to: tuple[int, int] | None = None  # first key to look at again
         # Direct sends of new critical events wait until older critical rows from the
         # outbox are out, so one source's alarms never arrive out of order after an outage.
+        # A critical event that could not go direct is "held" until the pump sends it from
+        # the outbox: until then later ones queue behind it too (both under _send_lock).
         self._criticals_caught_up = False
+        self._held_criticals: set[str] = set()
 
         self.client = self._make_client()
         self._net_thread = threading.Thread(
@@ -242,6 +245,13 @@ class Publisher:
 
     # -------------------------------------------------------- called by agent
 
+    def expect(self, row: PendingRow) -> None:
+        """Called before ``row`` goes to the outbox: a critical event holds its place in the
+        order from here until it is sent, directly by :meth:`track` or from the outbox."""
+        if row.rank == Priority.CRITICAL:
+            with self._send_lock:
+                self._held_criticals.add(row.id)
+
     def track(self, emission: Emission, row: PendingRow) -> None:
         """Follow a live emission so it can be marked delivered.
 
@@ -251,13 +261,15 @@ class Publisher:
         the outbox, critical first, as soon as the link is back."""
         with self._live_lock:
             self._live[emission.event.id] = emission
-        if row.rank == Priority.CRITICAL and self._criticals_caught_up:
-            with self._send_lock:
-                if not self._sendable:
-                    return
-                info = self.client.publish(self.topics.event(row.kind), row.body, qos=1)
-                self._inbox.put(("sent", (info, row)))
-            self._wake.set()
+        with self._send_lock:
+            if row.id not in self._held_criticals:
+                return  # not critical, or the pump has already sent it from the outbox
+            if not (self._sendable and self._criticals_caught_up):
+                return  # stays held: the pump sends it from the outbox, in order
+            self._held_criticals.discard(row.id)
+            info = self.client.publish(self.topics.event(row.kind), row.body, qos=1)
+            self._inbox.put(("sent", (info, row)))
+        self._wake.set()
 
     def committed(self, min_key: tuple[int, int]) -> None:
         """The outbox committed events starting at ``min_key``: look there again."""
@@ -468,10 +480,10 @@ class Publisher:
         self._by_mid.clear()
         self._inflight.clear()
         self._awaiting.clear()
-        self._criticals_caught_up = False
         self._cursor = _START
         self._db_exhausted = False
         with self._send_lock:
+            self._criticals_caught_up = False
             # A later connection may already be up: then its own CONNACK item enables sends.
             self._sendable = generation == self._link_generation
         self.on_link_change(True)
@@ -520,6 +532,8 @@ class Publisher:
             releases.append(event_id)
 
     def _release(self, ids: list[str]) -> None:
+        with self._send_lock:  # confirmed by the centre, so no longer holding anything up
+            self._held_criticals.difference_update(ids)
         self._releasing.update(ids)
         self.counters["confirmed"] += len(ids)
         self.outbox.release(ids)
@@ -571,13 +585,16 @@ class Publisher:
             if len(rows) < room:
                 self._db_exhausted = True
             if self._db_exhausted or self._cursor[0] > Priority.CRITICAL:
-                self._criticals_caught_up = True
+                with self._send_lock:
+                    # A held event still committing is not in the outbox yet: wait for it.
+                    self._criticals_caught_up = not self._held_criticals
 
     def _send(self, row: PendingRow) -> bool:
         with self._send_lock:
             if not self._sendable:
                 return False
             info = self.client.publish(self.topics.event(row.kind), row.body, qos=1)
+            self._held_criticals.discard(row.id)
         self._record(info, row)
         return True
 

@@ -231,6 +231,8 @@ class Agent:
         )
         emission = Emission(event)
         row = PendingRow.of(event)  # serialised once, for the disk and the wire
+        if self.publisher is not None:
+            self.publisher.expect(row)
         self.outbox.submit(emission, row)
         if self.publisher is not None:
             self.publisher.track(emission, row)
