@@ -110,9 +110,10 @@ class Topics:
         self.receipts = f"{self.base}/receipts"
         self.commands = f"{self.base}/cmd/+"
         self.command_prefix = f"{self.base}/cmd/"
+        self.event_prefix = f"{self.base}/events/"
 
     def event(self, kind: str) -> str:
-        return f"{self.base}/events/{kind}"
+        return f"{self.event_prefix}{kind}"
 
     def command_result(self, command_id: str) -> str:
         return f"{self.base}/cmd_result/{command_id}"
@@ -147,6 +148,8 @@ class Publisher:
             "connects": 0,
             "disconnects": 0,
             "rejected": 0,
+            "critical_direct": 0,  # published from the emitting thread
+            "critical_queued": 0,  # waited for the outbox (link down, older ones first)
         }
         self.boot = outbox.boot
         self.connection = outbox.get_meta("connection") or 0
@@ -174,10 +177,11 @@ class Publisher:
         self._rewind_to: tuple[int, int] | None = None  # first key to look at again
         # Direct sends of new critical events wait until older critical rows from the
         # outbox are out, so one source's alarms never arrive out of order after an outage.
-        # A critical event that could not go direct is "held" until the pump sends it from
-        # the outbox: until then later ones queue behind it too (both under _send_lock).
+        # Every critical event is "held" (id -> key) from just before it is submitted until
+        # it is sent; only the oldest held one may take the direct path, so one that had to
+        # wait for the outbox keeps later ones behind it (both under _send_lock).
         self._criticals_caught_up = False
-        self._held_criticals: set[str] = set()
+        self._held_criticals: dict[str, tuple[int, int]] = {}
 
         self.client = self._make_client()
         self._net_thread = threading.Thread(
@@ -250,7 +254,7 @@ class Publisher:
         order from here until it is sent, directly by :meth:`track` or from the outbox."""
         if row.rank == Priority.CRITICAL:
             with self._send_lock:
-                self._held_criticals.add(row.id)
+                self._held_criticals[row.id] = row.key
 
     def track(self, emission: Emission, row: PendingRow) -> None:
         """Follow a live emission so it can be marked delivered.
@@ -261,12 +265,18 @@ class Publisher:
         the outbox, critical first, as soon as the link is back."""
         with self._live_lock:
             self._live[emission.event.id] = emission
+        if row.rank != Priority.CRITICAL:
+            return
         with self._send_lock:
             if row.id not in self._held_criticals:
-                return  # not critical, or the pump has already sent it from the outbox
-            if not (self._sendable and self._criticals_caught_up):
+                return  # the pump has already sent it from the outbox
+            if not (self._sendable and self._criticals_caught_up) or row.key != min(
+                self._held_criticals.values()
+            ):
+                self.counters["critical_queued"] += 1
                 return  # stays held: the pump sends it from the outbox, in order
-            self._held_criticals.discard(row.id)
+            del self._held_criticals[row.id]
+            self.counters["critical_direct"] += 1
             info = self.client.publish(self.topics.event(row.kind), row.body, qos=1)
             self._inbox.put(("sent", (info, row)))
         self._wake.set()
@@ -316,11 +326,15 @@ class Publisher:
         self._wake.set()
 
     def _drop_paho_resends(self) -> None:
-        """Forget paho's unacknowledged messages: the pump re-sends them in order itself.
+        """Forget paho's unacknowledged events: the pump re-sends them in order itself.
 
-        The sessions are clean, so the broker keeps no state that these would complete."""
+        The sessions are clean, so the broker keeps no state that these would complete.
+        Command results and status messages live outside the outbox: paho re-sends those."""
+        prefix = self.topics.event_prefix
         with self.client._out_message_mutex:
-            self.client._out_messages.clear()
+            messages = self.client._out_messages
+            for mid in [mid for mid, m in messages.items() if m.topic.startswith(prefix)]:
+                del messages[mid]
 
     def _on_disconnect(
         self,
@@ -533,7 +547,8 @@ class Publisher:
 
     def _release(self, ids: list[str]) -> None:
         with self._send_lock:  # confirmed by the centre, so no longer holding anything up
-            self._held_criticals.difference_update(ids)
+            for event_id in ids:
+                self._held_criticals.pop(event_id, None)
         self._releasing.update(ids)
         self.counters["confirmed"] += len(ids)
         self.outbox.release(ids)
@@ -586,15 +601,14 @@ class Publisher:
                 self._db_exhausted = True
             if self._db_exhausted or self._cursor[0] > Priority.CRITICAL:
                 with self._send_lock:
-                    # A held event still committing is not in the outbox yet: wait for it.
-                    self._criticals_caught_up = not self._held_criticals
+                    self._criticals_caught_up = True
 
     def _send(self, row: PendingRow) -> bool:
         with self._send_lock:
             if not self._sendable:
                 return False
             info = self.client.publish(self.topics.event(row.kind), row.body, qos=1)
-            self._held_criticals.discard(row.id)
+            self._held_criticals.pop(row.id, None)
         self._record(info, row)
         return True
 
