@@ -546,9 +546,6 @@ class Publisher:
             releases.append(event_id)
 
     def _release(self, ids: list[str]) -> None:
-        with self._send_lock:  # confirmed by the centre, so no longer holding anything up
-            for event_id in ids:
-                self._held_criticals.pop(event_id, None)
         self._releasing.update(ids)
         self.counters["confirmed"] += len(ids)
         self.outbox.release(ids)

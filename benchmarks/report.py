@@ -51,11 +51,8 @@ class Report:
             self.rows.append(Row(**{k: v for k, v in r.items() if k != "ratio"}))
 
     def print(self) -> None:
-        info = machine()
         print(f"\n{self.title}")
-        print(
-            f"machine: {info['cpu']} ({info['cores']} cores), {info['memory_gib']} GiB, {info['os']}, Python {info['python']}, {info['when']}"
-        )
+        print(f"machine: {machine_line(time.strftime('%Y-%m-%d %H:%M:%S %Z'))}")
         header = f"{'section':14} {'metric':44} {'value':>12} {'unit':8} {'baseline':>12}  {'ratio':>7}  {'target':22} ok"
         print(header)
         print("-" * len(header))
@@ -73,13 +70,15 @@ class Report:
             elif r.notes:
                 print(f"{'':14}   {r.notes}")
 
-    def save(self, name: str) -> Path:
+    def save(self, name: str, **extra: Any) -> Path:
+        """Write ``results/<date>-<name>.json``: title, machine, rows and any ``extra`` keys."""
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"{time.strftime('%Y-%m-%d')}-{name}.json"
         body = {
             "title": self.title,
             "machine": machine(),
             "rows": [{**asdict(r), "ratio": r.ratio} for r in self.rows],
+            **extra,
         }
         path.write_text(json.dumps(body, indent=2) + "\n")
         return path
