@@ -278,6 +278,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from agent.monitor import Monitor, TerminalView
     from agent.security import Signer
 
+    try:
+        view = TerminalView(as_json=args.json)
+    except ImportError as exc:  # a device installed without the centre's extra
+        raise ControlError(str(exc)) from None
     signer = Signer.from_file(args.key) if args.key else None
     monitor = Monitor(
         _broker_options(args),
@@ -285,7 +289,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         receipts=not args.no_receipts,
         signer=signer,
         operator=args.operator,
-        view=TerminalView(as_json=args.json),
+        view=view,
     )
     lines = None if args.no_input else sys.stdin
     try:
