@@ -89,3 +89,12 @@ def test_the_edge_does_not_need_rich() -> None:
     assert "rich" in {Requirement(line).name for line in PROJECT["optional-dependencies"]["central"]}
     assert all(canonicalize_name(r.name) != "rich" for r, _ in pins())
 
+
+
+def test_pins_do_not_depend_on_the_python_version() -> None:
+    """pip evaluates markers on the machine running it, so scripts/build-wheelhouse, run
+    with one Python for a device with another, needs one pin per package for every Python
+    (constraints.in caps what would fork)."""
+    for requirement, _ in pins():
+        marker = str(requirement.marker or "")
+        assert "python_version" not in marker and "python_full_version" not in marker, requirement
