@@ -260,6 +260,20 @@ def test_apt_route_refuses_the_camera(source: Path, root: Path) -> None:
     assert tree(root) == {}
 
 
+def test_apt_route_will_not_reuse_a_venv_blind_to_debians_packages(
+    source: Path, root: Path
+) -> None:
+    venv = root / "opt/wardpost/venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin/python").write_text("#!/bin/sh\n")
+    (venv / "bin/python").chmod(0o755)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\ninclude-system-site-packages = false\n")
+    result = run(source, "install", "--root", root, "--route", "apt", check=False)
+    assert result.returncode == 1
+    assert "/opt/wardpost/venv was made without --system-site-packages" in result.stderr
+    assert not (root / "opt/wardpost/constraints.txt").exists()
+
+
 def test_wheelhouse_must_exist(source: Path, tmp_path: Path) -> None:
     result = run(source, "install", "--dry-run", "--wheelhouse", tmp_path / "nope", check=False)
     assert result.returncode == 1
@@ -522,7 +536,8 @@ def test_shellcheck_is_clean() -> None:
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    scripts = [REPO / "scripts" / name for name in ("install", "uninstall", "install-common.bash")]
+    names = ("install", "uninstall", "install-common.bash", "build-wheelhouse", "lock", "setup-env")
+    scripts = [REPO / "scripts" / name for name in names]
     result = subprocess.run(
         [shellcheck, "-x", *map(str, scripts)],
         capture_output=True,
