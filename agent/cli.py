@@ -24,7 +24,7 @@ from typing import Any
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from agent.control import ControlError, ControlServer, request
-from agent.registry import available_drivers, validate_drivers
+from agent.registry import available_drivers, missing_extra, validate_drivers
 
 log = logging.getLogger("wardpost")
 
@@ -130,7 +130,8 @@ def _status_line(agent: Any) -> str:
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = args.path or args.config
     try:
-        config = _load(path)
+        config = load_config(path)
+        unchecked = validate_drivers(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -138,6 +139,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(
         f"{path}: ok — site {config.agent.site}, device {config.agent.device}, broker {config.mqtt.host}:{config.mqtt.port}, drivers: {', '.join(enabled) or 'none'}"
     )
+    for note in unchecked:
+        print(f"note: {note}")
     return 0
 
 
@@ -146,7 +149,7 @@ def cmd_drivers(args: argparse.Namespace) -> int:
         try:
             summary = ep.load().summary
         except Exception as exc:
-            summary = f"(fails to load: {exc})"
+            summary = f"(unavailable: {missing_extra(ep, exc) or exc})"
         print(f"{name:16} {summary}")
     return 0
 
@@ -278,6 +281,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from agent.monitor import Monitor, TerminalView
     from agent.security import Signer
 
+    try:
+        view = TerminalView(as_json=args.json)
+    except ImportError as exc:  # a device installed without the centre's extra
+        raise ControlError(str(exc)) from None
     signer = Signer.from_file(args.key) if args.key else None
     monitor = Monitor(
         _broker_options(args),
@@ -285,7 +292,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         receipts=not args.no_receipts,
         signer=signer,
         operator=args.operator,
-        view=TerminalView(as_json=args.json),
+        view=view,
     )
     lines = None if args.no_input else sys.stdin
     try:
@@ -514,7 +521,8 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
             try:
                 ep.load()(sub)
             except Exception as exc:  # a broken plug-in must not break the core commands
-                print(f"wardpost: plug-in command {ep.name!r} unavailable: {exc}", file=sys.stderr)
+                why = missing_extra(ep, exc) or str(exc)
+                print(f"wardpost: plug-in command {ep.name!r} unavailable: {why}", file=sys.stderr)
     return parser
 
 

@@ -41,9 +41,6 @@ from typing import Any, Protocol, TextIO
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from rich.console import Console as RichConsole
-from rich.markup import escape
-from rich.table import Table
 
 from agent.config import read_secret
 from agent.event import uuid7
@@ -510,10 +507,25 @@ class _Refused(Exception):
 # ---------------------------------------------------------------------------- view
 
 
+def escape(text: str) -> str:
+    """Escape rich markup. rich is the centre's extra, imported only by the console, so that
+    ``wardpost command`` and the rest of this module work on a device without it."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 class TerminalView:
     """Renders records and tables with rich (plain text when not a terminal), or JSON lines."""
 
     def __init__(self, out: TextIO = sys.stdout, *, as_json: bool = False):
+        try:
+            from rich.console import Console as RichConsole
+        except ImportError:
+            raise ImportError(
+                "the console needs rich, which comes with the centre's extra: "
+                "pip install 'wardpost[central]'"
+            ) from None
         self.out = out
         self.as_json = as_json
         self.console = RichConsole(file=out, highlight=False, soft_wrap=True)
@@ -541,6 +553,8 @@ class TerminalView:
         if self.as_json:
             self._json({"type": "alarms", "alarms": [a.to_dict() for a in alarms]})
             return
+        from rich.table import Table
+
         table = Table(title="alarms")
         for column in ("#", "state", "priority", "where", "kind", "raised", "by"):
             table.add_column(column)
@@ -562,6 +576,8 @@ class TerminalView:
         if self.as_json:
             self._json({"type": "devices", "devices": rows})
             return
+        from rich.table import Table
+
         table = Table(title="devices")
         for column in ("site", "device", "state", "boot", "heartbeat", "backlog", "drivers"):
             table.add_column(column)

@@ -5,17 +5,48 @@ drivers by declaring, in its ``pyproject.toml``::
 
     [project.entry-points."wardpost.drivers"]
     my_gate = "my_package.gate:MyGateDriver"
+    my_camera = "my_package.camera:MyCameraDriver [camera]"
+
+A driver that needs optional dependencies names their extra in brackets: when
+they are missing, the error says which extra to install instead of a bare
+``No module named ...``, and a disabled driver of that type is left unchecked
+rather than failing the whole config.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from agent.config import Config, ConfigError, DriverSection, parse_section
 from agent.driver import Driver
 
 GROUP = "wardpost.drivers"
+#: This project's own distribution: its extras are installed with scripts/install.
+DISTRIBUTION = "wardpost"
+
+
+class MissingExtraError(ConfigError):
+    """A driver cannot load because the optional dependencies it declares are not installed."""
+
+
+def missing_extra(ep: EntryPoint, exc: BaseException) -> str | None:
+    """What to install when ``ep`` failed to load with ``exc`` for want of its extra's
+    dependencies; None if ``exc`` is something else (a bug in the plug-in, say)."""
+    if not (isinstance(exc, ModuleNotFoundError) and exc.name and ep.extras):
+        return None
+    if exc.name.partition(".")[0] == ep.module.partition(".")[0]:
+        return None  # one of the plug-in's own modules is missing: not an extra
+    extras = ",".join(ep.extras)
+    dist = ep.dist.name if ep.dist is not None else DISTRIBUTION
+    if dist == DISTRIBUTION:
+        how = f"sudo scripts/install --extras {extras} (in a checkout: pip install -e '.[{extras}]')"
+    else:
+        how = f"pip install '{dist}[{extras}]'"
+    return (
+        f"needs the optional {extras!r} dependencies, which are not installed "
+        f"(No module named {exc.name!r}): install them with {how}"
+    )
 
 
 def available_drivers() -> dict[str, Any]:
@@ -31,6 +62,8 @@ def driver_class(type_name: str, where: str = "") -> type[Driver]:
     try:
         cls = eps[type_name].load()
     except Exception as exc:  # a broken plug-in must not take the agent down
+        if (hint := missing_extra(eps[type_name], exc)) is not None:
+            raise MissingExtraError(f"driver type {type_name!r} {hint}", where) from exc
         raise ConfigError(f"driver type {type_name!r} failed to load: {exc}", where) from exc
     if not (isinstance(cls, type) and issubclass(cls, Driver)):
         raise ConfigError(f"entry point {type_name!r} is not a wardpost Driver", where)
@@ -44,11 +77,21 @@ def driver_config(section: DriverSection) -> tuple[type[Driver], Any]:
     return cls, parse_section(cls.config_class, section.options, where)
 
 
-def validate_drivers(config: Config) -> None:
+def validate_drivers(config: Config) -> list[str]:
     """Validate every driver's options, disabled ones too (a typo shows before it is
-    switched on); raises a located :class:`ConfigError`."""
+    switched on); raises a located :class:`ConfigError`.
+
+    A disabled driver whose optional dependencies are not installed cannot be checked
+    and is no error (the example config ships the camera that way): the returned notes
+    say which ones were skipped and what to install."""
+    unchecked = []
     for section in config.drivers:
         try:
             driver_config(section)
+        except MissingExtraError as exc:
+            if section.enabled:
+                raise exc.located(config.source) from None
+            unchecked.append(f"drivers.{section.name} is disabled and was not checked: {exc.message}")
         except ConfigError as exc:
             raise exc.located(config.source) from None
+    return unchecked

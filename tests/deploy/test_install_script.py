@@ -3,20 +3,32 @@
 The scripts run from a copy of the files they install, so the tests do not
 depend on anything else in the checkout (the example config is copied when the
 checkout has one). No test here changes the host: real runs use ``--root``,
-where users, systemd and udev are only printed as skipped.
+where users, systemd, udev and apt are only printed as skipped.
+
+The ``slow`` tests install for real, each route once (wheels from the index,
+Debian's python3-cryptography with --system-site-packages, and offline from a
+wheelhouse built in the test), then check the installed config and run the
+installed agent against the test broker.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 import pytest
+
+from tests.support.agent import Recorder
+from tests.support.broker import Broker
+from tests.support.toml_writer import dumps
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = (
@@ -26,6 +38,7 @@ SHIPPED = (
     "systemd/wardpost.service",
     "config/udev/99-wardpost-serial.rules",
     "pyproject.toml",
+    "constraints.txt",
 )
 EXAMPLE = "config/wardpost.example.toml"
 
@@ -51,14 +64,20 @@ def root(tmp_path: Path) -> Path:
 
 
 def run(
-    source: Path, script: str, *args: str | Path, check: bool = True
+    source: Path,
+    script: str,
+    *args: str | Path,
+    check: bool = True,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         ["bash", str(source / "scripts" / script), *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
+        env=env,
     )
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
@@ -95,7 +114,10 @@ def test_dry_run_prints_the_real_install_and_changes_nothing(source: Path) -> No
     lines = out.splitlines()
     assert "install: dry run: nothing is changed" in lines
     assert "[dry-run] python3 -m venv /opt/wardpost/venv" in lines
-    pip = "[dry-run] /opt/wardpost/venv/bin/pip install --upgrade --no-cache-dir"
+    pip = (
+        "[dry-run] /opt/wardpost/venv/bin/pip install --upgrade --no-cache-dir "
+        "--constraint /opt/wardpost/constraints.txt"
+    )
     assert f"{pip} {source}\\[camera\\]" in lines
     assert (
         f"[dry-run] install -D -m 0644 {source}/systemd/wardpost.service "
@@ -197,6 +219,227 @@ def test_foreign_cli_is_left_alone(source: Path, root: Path) -> None:
     assert (root / "usr/local/bin/wardpost").read_text() == "#!/bin/sh\n"
 
 
+# ------------------------------------------------------------------ routes
+
+
+def test_dry_run_names_the_platform_and_the_route(source: Path) -> None:
+    out = run(source, "install", "--dry-run").stdout
+    version = subprocess.run(
+        ["python3", "-c", "import platform; print(platform.python_version())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    bits = 64 if sys.maxsize > 2**32 else 32
+    assert f"machine {os.uname().machine}, {bits}-bit Python {version} (python3)" in out
+    if bits == 64:
+        assert "install: route: wheels (64-bit: the package index has wheels" in out
+
+
+def test_apt_route_uses_debians_python_and_cryptography(source: Path) -> None:
+    out = run(source, "install", "--dry-run", "--route", "apt").stdout
+    lines = out.splitlines()
+    assert "install: route: apt (chosen with --route)" in lines
+    if not os.path.exists("/opt/wardpost/venv/bin/python"):
+        assert "[dry-run] /usr/bin/python3 -m venv --system-site-packages /opt/wardpost/venv" in lines
+    assert (
+        f"[dry-run] write_constraints {source}/constraints.txt /opt/wardpost/constraints.txt "
+        "cryptography"
+    ) in lines
+    assert (
+        "[dry-run] /opt/wardpost/venv/bin/pip install --upgrade --no-cache-dir "
+        f"--only-binary cryptography --constraint /opt/wardpost/constraints.txt {source}"
+    ) in lines
+
+
+def test_apt_route_refuses_the_camera(source: Path, root: Path) -> None:
+    result = run(source, "install", "--root", root, "--route", "apt", "--extras", "camera", check=False)
+    assert result.returncode == 1
+    assert "the camera extra is not available on the apt route (32-bit systems)" in result.stderr
+    assert "LiteRT, which has no 32-bit ARM build" in result.stderr
+    assert tree(root) == {}
+
+
+def test_apt_route_will_not_reuse_a_venv_blind_to_debians_packages(
+    source: Path, root: Path
+) -> None:
+    venv = root / "opt/wardpost/venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin/python").write_text("#!/bin/sh\n")
+    (venv / "bin/python").chmod(0o755)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\ninclude-system-site-packages = false\n")
+    result = run(source, "install", "--root", root, "--route", "apt", check=False)
+    assert result.returncode == 1
+    assert "/opt/wardpost/venv was made without --system-site-packages" in result.stderr
+    assert not (root / "opt/wardpost/constraints.txt").exists()
+
+
+def test_wheelhouse_must_exist(source: Path, tmp_path: Path) -> None:
+    result = run(source, "install", "--dry-run", "--wheelhouse", tmp_path / "nope", check=False)
+    assert result.returncode == 1
+    assert "--wheelhouse" in result.stderr and "no such directory" in result.stderr
+
+
+def test_wheelhouse_install_is_offline(source: Path, tmp_path: Path) -> None:
+    out = run(source, "install", "--dry-run", "--wheelhouse", tmp_path).stdout
+    assert f"install: offline: wheels only from {tmp_path}" in out
+    assert f"--no-index --find-links {tmp_path} {source}" in out
+
+
+# -------------------------------------------------------- real installs
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole source tree, as a technician copies it to the Pi (pip builds the package
+    from it, so it must not be the working checkout)."""
+    dest = tmp_path_factory.mktemp("install") / "wardpost"
+    shutil.copytree(
+        REPO,
+        dest,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "__pycache__", "*.egg-info", "build", ".*_cache", ".hypothesis"
+        ),
+    )
+    return dest
+
+
+def offline_environment() -> dict[str, str]:
+    """No pip configuration and an index that cannot answer: only the wheelhouse works."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    env["PIP_INDEX_URL"] = "http://127.0.0.1:9/simple"
+    return env
+
+
+def installed_cli(root: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [root / "opt/wardpost/venv/bin/wardpost", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def check_installed(root: Path, tmp_path: Path, broker: Broker, device: str) -> None:
+    """What a technician does next: check the installed config, then run the agent."""
+    installed = root / "etc/wardpost/wardpost.toml"
+    # The default install has no camera extra: its disabled driver is a note, not an error.
+    check = installed_cli(root, "check-config", installed)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"{installed}: ok" in check.stdout
+    assert "note: drivers.entrance_camera is disabled and was not checked" in check.stdout
+    assert "install them with sudo scripts/install --extras camera" in check.stdout
+
+    # The agent's core runs without rich (the centre's console needs it and says so).
+    monitor = installed_cli(root, "monitor", "--duration", "1")
+    assert monitor.returncode == 1
+    assert "pip install 'wardpost[central]'" in monitor.stderr
+
+    # Signing keys exercise the route's cryptography (Debian's on the apt route).
+    keys = installed_cli(
+        root, "keys", "generate", "--private", tmp_path / "centre.key", "--public", tmp_path / "centre.pub"
+    )
+    assert keys.returncode == 0, keys.stderr
+    doc = tomllib.loads(installed.read_text())
+    doc["agent"].update(device=device, state_dir=str(tmp_path / "state"))
+    doc["mqtt"].update(host=broker.host, port=broker.port)
+    doc["commands"]["public_keys"] = [str(tmp_path / "centre.pub")]
+    doc["drivers"]["heartbeat_test"].update(enabled=True, rate=5.0)
+    config = tmp_path / "wardpost.toml"
+    config.write_text(dumps(doc))
+
+    doc["drivers"]["entrance_camera"]["enabled"] = True
+    with_camera = tmp_path / "with-camera.toml"
+    with_camera.write_text(dumps(doc))
+    check = installed_cli(root, "check-config", with_camera)
+    assert check.returncode == 2
+    assert "drivers.entrance_camera.type: driver type 'camera_face' needs the optional 'camera'" in check.stderr
+    assert "sudo scripts/install --extras camera" in check.stderr
+
+    with Recorder(broker, f"wardpost/{doc['agent']['site']}/{device}/#") as recorder:
+        agent = subprocess.Popen(
+            [root / "opt/wardpost/venv/bin/wardpost", "--config", config, "run"],
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / "agent.log").open("wb"),
+        )
+        try:
+            recorder.wait_events("sim.tick", count=2, timeout=60)
+        finally:
+            agent.terminate()
+            code = agent.wait(timeout=60)
+    assert code == 0, (tmp_path / "agent.log").read_text()
+    status = recorder.on_topic("/status")
+    assert [m.json()["state"] for m in status][-1] == "stopped"
+
+
+@pytest.mark.slow
+def test_wheels_route(checkout: Path, tmp_path: Path, broker: Broker) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    out = run(checkout, "install", "--root", root, "--route", "wheels", timeout=900).stdout
+    assert "install: route: wheels (chosen with --route)" in out
+    installed = root / "opt/wardpost/constraints.txt"
+    assert installed.read_bytes() == (checkout / "constraints.txt").read_bytes()
+    versions = pip_versions(root)
+    assert "rich" not in versions
+    assert versions["cryptography"] == pinned(checkout)["cryptography"]
+    check_installed(root, tmp_path, broker, "install-wheels")
+
+
+@pytest.mark.slow
+def test_apt_route(checkout: Path, tmp_path: Path, broker: Broker) -> None:
+    """The 32-bit route, forced here: Debian's python3-cryptography through
+    --system-site-packages, everything else from pip."""
+    root = tmp_path / "root"
+    root.mkdir()
+    out = run(checkout, "install", "--root", root, "--route", "apt", timeout=900).stdout
+    assert "install: python3-cryptography is installed" in out
+    venv_python = root / "opt/wardpost/venv/bin/python"
+    where = subprocess.run(
+        [venv_python, "-c", "import cryptography as c, sys; print(c.__version__, c.__file__, sys.version)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    debian = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Version}", "python3-cryptography"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert debian.startswith(where[0])
+    assert where[1].startswith("/usr/lib/python3/dist-packages/")
+    assert "cryptography==" not in (root / "opt/wardpost/constraints.txt").read_text()
+    check_installed(root, tmp_path, broker, "install-apt")
+
+
+@pytest.mark.slow
+def test_wheelhouse_route(checkout: Path, tmp_path: Path, broker: Broker) -> None:
+    wheelhouse = tmp_path / "wheels"
+    built = run(checkout, "build-wheelhouse", wheelhouse, timeout=900)
+    assert "Successfully downloaded" in built.stdout, built.stdout + built.stderr
+    root = tmp_path / "root"
+    root.mkdir()
+    out = run(
+        checkout, "install", "--root", root, "--wheelhouse", wheelhouse,
+        timeout=900, env=offline_environment(),
+    ).stdout
+    assert f"install: offline: wheels only from {wheelhouse}" in out
+    assert pip_versions(root)["cryptography"] == pinned(checkout)["cryptography"]
+    check_installed(root, tmp_path, broker, "install-offline")
+
+
+def pip_versions(root: Path) -> dict[str, str]:
+    listing = subprocess.run(
+        [root / "opt/wardpost/venv/bin/python", "-m", "pip", "list", "--format", "json"],
+        capture_output=True, text=True, check=True, env=offline_environment(),
+    )
+    return {p["name"].lower(): p["version"] for p in json.loads(listing.stdout)}
+
+
+def pinned(checkout: Path) -> dict[str, str]:
+    pins = re.findall(r"^([a-z0-9-]+)==(\S+)", (checkout / "constraints.txt").read_text(), re.M)
+    return dict(pins)
+
+
 # ----------------------------------------------------------------- errors
 
 
@@ -293,7 +536,8 @@ def test_shellcheck_is_clean() -> None:
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    scripts = [REPO / "scripts" / name for name in ("install", "uninstall", "install-common.bash")]
+    names = ("install", "uninstall", "install-common.bash", "build-wheelhouse", "lock", "setup-env")
+    scripts = [REPO / "scripts" / name for name in names]
     result = subprocess.run(
         [shellcheck, "-x", *map(str, scripts)],
         capture_output=True,
