@@ -111,6 +111,10 @@ class SupervisionConfig:
     check_every: float = field(default=1.0, metadata=check(minimum=0.05, maximum=60.0))
     gap_grace: float = field(default=30.0, metadata=check(minimum=0.0, maximum=86400.0))
     gap_timeout: float = field(default=3600.0, metadata=check(minimum=1.0, maximum=7 * 86400.0))
+    #: At most one ``centre.quarantined`` event per device this often (with a count).
+    quarantine_report_every: float = field(
+        default=60.0, metadata=check(minimum=0.0, maximum=86400.0)
+    )
 
 
 @dataclass(frozen=True)

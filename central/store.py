@@ -84,6 +84,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX IF NOT EXISTS alarms_unconfirmed ON alarms (device_state)",
         "CREATE INDEX IF NOT EXISTS commands_by_alarm ON commands (alarm_id)",
         "ALTER TABLE devices ADD COLUMN seq_first BIGINT",
+        # Numbers up to seq_upto were counted before seq_first existed: exact from here on.
+        "UPDATE devices SET seq_first = seq_upto + 1 WHERE seq_upto IS NOT NULL",
         """CREATE TABLE IF NOT EXISTS quarantine (
             at DOUBLE PRECISION NOT NULL, topic TEXT NOT NULL, site TEXT, device TEXT,
             reason TEXT NOT NULL, size BIGINT NOT NULL, raw TEXT NOT NULL)""",

@@ -107,7 +107,7 @@ def test_events_are_stored_once_and_receipted_every_time(
     )
 
 
-def test_bad_messages_are_rejected_not_receipted(
+def test_bad_messages_are_quarantined_not_receipted(
     make_config: Callable[..., ReceiverConfig], store: Store
 ) -> None:
     intake = intake_for(make_config(), store)
@@ -121,7 +121,19 @@ def test_bad_messages_are_rejected_not_receipted(
         Inbound("wardpost/s1/d1/status", b'{"state":"dancing"}', T0),
     ]
     out = cycle(intake, store, messages, T0)
-    assert out.rejected == len(messages) and not out.receipts and store.count_events() == 0
+    assert out.rejected == len(messages) and not out.receipts
+    assert store.count_events(origin="device") == 0
+    assert [q.topic for q in reversed(store.quarantined())] == [m.topic for m in messages]
+    assert store.quarantined()[-1].raw == b"{not json"
+    summary = {(q.site, q.device): q.count for q in store.quarantine_summary()}
+    assert summary == {("s1", "d1"): 5, ("s1", "d2"): 1}
+    # One centre.quarantined per device per interval; the rest is counted into the next one.
+    reports = [e for e in store.events() if e.kind == "centre.quarantined"]
+    assert sorted((e.device, e.payload["count"]) for e in reports) == [("d1", 1), ("d2", 1)]
+    cycle(intake, store, [], T0 + 61, supervise=True)
+    reports = [e for e in store.events() if e.kind == "centre.quarantined" and e.device == "d1"]
+    assert [e.payload["count"] for e in reports] == [1, 4]
+    assert reports[1].payload["reason"] == "status state 'dancing' is not online, stopped or offline"
 
 
 def test_stale_last_will_is_ignored(
