@@ -8,6 +8,9 @@ alarm counts as acknowledged at the device only when the device's result says so
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from central.config import ReceiverConfig
 from central.devicesim import SimulatedDevice
 from central.receiver import Receiver
 from contract.commands import ContractError
-from tests.central.test_receiver import wait_until
+from tests.central.test_receiver import REPO, _write_config, wait_until
 from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder
 from tests.support.broker import Broker
 
@@ -143,3 +146,36 @@ def test_a_device_that_never_answers_is_retried_then_shown_unconfirmed(
     finally:
         device.stop(clean=False)
         receiver.stop()
+
+
+def desk_cli(config: Path, verb: str, alarm_id: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """``wardpost receiver ack|resolve`` as an operator runs it (``python -m central``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "central", verb, alarm_id, "--by", "desk 1", "--config",
+         str(config), *options],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, check=False,
+    )
+
+
+def test_the_cli_exits_0_only_once_the_device_confirmed(
+    tmp_path: Path, broker: Broker, receiver: Receiver, store_section: dict[str, Any]
+) -> None:
+    config = _write_config(tmp_path / "central.toml", broker, store_section, "desk")
+    with AgentHarness(tmp_path, broker, drivers={"button": BUTTON}) as harness:
+        assert harness.agent is not None
+        harness.agent.driver("button").simulate("press", {})
+        alarm = wait_until(receiver.store.alarms, 30, "the alarm at the centre")[0]
+        done = desk_cli(config, "ack", alarm.id, "--wait", "60")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[-1] == f"{alarm.id}: ack confirmed by device"
+    mute = SimulatedDevice(broker.host, broker.port, "s1", "mute").start()
+    try:
+        silent_alarm = mute.event("panic.pressed", "critical")
+        wait_until(lambda: receiver.store.alarm(silent_alarm), 30, "the second alarm")
+        waited = desk_cli(config, "ack", silent_alarm, "--wait", "0.5")
+        assert waited.returncode == 3, waited.stderr
+        assert "ack sent, not confirmed" in waited.stdout
+        assert "the receiver keeps sending it" in waited.stderr
+    finally:
+        mute.stop(clean=False)
