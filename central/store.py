@@ -574,6 +574,10 @@ class Store(abc.ABC):
             )
         ]
 
+    def event(self, event_id: str) -> StoredEvent | None:
+        rows = self._rows(f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (event_id,))  # noqa: S608
+        return StoredEvent.from_row(rows[0]) if rows else None
+
     def count_events(self, *, origin: str | None = None) -> int:
         if origin is None:
             return int(self._rows("SELECT count(*) FROM events")[0][0])
@@ -593,6 +597,19 @@ class Store(abc.ABC):
             for r in self._rows(
                 f"SELECT {_ALARM_COLUMNS} FROM alarms {clause} ORDER BY raised_at, id",  # noqa: S608
                 params,
+            )
+        ]
+
+    def live_alarms(self, resolved_since: float) -> list[Alarm]:
+        """What a console shows: open alarms, those whose device has not confirmed yet, and
+        those resolved since ``resolved_since``."""
+        return [
+            Alarm.from_row(r)
+            for r in self._rows(
+                f"SELECT {_ALARM_COLUMNS} FROM alarms"  # noqa: S608
+                " WHERE state <> 'resolved' OR device_state = 'sent' OR resolved_at >= ?"
+                " ORDER BY raised_at, id",
+                (resolved_since,),
             )
         ]
 

@@ -14,8 +14,8 @@ from jsonschema import Draft7Validator, FormatChecker
 from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
 
-from agent.monitor import command_message
 from agent.security import Signer, generate_keypair
+from central.alarms import command_message, unsigned
 from tests.support.agent import DEVICE, SITE, AgentHarness, Message, Recorder, wait_until
 from tests.support.broker import Broker
 
@@ -152,8 +152,8 @@ def traffic(tmp_path: Path, broker: Broker) -> Iterator[list[Message]]:
         agent = harness.start()
 
         def command(name: str, args: dict[str, Any] | None = None, signed: bool = True) -> str:
-            message = command_message(name, args or {}, None, site=SITE, device=DEVICE,
-                                      signer=signer if signed else None)
+            message = command_message(SITE, DEVICE, name, args or {},
+                                      sign=signer.sign if signed else unsigned)
             rec.publish(f"{BASE}/cmd/{name}", message)
             rec.wait_for(lambda msgs: any(m.topic == f"{BASE}/cmd_result/{message['id']}"
                                           for m in msgs), 10, f"the result of {name}")
