@@ -193,3 +193,22 @@ def test_every_payload_on_the_wire_matches_the_contract(contract: Contract,
     assert channels == {"events", "status", "heartbeat", "cmd_result", "cmd", "receipts"}
     results = [m.json() for m in traffic if "/cmd_result/" in m.topic]
     assert {r["ok"] for r in results} == {True, False}
+
+
+# ------------------------------------------------------------------- commands
+
+
+def test_every_command_a_driver_or_the_core_registers_is_in_the_contract() -> None:
+    """One vocabulary: a command handled at the edge must be defined in command_args/."""
+    from contract.commands import command_names
+
+    root = CONTRACT.parent
+    registered = set()
+    for path in [*root.glob("agent/*.py"), *root.glob("drivers/*/*.py")]:
+        registered.update(re.findall(r'(?:on_command|register)\(\s*"([a-z][a-z0-9_.]*)"',
+                                     path.read_text()))
+    assert registered >= {"ack", "resolve", "silence", "test", "ping", "reload", "face.reject"}
+    assert registered <= set(command_names()), registered - set(command_names())
+    for name in command_names():
+        schema = json.loads((SCHEMAS / "command_args" / f"{name}.json").read_text())
+        assert schema["additionalProperties"] is False, f"{name}: args must be a closed object"
