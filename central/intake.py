@@ -89,6 +89,21 @@ class Outcome:
     rejected: int = 0
     duplicates: int = 0
 
+    def merge(self, other: Outcome) -> None:
+        """Add ``other`` (committed separately) to this outcome, for receipts and counters."""
+        for key, ids in other.receipts.items():
+            self.receipts.setdefault(key, []).extend(ids)
+        self.rejected += other.rejected
+        self.duplicates += other.duplicates
+        mine, theirs = self.batch, other.batch
+        mine.events += theirs.events
+        mine.devices.update(theirs.devices)
+        mine.alarms += theirs.alarms
+        mine.links += theirs.links
+        mine.forwards += theirs.forwards
+        mine.command_results += theirs.command_results
+        mine.quarantined += theirs.quarantined
+
 
 class Rejected(ValueError):
     """A message the receiver will not store; the text says why."""
@@ -281,7 +296,17 @@ class Intake:
         #: Per device: when ``centre.quarantined`` was last raised, and what came since.
         self._quarantine_notes: dict[tuple[str, str], _QuarantineNote] = {}
 
+    def reload(self, devices: Iterable[DeviceState]) -> None:
+        """Forget what this process made of messages the store did not take: its state again."""
+        self.devices = {d.key: d for d in devices}
+
     # --- messages ---
+    def quarantined(self, msg: Inbound, reason: str, now: float) -> Outcome:
+        """An outcome that only quarantines ``msg``."""
+        out = Outcome()
+        self._quarantine(msg, reason, out, now)
+        return out
+
     def process(self, messages: Sequence[Inbound], now: float) -> Outcome:
         out = Outcome()
         parsed: list[tuple[Inbound, str, str, list[str], dict[str, Any] | None]] = []
