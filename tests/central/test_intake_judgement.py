@@ -190,3 +190,28 @@ def test_every_event_the_centre_raises_matches_the_contract(
     for event in centre:
         errors = list(Draft7Validator(definitions[event.kind]).iter_errors(event.payload))
         assert not errors, f"{event.kind}: {[e.message for e in errors]}"
+
+
+def started(seq: int, skipped: list[int] | None) -> Inbound:
+    """The core's agent.started after a crash, naming the numbers it reserved and never stored."""
+    body = json.loads(event_msg(seq=seq, kind="agent.started", priority="normal").payload)
+    body.update(source="agent", payload={"version": "1", "boot": 2, "config": "c", "drivers": [],
+                                         "seq_first": seq, "seq_skipped": skipped})
+    return Inbound("wardpost/s1/d1/events/agent.started", json.dumps(body).encode(), T0)
+
+
+@pytest.mark.parametrize(("skipped", "gaps"), [([4, 6], []), ([4, 5], [(6, 6)]), (None, [(4, 6)])],
+                         ids=["all announced", "one really lost", "nothing announced"])
+def test_numbers_a_crashed_run_reserved_and_never_stored_are_not_gaps(
+    make_config: Callable[..., ReceiverConfig], store: Store, skipped: list[int] | None,
+    gaps: list[tuple[int, int]],
+) -> None:
+    intake = intake_for(make_config(supervision={"gap_grace": 0}), store)
+    cycle(intake, store, [event_msg(seq=s, priority="normal", kind="gate.transit")
+                          for s in (1, 2, 3)], T0)
+    cycle(intake, store, [started(7, skipped)], T0 + 1)
+    cycle(intake, store, [heartbeat_msg(backlog=0)], T0 + 2, supervise=True)
+    found = [(e.payload["first"], e.payload["last"]) for e in store.events(kind="sequence.gap")]
+    assert found == gaps
+    assert "sequence.restarted" not in kinds(store)
+    assert store.devices()[0].seq_upto == 7
