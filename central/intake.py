@@ -394,8 +394,10 @@ class Intake:
     def _event_body(self, msg: Inbound, site: str, device: str, rest: list[str]) -> dict[str, Any]:
         body = self._json(msg)
         event_id = _require(body, "id", str)
-        if not 8 <= len(event_id) <= 64 or not _column_text(event_id):
+        if not 8 <= len(event_id) <= 64:
             raise Rejected(f"event id {event_id[:70]!r} has a bad length")
+        if not _column_text(event_id):
+            raise Rejected(f"event id {event_id!r} holds a NUL character")
         if body.get("site") != site or body.get("device") != device:
             raise Rejected(
                 f"event {event_id} names {body.get('site')}/{body.get('device')},"

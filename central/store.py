@@ -109,7 +109,9 @@ _ALARM_COLUMNS = (
     " device_last_sent_at, device_attempts, device_detail, device_confirmed_at"
 )
 #: What a device's cmd_result does to the alarm its command was about.
-_CONFIRMED_FROM = ("sent", "unconfirmed")  # a late confirmation still counts
+#: A late confirmation still counts, and one attempt's success outweighs another's refusal
+#: (an attempt queued while the device was away may arrive expired, a later one not).
+_CONFIRMED_FROM = ("sent", "unconfirmed", "refused")
 _REFUSED_FROM = ("sent",)
 #: Raw bytes kept of a quarantined message (its full size is recorded beside them).
 QUARANTINE_RAW_KEPT = 16 * 1024
