@@ -7,13 +7,18 @@ exactly what slipped through before.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from central.config import ReceiverConfig
 from central.intake import MAX_DEPTH, MAX_MESSAGE_BYTES, Inbound
 from central.store import Store
+from tests.central.test_receiver import REPO
 from tests.central.test_store import (
     T0,
     cycle,
@@ -215,3 +220,21 @@ def test_numbers_a_crashed_run_reserved_and_never_stored_are_not_gaps(
     assert found == gaps
     assert "sequence.restarted" not in kinds(store)
     assert store.devices()[0].seq_upto == 7
+
+
+def test_the_report_lists_quarantined_messages_per_device(
+    make_config: Callable[..., ReceiverConfig], store: Store, store_section: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    intake = intake_for(make_config(), store)
+    cycle(intake, store, [Inbound("wardpost/s1/evil/events/x.y", b"\xff\xfe{", T0)], T0)
+    cycle(intake, store, [Inbound("wardpost/s1/evil/heartbeat", b"[]", T0 + 1)], T0 + 1)
+    config = tmp_path / "central.toml"
+    config.write_text("[store]\n" + "".join(f'{k} = "{v}"\n' for k, v in store_section.items()))
+    done = subprocess.run([sys.executable, "-m", "central", "report", "--json", "--config",
+                           str(config)], cwd=REPO, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)["quarantine"]
+    assert (row["site"], row["device"], row["count"]) == ("s1", "evil", 2)
+    assert row["last_reason"] == "payload is not a JSON object"
