@@ -111,7 +111,7 @@ def test_a_device_whose_numbering_restarts_is_reported_without_false_gaps(
     intake = intake_for(make_config(supervision={"gap_grace": 0}), store)
     cycle(intake, store, [event_msg(seq=s, priority="normal", kind="gate.transit")
                           for s in (1, 2, 3)], T0)
-    # The same events again (a re-send after a crash) are duplicates, not a restart.
+    # The same events again (a re-send after a crash) are re-sends, not a restart.
     assert kinds(store) == []
     # A new SD card: seq 1 again, with new event ids.
     cycle(intake, store, [event_msg(seq=s, priority="normal", kind="gate.transit")
