@@ -432,9 +432,10 @@ class Intake:
         out: Outcome,
     ) -> None:
         event_id = body["id"]
-        out.receipts.setdefault((site, device), []).append(event_id)
+        receipts = out.receipts.setdefault((site, device), [])
         if event_id in known:
             out.duplicates += 1
+            receipts.append(event_id)
             return
         known.add(event_id)
         event_time = body.pop("_time")
@@ -453,6 +454,7 @@ class Intake:
             msg.payload.decode("utf-8"),
         )
         self._store(stored, out.batch)
+        receipts.append(event_id)  # only once it is in the batch: never a receipt for less
         state = self._device(site, device, now, out.batch)
         self._alive(state, now, out.batch, "event")
         if stored.seq is not None:
