@@ -15,7 +15,17 @@ Threads:
   ``check_every`` seconds, so there is exactly one writer;
 * the optional DC-09 bridge (:mod:`central.bridge`) forwards from the store.
 
-If the store fails, the batch is kept and retried; nothing is receipted meanwhile.
+Every message is judged alone (:mod:`central.intake`): one that cannot be stored for
+a reason of its own is quarantined, committed and acknowledged like any other, so it
+never blocks the messages behind it nor comes back after a restart.
+
+Alarm commands the devices have not confirmed are followed up on the writer thread
+too (:meth:`central.alarms.AlarmDesk.follow_up`), whichever process sent them first.
+
+If the store is down, the batch is kept and retried; nothing is receipted meanwhile.
+If the store refuses a batch for what is in it (a value no rule foresaw), the
+messages are judged again one by one from the store's state and the one refused
+is quarantined with the store's reason: only an outage pauses intake.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from central.alarms import MqttCommander, Signing, unsigned
+from central.alarms import AlarmDesk, MqttCommander, Signing, unsigned
 from central.config import ReceiverConfig, ReceiverMQTTConfig
 from central.intake import Inbound, Intake, Outcome
 from central.store import Store, open_store
@@ -49,10 +59,11 @@ class ReceiverStats:
     messages: int = 0
     stored: int = 0
     duplicates: int = 0
-    rejected: int = 0
+    quarantined: int = 0
     receipts: int = 0
     batches: int = 0
     store_errors: int = 0
+    store_refusals: int = 0
     connects: int = 0
 
 
@@ -129,6 +140,7 @@ class Receiver:
             target=self._write_loop, name="receiver-writer", daemon=True
         )
         self._listeners: list[Callable[[Outcome], None]] = []
+        self._refusal = ""  # why the store last refused a batch
         mq = config.mqtt
         self.client = make_client(
             mq, mq.client_id, persistent=True, manual_ack=True, password=config.password()
@@ -136,11 +148,14 @@ class Receiver:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        # Connected means subscribed: a message published before the SUBACK would be missed.
+        self.client.on_subscribe = lambda *_: self.connected.set()
         self.bridge: Any = None
         if config.dc09.enabled:
             from central.bridge import Dc09Bridge
 
             self.bridge = Dc09Bridge(config, self.store)
+        self.desk = AlarmDesk(self.store, self.commander())
 
     def commander(self) -> MqttCommander:
         """Commands over the receiver's connection, signed if ``[commands] signing_key`` is set."""
@@ -194,7 +209,6 @@ class Receiver:
                 return
             self.stats.connects += 1
             client.subscribe([(f, 1) for f in self._filters()])
-            self.connected.set()
             log.info(
                 "connected to %s:%d, subscribed to %s",
                 self.config.mqtt.host,
@@ -250,7 +264,8 @@ class Receiver:
         outcome = self.intake.process(messages, now)
         if supervise:
             self.intake.supervise(now, outcome.batch)
-        self._commit(outcome)
+        if not self._commit(outcome):
+            outcome = self._one_by_one(messages, now)
         self._receipt(outcome)
         for msg in messages:
             if msg.qos > 0:
@@ -258,7 +273,7 @@ class Receiver:
         self.stats.messages += len(messages)
         self.stats.stored += sum(1 for e in outcome.batch.events if e.origin == "device")
         self.stats.duplicates += outcome.duplicates
-        self.stats.rejected += outcome.rejected
+        self.stats.quarantined += len(outcome.batch.quarantined)
         self.stats.batches += 1
         for listener in self._listeners:
             try:
@@ -267,14 +282,30 @@ class Receiver:
                 log.exception("on_committed listener failed")
         if self.bridge is not None and outcome.batch.forwards:
             self.bridge.wake()
+        if supervise:  # after the acknowledgements: a failure here must not hold messages back
+            self._follow_up(now)
 
-    def _commit(self, outcome: Outcome) -> None:
+    def _follow_up(self, now: float) -> None:
+        commands = self.config.commands
+        for alarm in self.desk.follow_up(now, commands.retry_every, commands.confirm_within):
+            log.warning(
+                "%s/%s: alarm %s (%s): %s", alarm.site, alarm.device, alarm.id, alarm.kind,
+                alarm.at_device,
+            )
+
+    def _commit(self, outcome: Outcome) -> bool:
+        """Write the batch, retrying while the store is down. False: the store refused it."""
         delay = 0.1
         while True:
             try:
                 self.store.write(outcome.batch)
-                return
+                return True
             except Exception as exc:
+                if self.store.refuses(exc):
+                    self.stats.store_refusals += 1
+                    self._refusal = f"the store refused it ({type(exc).__name__}: {exc})"
+                    log.error("%s", self._refusal)
+                    return False
                 self.stats.store_errors += 1
                 log.error(
                     "store write failed (%s); nothing receipted, retrying in %.1f s", exc, delay
@@ -287,6 +318,21 @@ class Receiver:
                     self.store.reconnect()
                 except ConnectionError as again:
                     log.error("%s", again)
+
+    def _one_by_one(self, messages: list[Inbound], now: float) -> Outcome:
+        """Each message of a refused batch alone, from the state the store holds; the one the
+        store refuses again is quarantined with its reason."""
+        self.intake.reload(self.store.devices())
+        total = Outcome()
+        for msg in messages:
+            one = self.intake.process([msg], now)
+            if not self._commit(one):
+                self.intake.reload(self.store.devices())
+                one = self.intake.quarantined(msg, self._refusal, now)
+                if not self._commit(one):  # not even its quarantine row: log it, let it go
+                    log.error("dropped a message on %s the store refuses to keep", msg.topic)
+            total.merge(one)
+        return total
 
     def _receipt(self, outcome: Outcome) -> None:
         prefix = self.config.mqtt.topic_prefix
