@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -401,8 +401,19 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
                 ep.load()(sub)
             except Exception as exc:  # a broken plug-in must not break the core commands
                 why = missing_extra(ep, exc) or str(exc)
-                print(f"wardpost: plug-in command {ep.name!r} unavailable: {why}", file=sys.stderr)
+                sub.add_parser(ep.name, help=f"(unavailable: {why})").set_defaults(
+                    func=_unavailable(ep.name, why)
+                )
     return parser
+
+
+def _unavailable(name: str, why: str) -> Callable[[argparse.Namespace], int]:
+    """The stand-in for a plug-in command that could not load: says why when it is used."""
+
+    def explain(args: argparse.Namespace) -> int:
+        raise ControlError(f"{name} is unavailable: {why}")
+
+    return explain
 
 
 def _command_word(argv: list[str]) -> str | None:

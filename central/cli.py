@@ -378,6 +378,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from central.monitor import Monitor, TerminalView
     from central.store import open_store
 
+    try:
+        view = TerminalView(as_json=args.json)  # first: a missing extra is named before the config
+    except ImportError as exc:
+        raise ControlError(str(exc)) from None
     store = open_store(load_receiver_config(args.receiver_config).store)
     monitor = Monitor(
         _broker_options(args),
@@ -385,7 +389,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         args.site,
         signer=_signer(args),
         operator=args.operator,
-        view=TerminalView(as_json=args.json),
+        view=view,
     )
     lines = None if args.no_input else sys.stdin
     try:
