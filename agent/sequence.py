@@ -17,7 +17,6 @@ after a crash, the unused rest of the block is reported as skipped (see
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -147,9 +146,12 @@ class SeqReserve:
             self._extended.notify_all()
 
     def _read_mark(self) -> int:
-        with contextlib.suppress(FileNotFoundError):
-            try:
-                return int(self.path.read_text().strip())
-            except (OSError, ValueError) as exc:
-                log.error("sequence mark %s unreadable (%s); the outbox's numbering is used", self.path, exc)
-        return 0
+        try:
+            return int(self.path.read_text().strip())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            log.error(
+                "sequence mark %s unreadable (%s); the outbox's numbering is used", self.path, exc
+            )
+            return 0
