@@ -376,7 +376,8 @@ class Publisher:
         reason: ReasonCode,
         props: Properties | None,
     ) -> None:
-        self._last_inbound = time.monotonic()
+        # Not evidence of a live link by itself: paho reports QoS 0 messages (heartbeats)
+        # here as soon as they are written. An event's PUBACK counts (_handle_puback).
         self._inbox.put(("puback", (mid, reason)))
         self._wake.set()
 
@@ -580,6 +581,7 @@ class Publisher:
         sent = self._by_mid.pop(mid, None)
         if sent is None:
             return
+        self._last_inbound = time.monotonic()
         if self._inflight.get(sent.row_id) == mid:
             del self._inflight[sent.row_id]
         if reason.is_failure:

@@ -276,19 +276,19 @@ def test_dead_link_noticed_fast_at_the_default_config_and_criticals_go_first(
         h = AgentHarness(
             tmp_path,
             broker,
-            agent={"heartbeat_interval": 3600.0},
             mqtt={"port": proxy.port, "delivery": "receipt", "keepalive": defaults.keepalive},
-        )
+        )  # heartbeats (QoS 0) every second: written, never answered
         agent = h.start()
         publisher = agent.publisher
         assert publisher is not None
         wait_until(lambda: agent.outbox.backlog()[0] == 0, 10, "start-up events released")
 
-        # Idle: only the keepalive flows.
-        before, idle_from = proxy.bytes_forwarded, time.monotonic()
+        # Idle: no probes, only the keepalive (and the heartbeats) flow.
+        probes_before = proxy.bytes_forwarded
         time.sleep(3 * defaults.keepalive)
-        idle_rate = (proxy.bytes_forwarded - before) / (time.monotonic() - idle_from)
-        assert idle_rate < 10, f"idle link traffic {idle_rate:.1f} bytes/s"
+        beat = len(centre.on_topic("/heartbeat")[-1].payload)
+        idle_rate = (proxy.bytes_forwarded - probes_before) / (3 * defaults.keepalive)
+        assert idle_rate < beat + 50, f"idle link traffic {idle_rate:.1f} bytes/s"
 
         # Idle, then the link goes dead: keepalive notices.
         proxy.blackhole()
