@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import queue
@@ -253,6 +254,11 @@ class Agent:
             raise ValueError(
                 f"invalid event kind {kind!r}: use dotted lowercase words like 'gate.alarm'"
             )
+        body = dict(payload or {})
+        try:  # before numbering: an event that cannot be sent must not leave a hole in seq
+            json.dumps(body)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"payload of {kind!r} is not JSON: {exc}") from None
         event = Event(
             kind=kind,
             source=source,
@@ -260,7 +266,7 @@ class Agent:
             site=self.config.agent.site,
             device=self.config.agent.device,
             seq=self.outbox.next_seq(),
-            payload=dict(payload or {}),
+            payload=body,
             test=test,
         )
         emission = Emission(event)
