@@ -35,6 +35,7 @@ from typing import Any
 from agent.config import OutboxConfig
 from agent.driver import Emission
 from agent.event import Event, Priority
+from agent.sequence import SeqReserve
 
 log = logging.getLogger("wardpost.outbox")
 
@@ -101,9 +102,11 @@ class Outbox:
         self.on_released = on_released
         self.on_report = on_report
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._seq_lock = threading.Lock()
-        self._next_seq = 1
+        #: Sequence numbers, reserved in a file of their own beside the database.
+        self.seqs = SeqReserve(self.path.with_name(self.path.stem + ".seq"))
+        self._seq_floor = 1  # the next seq according to the database
         self._persisted_seq = 0
+        self._memory_seq = 0  # the highest seq ever held in memory (may have been sent)
         self._conn: sqlite3.Connection | None = None
         self._sync_full: bool | None = None
         self._memory: dict[str, PendingRow] = {}  # accepted while the disk is failing
@@ -160,6 +163,7 @@ class Outbox:
                     Priority.CRITICAL,
                 )
             )
+        self.seqs.resume(self._seq_floor)
         if self._conn is not None:
             self._ensure_ballast()
         self._thread = threading.Thread(target=self._writer, name="outbox-writer", daemon=True)
@@ -299,9 +303,10 @@ class Outbox:
         boot once: persisted when the disk allows, kept in memory until then."""
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         max_seq = conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
-        with self._seq_lock:
-            self._next_seq = max(self._next_seq, int(meta.get("next_seq", 1)), max_seq + 1)
-            self._persisted_seq = max_seq
+        self._seq_floor = max(self._seq_floor, int(meta.get("next_seq", 1)), max_seq + 1)
+        self._persisted_seq = max_seq
+        if self._thread is not None:  # read again after a disk fault, while numbering
+            self.seqs.raise_floor(self._seq_floor)
         self._rows, self._bytes = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM events").fetchone()
         if self.boot == 0:
             self.boot = int(meta.get("boot", 0)) + 1
@@ -344,10 +349,7 @@ class Outbox:
     # ------------------------------------------------------------------ API
 
     def next_seq(self) -> int:
-        with self._seq_lock:
-            seq = self._next_seq
-            self._next_seq += 1
-            return seq
+        return self.seqs.next()
 
     def submit(self, emission: Emission, row: PendingRow | None = None) -> None:
         """Queue an event for commit. Never blocks."""
@@ -375,11 +377,16 @@ class Outbox:
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
+        """Commit what is queued and stop. Call it after the publisher has stopped: numbers
+        handed out but never stored are then free for the next run."""
         if self._thread is None:
             return
         self._queue.put(("stop", None))
         self._thread.join(timeout)
         self._thread = None
+        # Everything submitted is now stored or in memory; a number above both was never
+        # sent either (the agent stops its publisher before its outbox).
+        self.seqs.close(max(self._persisted_seq, self._memory_seq) + 1)
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -733,6 +740,7 @@ class Outbox:
         with self._memory_lock:
             for _, row in adds:
                 self._memory[row.id] = row
+        self._memory_seq = max(self._memory_seq, *(row.seq for _, row in adds))
         self.counters["memory_fallback"] += len(adds)
         self._disk_fault = reason
         self._report_fault(reason)
