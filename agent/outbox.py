@@ -26,6 +26,7 @@ Failure handling, because the alarm path must survive the storage under it:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -568,7 +569,14 @@ class Outbox:
                     error = exc2
             if not retried:
                 self._unreleased = releases
-                self._to_memory(adds, self._describe_failure(error))
+                reason = self._describe_failure(error)
+                if self._read_only():
+                    # A filesystem that went read-only comes back only as a new mount
+                    # (after fsck): the writer reopens the file when it retries.
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.close()
+                    self._conn = None
+                self._to_memory(adds, reason)
                 return
         if self._disk_fault and not self._memory:
             self._storage_restored()
@@ -714,13 +722,21 @@ class Outbox:
         return exc.sqlite_errorcode & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)
 
     def _read_only(self) -> bool:
+        """Is the state directory's filesystem read-only? ext4 remounts itself read-only
+        after an error (``errors=remount-ro``) without always showing it in statvfs, so a
+        write is tried."""
+        probe = self.path.with_name(f".{self.path.name}.probe")
         try:
-            return bool(os.statvfs(self.path.parent).f_flag & os.ST_RDONLY)
-        except OSError:
-            return False
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            return exc.errno == errno.EROFS
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        return False
 
     def _describe_failure(self, exc: sqlite3.Error) -> str:
-        if self._read_only() or exc.sqlite_errorcode & 0xFF == _SQLITE_READONLY:
+        if exc.sqlite_errorcode & 0xFF == _SQLITE_READONLY or self._read_only():
             return f"the filesystem of {self.path.parent} is read-only ({exc})"
         if exc.sqlite_errorcode & 0xFF == _SQLITE_FULL:
             return f"disk full ({exc})"
@@ -891,10 +907,13 @@ class Outbox:
         """Move events held in memory back to disk once it works again."""
         self._last_disk_retry = time.monotonic()
         if self._conn is None:
+            reports: list[StorageReport] = []
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._conn = self._open_checked([])
+                self._conn = self._open_checked(reports)
                 self._load_counters(self._conn)
+                for report in reports:  # a file damaged while it was unreachable
+                    self.on_report(report)
             except (sqlite3.Error, OSError):
                 if self._conn is not None:
                     self._conn.close()

@@ -84,9 +84,10 @@ def salvage_outbox(path: Path) -> Salvage:
 
 
 def _take(values: list[Value], versions: dict[str, SalvagedRow], result: Salvage) -> None:
-    if len(values) == 2 and isinstance(values[0], str) and isinstance(values[1], int):
+    if len(values) == 2:
         key, value = values
-        result.meta[key] = max(result.meta.get(key, value), value)
+        if isinstance(key, str) and isinstance(value, int):
+            result.meta[key] = max(result.meta.get(key, value), value)
         return
     row = _event_row(values)
     if row is None:
