@@ -356,6 +356,10 @@ def test_sd_card_remounted_read_only(
         replies = [rig.agent.simulate("panic") for _ in range(3)]
         presses = [r["result"]["ids"][0] for r in replies]
         assert rig.wait_delivered(presses, timeout=30), "panic presses on a read-only SD card did not reach the centre"
+        deadline = time.monotonic() + 30
+        while "agent.storage_failed" not in _kinds(rig) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "agent.storage_failed" in _kinds(rig), "the centre was not told while the disk was failing"
         steady.stop()
         held = set(rig.ledger.held)
         assert rig.wait_delivered(held, timeout=30), "events held in memory were not delivered while the agent ran"
