@@ -248,8 +248,24 @@ def cmd_emit(args: argparse.Namespace) -> int:
             "test": args.test,
         },
     )
-    print(f"accepted {reply['id']} (seq {reply['seq']})")
-    return 0
+    return _report_fate(reply)
+
+
+#: ``wardpost emit``'s exit code when the event is held in memory only.
+EXIT_HELD_IN_MEMORY = 3
+
+
+def _report_fate(reply: dict[str, Any]) -> int:
+    """Say truthfully where the event is kept: on disk, or only in memory."""
+    if reply["fate"] == "durable":
+        print(f"accepted {reply['id']} (seq {reply['seq']}), on disk")
+        return 0
+    why = reply.get("storage_fault") or "its free space is kept for more urgent events"
+    print(
+        f"held in memory only {reply['id']} (seq {reply['seq']}): storage cannot take it "
+        f"({why}); it is delivered while the agent runs, lost if the agent stops first"
+    )
+    return EXIT_HELD_IN_MEMORY
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -382,7 +398,9 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_events)
 
-    p = sub.add_parser("emit", help="inject a test event into the running agent")
+    p = sub.add_parser(
+        "emit", help="inject a test event into the running agent (exit 3: held in memory only)"
+    )
     p.add_argument("kind")
     p.add_argument("--payload", default="{}", help="JSON object")
     p.add_argument("--priority", default="normal", choices=["critical", "high", "normal", "low"])

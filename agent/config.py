@@ -281,6 +281,27 @@ class OutboxConfig:
     max_bytes: int = field(default=128 * 1024 * 1024, metadata=check(minimum=64 * 1024))
     reserve_bytes: int = field(default=4 * 1024 * 1024, metadata=check(minimum=0))
     retention_hours: float = field(default=24.0, metadata=check(minimum=0.0))
+    # Free space on the outbox's filesystem below which lower priorities stop being written
+    # to disk (held in memory instead), so the last space is kept for alarms.
+    shed_low_below: int = field(default=64 * 1024 * 1024, metadata=check(minimum=0))
+    shed_normal_below: int = field(default=32 * 1024 * 1024, metadata=check(minimum=0))
+    # Events held in memory at most (critical events are never dropped to keep this).
+    memory_max_events: int = field(default=20_000, metadata=check(minimum=100))
+    # Which priorities are fsync'd before an event counts as durable (power-cut safe):
+    # "critical", "high" (critical and high) or "all". Others survive a crash, not a power cut.
+    sync: Literal["critical", "high", "all"] = "critical"
+
+    def __post_init__(self) -> None:
+        if self.shed_normal_below > self.shed_low_below:
+            raise ConfigError(
+                "must not be larger than shed_low_below (low priorities are shed first)",
+                "shed_normal_below",
+            )
+
+    @property
+    def synced_rank(self) -> int:
+        """Events of this rank or more urgent are fsync'd before they count as durable."""
+        return {"critical": 0, "high": 1, "all": 3}[self.sync]
 
 
 @dataclass(frozen=True)

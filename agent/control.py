@@ -111,12 +111,13 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 str(request.get("priority", "normal")),
                 test=bool(request.get("test", False)),
             )
-            durable = emission.wait_durable(10.0)
+            fate = emission.wait_accepted(10.0)
             return {
-                "ok": durable,
+                "ok": fate is not None,
                 "id": emission.event.id,
                 "seq": emission.event.seq,
-                "durable": durable,
+                "fate": None if fate is None else fate.value,
+                "storage_fault": agent.outbox.fault,
             }
         if op == "simulate":
             name = request.get("driver")

@@ -35,6 +35,7 @@ A minimal driver::
 from __future__ import annotations
 
 import abc
+import enum
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -59,23 +60,51 @@ class Health:
         return {"state": self.state, "detail": self.detail, "counters": dict(self.counters)}
 
 
+class Fate(enum.Enum):
+    """Where an accepted event is kept until the centre has it."""
+
+    #: Committed to the outbox on disk: survives a crash or restart (and a power cut for
+    #: the priorities the outbox syncs, see ``[outbox] sync``).
+    DURABLE = "durable"
+    #: Held in memory only: storage is failing, or its last free space is kept for alarms.
+    #: Still delivered while the agent runs; lost if it stops before the disk takes it.
+    MEMORY = "memory"
+
+
 class Emission:
     """The handle :meth:`DriverContext.emit` returns: follow one event's journey.
 
-    ``durable`` is set once the event is committed to the outbox (or, when the
-    disk fails, held in the in-memory fallback: accepted, but loudly degraded).
-    ``delivered`` is set once the centre has it: the broker's PUBACK with
-    ``delivery = "broker"``, the centre's receipt with ``delivery = "receipt"``.
+    The outbox decides the event's :class:`Fate` soon after the emit: ``DURABLE`` once
+    committed to disk, ``MEMORY`` while storage cannot take it (an event held in memory
+    becomes ``DURABLE`` when the disk takes it later). ``delivered`` is set once the
+    centre has it: the broker's PUBACK with ``delivery = "broker"``, the centre's
+    receipt with ``delivery = "receipt"``.
     """
 
-    __slots__ = ("__weakref__", "_callbacks", "_delivered", "_durable", "_lock", "event")
+    __slots__ = (
+        "__weakref__",
+        "_accepted",
+        "_callbacks",
+        "_delivered",
+        "_durable",
+        "_fate",
+        "_lock",
+        "event",
+    )
 
     def __init__(self, event: Event):
         self.event = event
+        self._fate: Fate | None = None
+        self._accepted = threading.Event()
         self._durable = threading.Event()
         self._delivered = threading.Event()
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[Emission], None]] = []
+
+    @property
+    def fate(self) -> Fate | None:
+        """None until the outbox has taken the event in."""
+        return self._fate
 
     @property
     def is_durable(self) -> bool:
@@ -85,7 +114,13 @@ class Emission:
     def is_delivered(self) -> bool:
         return self._delivered.is_set()
 
+    def wait_accepted(self, timeout: float | None = None) -> Fate | None:
+        """Wait until the outbox has taken the event in; its fate, or None on time-out."""
+        self._accepted.wait(timeout)
+        return self._fate
+
     def wait_durable(self, timeout: float | None = None) -> bool:
+        """Wait until the event is on disk (an event held in memory waits for the disk)."""
         return self._durable.wait(timeout)
 
     def wait_delivered(self, timeout: float | None = None) -> bool:
@@ -106,7 +141,14 @@ class Emission:
 
     # Called by the core only.
     def mark_durable(self) -> None:
+        self._fate = Fate.DURABLE
         self._durable.set()
+        self._accepted.set()
+
+    def mark_in_memory(self) -> None:
+        if self._fate is not Fate.DURABLE:
+            self._fate = Fate.MEMORY
+        self._accepted.set()
 
     def mark_delivered(self) -> None:
         with self._lock:

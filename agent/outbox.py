@@ -10,10 +10,15 @@ Failure handling, because the alarm path must survive the storage under it:
 
 * corrupt or truncated file at start: moved aside as ``outbox.db.corrupt-<time>``,
   readable pending rows salvaged into a fresh database, reported to the caller;
-* disk full: a ballast file (``reserve_bytes``) is deleted to make room and the
-  commit retried; if writing still fails, or the state directory cannot be opened
-  at all, events are held in memory (accepted, delivered as usual, but lost on a
-  power cut), and the fault is reported; the writer keeps retrying the disk;
+* low space: below ``shed_low_below`` bytes free, low-priority events are held in
+  memory instead of written; below ``shed_normal_below``, normal ones too. The last
+  free space, and the ballast file (``reserve_bytes``) released when the disk is
+  full, are kept for critical and high events;
+* disk full, read-only filesystem (an SD card remounted read-only after an error),
+  or a state directory that cannot be opened: events are held in memory (delivered
+  as usual, lost if the agent stops first) and the fault is reported. Every emission
+  says which it got (:class:`~agent.driver.Fate`); the writer keeps retrying the disk
+  and moves held events back to it, most urgent first, once it takes them;
 * over ``max_rows``/``max_bytes``: published rows go first, then pending rows of
   the lowest priority, oldest first. Critical events are never evicted.
 """
@@ -21,13 +26,14 @@ Failure handling, because the alarm path must survive the storage under it:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,12 +41,15 @@ from typing import Any
 from agent.config import OutboxConfig
 from agent.driver import Emission
 from agent.event import Event, Priority
+from agent.salvage import salvage_outbox
 from agent.sequence import SeqReserve
 
 log = logging.getLogger("wardpost.outbox")
 
 SCHEMA_VERSION = 1
 _RETRY_DISK_EVERY = 5.0  # seconds between attempts to move in-memory events back to disk
+# SQLite's primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF).
+_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL = 8, 10, 13
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +118,10 @@ class Outbox:
         self._memory_seq = 0  # the highest seq ever held in memory (may have been sent)
         self._conn: sqlite3.Connection | None = None
         self._sync_full: bool | None = None
-        self._memory: dict[str, PendingRow] = {}  # accepted while the disk is failing
+        self._memory: dict[str, PendingRow] = {}  # accepted while the disk cannot take them
+        self._memory_emissions: dict[str, Emission] = {}  # to mark durable once on disk
+        self._reserve_in_use = False  # the ballast was released: the disk is for alarms only
+        self._space_state = "ok"  # "ok", or which priorities are held in memory for space
         self._memory_lock = threading.Lock()
         self._rows = 0
         self._bytes = 0
@@ -128,7 +140,10 @@ class Outbox:
             "evicted": 0,
             "released": 0,
             "batches": 0,
-            "memory_fallback": 0,
+            "memory_fallback": 0,  # held in memory because the disk failed
+            "shed_low": 0,  # held in memory to keep space for alarms
+            "shed_normal": 0,
+            "dropped": 0,  # discarded from memory over memory_max_events (never critical)
             "faults_folded": 0,
         }
 
@@ -163,7 +178,8 @@ class Outbox:
                     Priority.CRITICAL,
                 )
             )
-        self.seqs.resume(self._seq_floor)
+        self.seqs.resume(self._seq_floor, self.boot)
+        self.boot = self.seqs.boot
         if self._conn is not None:
             self._ensure_ballast()
         self._thread = threading.Thread(target=self._writer, name="outbox-writer", daemon=True)
@@ -194,29 +210,41 @@ class Outbox:
             return self._recover(exc, reports)
 
     def _recover(self, error: Exception, reports: list[StorageReport]) -> sqlite3.Connection:
-        salvaged = list(self._salvage())
+        found = salvage_outbox(self.path)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         moved_to = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         for suffix in ("", "-wal", "-shm"):
             src = Path(str(self.path) + suffix)
             if src.exists():
                 os.replace(src, Path(str(moved_to) + suffix))
+        # Seqs numbered before the damage and found nowhere: events known to be lost
+        # unless they were delivered and pruned before it (their rows are gone too).
+        numbered = range(min(found.seqs, default=found.next_seq), found.next_seq)
+        unaccounted = len(numbered) - len(found.seqs)
         log.error(
-            "outbox: %s is corrupt (%s); moved to %s, salvaged %d pending events",
+            "outbox: %s is corrupt (%s); moved to %s; recovered %d pending events from "
+            "%d pages (%d unreadable); %d numbered events not found",
             self.path,
             error,
             moved_to,
-            len(salvaged),
+            len(found.pending),
+            found.pages_read,
+            found.pages_unreadable,
+            unaccounted,
         )
         conn = self._connect()
         self._create_schema(conn)
-        if salvaged:
-            conn.execute("BEGIN")
-            conn.executemany(
-                "INSERT OR IGNORE INTO events (id, rank, seq, kind, accepted, body, size) VALUES (?,?,?,?,?,?,?)",
-                [(r.id, r.rank, r.seq, r.kind, r.accepted, r.body, len(r.body)) for r in salvaged],
-            )
-            conn.execute("COMMIT")
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT OR IGNORE INTO events (id, rank, seq, kind, accepted, body, size) VALUES (?,?,?,?,?,?,?)",
+            [(r.id, r.rank, r.seq, r.kind, r.accepted, r.body, len(r.body)) for r in found.pending],
+        )
+        # The numbering goes on after the damaged file's: a seq is never given out twice.
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (found.next_seq,))
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'boot'", (found.meta.get("boot", 0),)
+        )
+        conn.execute("COMMIT")
         reports.append(
             StorageReport(
                 "agent.storage_recovered",
@@ -224,43 +252,16 @@ class Outbox:
                     "path": str(self.path),
                     "moved_to": str(moved_to),
                     "error": str(error),
-                    "salvaged": len(salvaged),
+                    "salvaged": len(found.pending),
+                    "published_found": len(found.published_ids),
+                    "seq_range": [numbered.start, numbered.stop - 1] if numbered else None,
+                    "unaccounted": unaccounted,
+                    "pages_unreadable": found.pages_unreadable,
                 },
+                Priority.CRITICAL,
             )
         )
         return conn
-
-    def _salvage(self) -> Iterator[PendingRow]:
-        """Best effort: read the pending rows a damaged file still holds.
-
-        Works on a copy whose header page count is corrected to the real file size
-        (a truncated file otherwise fails before the first row), scanning the table
-        in rowid order without indexes (they may be what is damaged) up to the
-        first unreadable page."""
-        copy = self.path.with_name(self.path.name + ".salvage")
-        try:
-            data = bytearray(self.path.read_bytes())
-            if data.startswith(b"SQLite format 3\0") and len(data) >= 100:
-                page_size = int.from_bytes(data[16:18], "big")
-                page_size = 65536 if page_size == 1 else page_size
-                if page_size:
-                    data[28:32] = (len(data) // page_size).to_bytes(4, "big")
-            copy.write_bytes(data)
-            conn = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
-        except (OSError, sqlite3.Error):
-            return
-        try:
-            for row in conn.execute(
-                "SELECT id, rank, seq, kind, accepted, body, published FROM events NOT INDEXED"
-            ):
-                if row[6] is None:
-                    yield PendingRow(*row[:6])
-        except sqlite3.Error as exc:
-            log.warning("outbox: salvage stopped early: %s", exc)
-        finally:
-            conn.close()
-            with contextlib.suppress(OSError):
-                copy.unlink()
 
     @staticmethod
     def _create_schema(conn: sqlite3.Connection) -> None:
@@ -330,7 +331,11 @@ class Outbox:
         """Pre-reserve disk space that can be given back when the disk fills up."""
         size = self.config.reserve_bytes
         if size <= 0 or (self.ballast_path.exists() and self.ballast_path.stat().st_size >= size):
+            self._reserve_in_use = False
             return
+        free = self._free_space()
+        if self._reserve_in_use and free is not None and free < size + self.config.shed_normal_below:
+            return  # not yet: filling the disk again would only fail the next commit
         try:
             with open(self.ballast_path, "wb") as f:
                 chunk = b"\0" * min(size, 1 << 20)
@@ -339,6 +344,7 @@ class Outbox:
                     written += f.write(chunk[: size - written])
                 f.flush()
                 os.fsync(f.fileno())
+            self._reserve_in_use = False
         except OSError as exc:
             log.warning(
                 "outbox: could not reserve %d bytes at %s: %s", size, self.ballast_path, exc
@@ -553,22 +559,32 @@ class Outbox:
             return
         # Releases whose update failed earlier are retried with this batch.
         releases, self._unreleased = self._unreleased + releases, []
+        adds = self._keep_space_for_alarms(adds)
         rows = [row for _, row in adds]
-        critical = any(row.rank == Priority.CRITICAL for row in rows)
+        synced = any(row.rank <= self.config.synced_rank for row in rows)
         try:
-            self._commit(rows, releases, metas, prune, critical)
+            self._commit(rows, releases, metas, prune, synced)
         except sqlite3.Error as exc:
             error: sqlite3.Error = exc
             retried = False
             if self._disk_full(exc) and self._free_ballast():
+                adds = self._keep_space_for_alarms(adds)
+                rows = [row for _, row in adds]
                 try:
-                    self._commit(rows, releases, metas, prune, critical)
+                    self._commit(rows, releases, metas, prune, synced)
                     retried = True
                 except sqlite3.Error as exc2:
                     error = exc2
             if not retried:
                 self._unreleased = releases
-                self._to_memory(adds, f"write failed: {error}")
+                reason = self._describe_failure(error)
+                if self._read_only():
+                    # A filesystem that went read-only comes back only as a new mount
+                    # (after fsck): the writer reopens the file when it retries.
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.close()
+                    self._conn = None
+                self._to_memory(adds, reason)
                 return
         if self._disk_fault and not self._memory:
             self._storage_restored()
@@ -585,13 +601,15 @@ class Outbox:
         releases: list[str],
         metas: list[tuple[str, int]],
         prune: bool,
-        critical: bool,
+        synced: bool,
     ) -> None:
+        """One transaction; fsync'd (``synchronous=FULL``) when ``synced``, else only
+        written (in WAL mode that survives a crash of the process, not a power cut)."""
         conn = self._conn
         assert conn is not None
-        if self._sync_full is not critical:
-            conn.execute("PRAGMA synchronous=FULL" if critical else "PRAGMA synchronous=NORMAL")
-            self._sync_full = critical
+        if self._sync_full is not synced:
+            conn.execute("PRAGMA synchronous=FULL" if synced else "PRAGMA synchronous=NORMAL")
+            self._sync_full = synced
         now = time.time()
         evicted: dict[str, int] = {}
         conn.execute("BEGIN IMMEDIATE")
@@ -653,7 +671,9 @@ class Outbox:
                 self.config.max_bytes,
                 evicted,
             )
-            self.on_report(StorageReport("agent.outbox_evicted", {"evicted": evicted, "count": n}))
+            self.on_report(
+                StorageReport("agent.outbox_evicted", {"evicted": evicted, "count": n, "from": "disk"})
+            )
 
     def _prune(self, conn: sqlite3.Connection, now: float) -> tuple[int, int]:
         cutoff = now - self.config.retention_hours * 3600
@@ -706,8 +726,77 @@ class Outbox:
 
     @staticmethod
     def _disk_full(exc: sqlite3.Error) -> bool:
-        text = str(exc).lower()
-        return "full" in text or "disk i/o" in text
+        """A full disk shows as SQLITE_FULL, or as an I/O error on a write SQLite cannot retry."""
+        return exc.sqlite_errorcode & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)
+
+    def _read_only(self) -> bool:
+        """Is the state directory's filesystem read-only? ext4 remounts itself read-only
+        after an error (``errors=remount-ro``) without always showing it in statvfs, so a
+        write is tried."""
+        probe = self.path.with_name(f".{self.path.name}.probe")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            return exc.errno == errno.EROFS
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        return False
+
+    def _describe_failure(self, exc: sqlite3.Error) -> str:
+        if exc.sqlite_errorcode & 0xFF == _SQLITE_READONLY or self._read_only():
+            return f"the filesystem of {self.path.parent} is read-only ({exc})"
+        if exc.sqlite_errorcode & 0xFF == _SQLITE_FULL:
+            return f"disk full ({exc})"
+        return f"write failed: {exc}"
+
+    def _free_space(self) -> int | None:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def _least_urgent_on_disk(self) -> Priority:
+        """The least urgent priority the disk takes now (see the module docstring)."""
+        free = self._free_space()
+        if self._reserve_in_use or (free is not None and free < self.config.shed_normal_below):
+            return Priority.HIGH
+        if free is not None and free < self.config.shed_low_below:
+            return Priority.NORMAL
+        return Priority.LOW
+
+    def _keep_space_for_alarms(
+        self, adds: list[tuple[Emission, PendingRow]]
+    ) -> list[tuple[Emission, PendingRow]]:
+        """Hold the priorities the disk does not take now in memory; return the rest."""
+        least = self._least_urgent_on_disk()
+        state = "ok" if least is Priority.LOW else f"{least.label} and more urgent only"
+        if state != self._space_state:
+            self._space_state = state
+            free = self._free_space()
+            log.warning("outbox: free space %s bytes; disk takes %s", free, state)
+            self.on_report(
+                StorageReport(
+                    "agent.storage_space",
+                    {
+                        "path": str(self.path),
+                        "free_bytes": free,
+                        "reserve_in_use": self._reserve_in_use,
+                        "on_disk": [p.label for p in Priority if p <= least],
+                    },
+                )
+            )
+        if least is Priority.LOW:
+            return adds
+        held = [(e, r) for e, r in adds if r.rank > least]
+        if not held:
+            return adds
+        for _, row in held:
+            key = f"shed_{Priority(row.rank).label}"
+            self.counters[key] = self.counters.get(key, 0) + 1
+        self._hold(held)
+        return [(e, r) for e, r in adds if r.rank <= least]
 
     def _free_ballast(self) -> bool:
         try:
@@ -717,11 +806,12 @@ class Outbox:
         except OSError as exc:
             log.error("outbox: could not release the reserve file %s: %s", self.ballast_path, exc)
             return False
+        self._reserve_in_use = True
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         log.critical(
-            "outbox: disk full at %s; released the %d-byte reserve to keep alarms flowing",
+            "outbox: disk full at %s; released the %d-byte reserve for critical and high events",
             self.path,
             self.config.reserve_bytes,
         )
@@ -735,20 +825,55 @@ class Outbox:
         return True
 
     def _to_memory(self, adds: list[tuple[Emission, PendingRow]], reason: str) -> None:
+        """The disk failed: hold the batch in memory and report the fault."""
         if not adds:
             return
-        with self._memory_lock:
-            for _, row in adds:
-                self._memory[row.id] = row
-        self._memory_seq = max(self._memory_seq, *(row.seq for _, row in adds))
         self.counters["memory_fallback"] += len(adds)
         self._disk_fault = reason
         self._report_fault(reason)
+        self._hold(adds)
+
+    def _hold(self, adds: list[tuple[Emission, PendingRow]]) -> None:
+        """Keep events in memory: delivered as usual, moved to disk when it takes them."""
+        with self._memory_lock:
+            for emission, row in adds:
+                self._memory[row.id] = row
+                self._memory_emissions[row.id] = emission
+            dropped = self._trim_memory()
+        self._memory_seq = max(self._memory_seq, *(row.seq for _, row in adds))
         if not self._last_disk_retry:
             self._last_disk_retry = time.monotonic()  # the first retry comes after a pause
         for emission, _ in adds:
-            emission.mark_durable()
+            emission.mark_in_memory()
         self.on_committed(min(row.key for _, row in adds))
+        if dropped:
+            count = sum(dropped.values())
+            self.counters["dropped"] += count
+            log.error("outbox: over %d events in memory; dropped %s", self.config.memory_max_events, dropped)
+            self.on_report(
+                StorageReport(
+                    "agent.outbox_evicted",
+                    {"evicted": dropped, "count": count, "from": "memory"},
+                    Priority.HIGH,
+                )
+            )
+
+    def _trim_memory(self) -> dict[str, int]:
+        """Over ``memory_max_events``: drop the least urgent, oldest first; never critical."""
+        excess = len(self._memory) - self.config.memory_max_events
+        if excess <= 0:
+            return {}
+        victims = sorted(
+            (r for r in self._memory.values() if r.rank != Priority.CRITICAL),
+            key=lambda r: (-r.rank, r.seq),
+        )[:excess]
+        dropped: dict[str, int] = {}
+        for row in victims:
+            del self._memory[row.id]
+            self._memory_emissions.pop(row.id, None)
+            label = Priority(row.rank).label
+            dropped[label] = dropped.get(label, 0) + 1
+        return dropped
 
     def _report_fault(self, reason: str) -> None:
         """Announce a storage failure once; a disk that keeps failing and recovering
@@ -785,31 +910,43 @@ class Outbox:
         with self._memory_lock:
             for i in ids:
                 self._memory.pop(i, None)
+                self._memory_emissions.pop(i, None)
 
     def _retry_memory(self) -> None:
         """Move events held in memory back to disk once it works again."""
         self._last_disk_retry = time.monotonic()
         if self._conn is None:
+            reports: list[StorageReport] = []
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._conn = self._open_checked([])
+                self._conn = self._open_checked(reports)
                 self._load_counters(self._conn)
+                for report in reports:  # a file damaged while it was unreachable
+                    self.on_report(report)
             except (sqlite3.Error, OSError):
                 if self._conn is not None:
                     self._conn.close()
                 self._conn = None
                 return
+        if self._reserve_in_use:
+            self._ensure_ballast()  # the space is back once the reserve fits again
+        least = self._least_urgent_on_disk()
         with self._memory_lock:
-            rows = list(self._memory.values())
+            rows = [r for r in self._memory.values() if r.rank <= least]
         releases, self._unreleased = self._unreleased, []
         try:
             self._commit(rows, releases, [], False, True)
         except sqlite3.Error:
             self._unreleased = releases + self._unreleased
             return
-        self._release_memory([r.id for r in rows])
+        with self._memory_lock:
+            for row in rows:
+                self._memory.pop(row.id, None)
+                emission = self._memory_emissions.pop(row.id, None)
+                if emission is not None:
+                    emission.mark_durable()
         if releases:
             self.on_released(releases)
         self._ensure_ballast()
-        if self._disk_fault and not self._memory:
-            self._storage_restored()
+        if self._disk_fault and (rows or not self._memory):
+            self._storage_restored()  # held events left wait for space, not for a fault

@@ -49,11 +49,16 @@ class SeqReserve:
         #: ``(first, last)``: numbers an earlier run reserved that the outbox does not hold.
         self.skipped: tuple[int, int] | None = None
         self.resumed_at = 1
+        #: This run's boot counter, kept in the mark's file too, so that it survives the
+        #: loss of the outbox (the centre tells a restarted device from a stale Will by it).
+        self.boot = 0
 
-    def resume(self, floor: int) -> None:
+    def resume(self, floor: int, boot: int = 1) -> None:
         """Start numbering at ``floor`` (the outbox's next seq) or above the stored mark,
-        whichever is higher, and reserve the first block before returning."""
-        mark = self._read_mark()
+        whichever is higher, and reserve the first block before returning. ``boot`` is
+        this run's boot counter by the outbox: raised above any the mark's file recorded."""
+        mark, stored_boot = self._read_mark()
+        self.boot = max(boot, stored_boot + 1)
         with self._lock:
             start = max(self._next, floor, mark)
             if mark > floor:
@@ -123,7 +128,7 @@ class SeqReserve:
             tmp = self.path.with_name(self.path.name + ".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
-                os.write(fd, f"{limit}\n".encode())
+                os.write(fd, f"{limit}\n{self.boot}\n".encode())
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -148,13 +153,16 @@ class SeqReserve:
             self._extending = False
             self._extended.notify_all()
 
-    def _read_mark(self) -> int:
+    def _read_mark(self) -> tuple[int, int]:
+        """(the mark, the boot counter of the run that wrote it; 0 in files written before
+        the counter was kept there)."""
         try:
-            return int(self.path.read_text().strip())
+            lines = self.path.read_text().split()
+            return int(lines[0]), int(lines[1]) if len(lines) > 1 else 0
         except FileNotFoundError:
-            return 0
-        except (OSError, ValueError) as exc:
+            return 0, 0
+        except (OSError, ValueError, IndexError) as exc:
             log.error(
                 "sequence mark %s unreadable (%s); the outbox's numbering is used", self.path, exc
             )
-            return 0
+            return 0, 0

@@ -128,8 +128,9 @@ def agent_latency(broker: Broker, tmp: Path, n: int, gap: float) -> tuple[list[f
     return lat, call
 
 
-def outbox_ingest(tmp: Path, n: int) -> float:
-    outbox = Outbox(tmp / "ingest.db", OutboxConfig(max_rows=n * 2))
+def outbox_ingest(tmp: Path, n: int, sync: str = "critical") -> float:
+    config = OutboxConfig(max_rows=n * 2, sync=sync)  # type: ignore[arg-type]
+    outbox = Outbox(tmp / f"ingest-{sync}.db", config)
     outbox.open()
     emissions = [
         Emission(
@@ -152,6 +153,32 @@ def outbox_ingest(tmp: Path, n: int) -> float:
     elapsed = time.perf_counter() - t0
     outbox.close()
     return n / elapsed
+
+
+def commit_latency(tmp: Path, n: int, priority: Priority, sync: str = "critical") -> list[float]:
+    """Seconds from submit to durable, one event at a time (no group commit to share a sync)."""
+    config = OutboxConfig(max_rows=n * 2, sync=sync)  # type: ignore[arg-type]
+    outbox = Outbox(tmp / f"commit-{priority.label}-{sync}.db", config)
+    outbox.open()
+    seconds = []
+    for _ in range(n):
+        e = Emission(
+            Event(
+                kind="panic.pressed",
+                source="b",
+                priority=priority,
+                site="s",
+                device="d",
+                seq=outbox.next_seq(),
+                payload=PAYLOAD,
+            )
+        )
+        t0 = time.perf_counter()
+        outbox.submit(e)
+        e.wait_durable(30)
+        seconds.append(time.perf_counter() - t0)
+    outbox.close()
+    return seconds
 
 
 def agent_ingest(broker: Broker, tmp: Path, n: int) -> float:
@@ -309,6 +336,33 @@ def run(report: Report, quick: bool = False) -> None:
                     ok=rate >= 20_000,
                     lower_is_better=False,
                     notes=f"n={n_ingest}, WAL, critical batches fully synced",
+                )
+            )
+            unsynced = commit_latency(tmp, n_lat // 2, Priority.NORMAL)
+            synced = commit_latency(tmp, n_lat // 2, Priority.CRITICAL)
+            for q, name in ((0.5, "p50"), (0.99, "p99")):
+                report.add(
+                    Row(
+                        "core",
+                        f"fsync'd commit (critical) submit → durable {name}",
+                        percentile(synced, q) * 1000,
+                        "ms",
+                        "unsynced commit (normal)",
+                        percentile(unsynced, q) * 1000,
+                        notes="one event at a time; [outbox] sync chooses the synced priorities",
+                    )
+                )
+            rate_all = outbox_ingest(tmp, n_ingest, sync="all")
+            report.add(
+                Row(
+                    "core",
+                    'outbox ingest, sync = "all"',
+                    rate_all,
+                    "ev/s",
+                    'default sync = "critical"',
+                    rate,
+                    lower_is_better=False,
+                    notes="every batch fsync'd: group commit shares one sync per batch",
                 )
             )
             rate = agent_ingest(broker, tmp / "ingest", n_ingest)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import OutboxConfig
-from agent.driver import Emission
+from agent.driver import Emission, Fate
 from agent.event import Event, Priority
 from agent.outbox import Outbox, StorageReport
 from agent.sequence import BLOCK
@@ -155,7 +156,7 @@ def test_unwritable_state_dir_falls_back_to_memory(tmp_path: Path) -> None:
     assert box.kinds() == ["agent.storage_failed"]
     e = box.add(priority=Priority.CRITICAL)
     box.outbox.flush()
-    assert e.is_durable, "accepted into memory"
+    assert e.fate is Fate.MEMORY and not e.is_durable, "held in memory, and said so"
     assert box.pending() == [e.event.id]
     assert box.outbox.backlog()[0] == 1
     box.outbox.release([e.event.id])
@@ -174,9 +175,12 @@ def test_full_disk_keeps_accepting_and_recovers(tmp_path: Path) -> None:
     emissions = [box.add(size=4000) for _ in range(20)]
     critical = box.add(priority=Priority.CRITICAL, size=4000)
     box.outbox.flush()
-    assert critical.is_durable and all(e.is_durable for e in emissions)
+    everything = [*emissions, critical]
+    assert all(e.fate is not None for e in everything), "every event's fate is decided"
+    held = [e for e in everything if e.fate is Fate.MEMORY]
+    assert held and len(held) == box.outbox.in_memory, "events held in memory are said so, and counted"
+    assert not any(e.is_durable for e in held)
     assert "agent.storage_failed" in box.kinds()
-    assert box.outbox.in_memory > 0
     assert critical.event.id in box.pending()
     assert box.kinds().count("agent.storage_failed") == 1, "one announcement per fault"
     conn.execute("PRAGMA max_page_count = 1000000")
@@ -185,6 +189,7 @@ def test_full_disk_keeps_accepting_and_recovers(tmp_path: Path) -> None:
     box.add()
     box.outbox.flush()
     assert box.outbox.in_memory == 0 and box.outbox.fault is None
+    assert all(e.is_durable and e.fate is Fate.DURABLE for e in everything), "on disk once it takes them"
     assert "agent.storage_restored" not in box.kinds(), "announced only once the disk stays good"
     time.sleep(0.3)
     box.outbox.flush()
@@ -251,6 +256,7 @@ def test_seq_survives_the_loss_of_the_outbox_file(tmp_path: Path) -> None:
         Path(f"{box.outbox.path}{suffix}").unlink(missing_ok=True)
     again = Box(tmp_path / "o.db")
     assert again.outbox.next_seq() == last + 1, "the numbering restarted with a new outbox file"
+    assert again.outbox.boot == box.outbox.boot + 1, "the boot counter restarted with a new outbox file"
     again.outbox.close()
 
 
@@ -258,11 +264,104 @@ def test_a_clean_stop_leaves_no_gap_and_blocks_are_reserved_ahead(tmp_path: Path
     box = Box(tmp_path / "o.db")
     seqs = [box.add().event.seq for _ in range(3 * BLOCK)]  # crosses several blocks
     assert seqs == list(range(1, 3 * BLOCK + 1))
-    mark = int((tmp_path / "o.seq").read_text())
+    mark = int((tmp_path / "o.seq").read_text().split()[0])
     assert mark > seqs[-1], "every number handed out is below the durable mark"
     box.outbox.close()
-    assert int((tmp_path / "o.seq").read_text()) == seqs[-1] + 1
+    assert int((tmp_path / "o.seq").read_text().split()[0]) == seqs[-1] + 1
     again = Box(tmp_path / "o.db")
     assert again.outbox.seqs.skipped is None
     assert again.outbox.next_seq() == seqs[-1] + 1
     again.outbox.close()
+
+
+def test_salvage_reads_past_a_damaged_page(tmp_path: Path) -> None:
+    """4 KiB overwritten in the middle of the file costs only the rows on those pages."""
+    path = tmp_path / "o.db"
+    box = Box(path)
+    kept = [box.add(size=200) for _ in range(2000)]
+    box.outbox.flush()
+    box.outbox.close()
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(size // 2 + 1000)  # not page aligned: two pages damaged
+        f.write(os.urandom(4096))
+    again = Box(path)
+    assert again.kinds() == ["agent.storage_recovered"]
+    report = again.reports[0].payload
+    pending = set(again.pending())
+    assert pending <= {e.event.id for e in kept}
+    # A 4096-byte page holds about 9 of these rows: two damaged pages cost at most ~20.
+    assert len(pending) >= len(kept) - 30, f"only {len(pending)} of {len(kept)} rows recovered"
+    assert report["salvaged"] == len(pending)
+    assert report["unaccounted"] == len(kept) - len(pending), "the loss is counted exactly"
+    assert report["seq_range"] == [1, len(kept)]
+    # The numbering goes on after the damaged file's.
+    assert again.add().event.seq == len(kept) + 1
+    again.outbox.close()
+
+
+def test_salvage_reads_rows_only_in_the_write_ahead_log(tmp_path: Path) -> None:
+    """A crash before a checkpoint leaves the newest rows only in the -wal file."""
+    path = tmp_path / "o.db"
+    box = Box(path)
+    older = [box.add(size=200) for _ in range(1000)]
+    box.outbox.flush()
+    box.outbox.close()  # checkpointed into the database file
+    box = Box(path)
+    newest = [box.add(priority=Priority.CRITICAL, size=100) for _ in range(50)]
+    box.outbox.flush()
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for suffix in ("", "-wal"):  # the files as a crash leaves them
+        shutil.copy(str(path) + suffix, str(crashed / "o.db") + suffix)
+    box.outbox.close()
+    size = (crashed / "o.db").stat().st_size
+    with open(crashed / "o.db", "r+b") as f:
+        f.seek(size // 3)
+        f.write(os.urandom(8192))
+    again = Box(crashed / "o.db")
+    assert again.kinds() == ["agent.storage_recovered"]
+    pending = set(again.pending())
+    assert {e.event.id for e in newest} <= pending, "rows in the log were not recovered"
+    assert len(pending & {e.event.id for e in older}) >= len(older) - 40
+    again.outbox.close()
+
+
+def test_low_space_keeps_the_disk_for_alarms(tmp_path: Path) -> None:
+    """Below the thresholds low, then normal events are held in memory, said so and counted."""
+    huge = 1 << 60  # "free space is always below the threshold"
+    box = Box(tmp_path / "o.db", shed_low_below=huge)
+    low, normal = box.add(priority=Priority.LOW), box.add(priority=Priority.NORMAL)
+    box.outbox.flush()
+    assert (low.fate, normal.fate) == (Fate.MEMORY, Fate.DURABLE)
+    assert box.outbox.counters["shed_low"] == 1 and box.outbox.fault is None
+    box.outbox.close()
+
+    box = Box(tmp_path / "o2.db", shed_low_below=huge, shed_normal_below=huge)
+    events = {p: box.add(priority=p) for p in Priority}
+    box.outbox.flush()
+    assert {p: e.fate for p, e in events.items()} == {
+        Priority.CRITICAL: Fate.DURABLE,
+        Priority.HIGH: Fate.DURABLE,
+        Priority.NORMAL: Fate.MEMORY,
+        Priority.LOW: Fate.MEMORY,
+    }
+    space = [r.payload for r in box.reports if r.kind == "agent.storage_space"]
+    assert space and space[0]["on_disk"] == ["critical", "high"], space
+    assert set(box.pending()) == {e.event.id for e in events.values()}, "held events are still sent"
+    box.outbox.close()
+
+
+def test_memory_is_bounded_and_never_drops_critical_events(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    box = Box(blocker / "sub" / "o.db", memory_max_events=100)  # no disk: everything in memory
+    low = [box.add(priority=Priority.LOW) for _ in range(150)]
+    critical = [box.add(priority=Priority.CRITICAL) for _ in range(120)]
+    box.outbox.flush()
+    pending = set(box.pending())
+    assert {e.event.id for e in critical} <= pending, "a critical event was dropped"
+    assert box.outbox.counters["dropped"] == 150
+    assert not {e.event.id for e in low} & pending
+    dropped = [r.payload for r in box.reports if r.kind == "agent.outbox_evicted"]
+    assert sum(d["count"] for d in dropped) == 150 and all(d["from"] == "memory" for d in dropped)

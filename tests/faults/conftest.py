@@ -15,6 +15,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,53 @@ def small_fs(tmp_path: Path) -> Iterator[Path | None]:
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
+
+
+@dataclass
+class Ext4:
+    """A small ext4 filesystem on a loop device, mounted ``errors=remount-ro`` like a Pi's SD card."""
+
+    image: Path
+    mount_point: Path
+    device: str = ""
+
+    def mount(self) -> None:
+        subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(self.image), str(self.mount_point)],
+                       check=True, capture_output=True)
+        found = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(self.mount_point)],
+                               check=True, capture_output=True, text=True)
+        self.device = Path(found.stdout.strip()).name
+
+    def fail(self) -> None:
+        """An I/O error as the kernel sees one: ext4 remounts itself read-only."""
+        Path(f"/sys/fs/ext4/{self.device}/trigger_fs_error").write_text("1\n")
+
+    def repair(self) -> None:
+        """What a technician (or a reboot) does: unmount, fsck, mount again."""
+        subprocess.run(["umount", "-l", str(self.mount_point)], check=True, capture_output=True)
+        subprocess.run(["e2fsck", "-fy", str(self.image)], check=False, capture_output=True)
+        self.mount()
+
+
+@pytest.fixture
+def sd_card(tmp_path: Path) -> Iterator[Ext4]:
+    """A 64 MiB ext4 filesystem that the test can make fail (root and loop devices needed)."""
+    fs = Ext4(tmp_path / "sd.img", tmp_path / "sd")
+    fs.mount_point.mkdir()
+    with open(fs.image, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(fs.image)], check=True, capture_output=True)
+    fs.mount()
+    try:
+        yield fs
+    finally:
+        subprocess.run(["umount", "-l", str(fs.mount_point)], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def powercut_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/faults/powercut.c built for LD_PRELOAD (see there)."""
+    library = tmp_path_factory.mktemp("powercut") / "libpowercut.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(library), str(Path(__file__).with_name("powercut.c")),
+                    "-ldl", "-lpthread"], check=True)
+    return library

@@ -114,16 +114,33 @@ class Ledger:
         self.committed: dict[str, tuple[int, int, str]] = {}  # id -> (rank, seq, kind), read from outbox.db
         self.unanswered = 0  # emits cut off by a fault: not accepted, so not promised
         self.rejected = 0  # replies with ok = false
+        self.held: dict[str, Accepted] = {}  # accepted into memory only (storage failing)
+        self.promise_held = True
         self.clears: list[float] = []  # boottimes at which a fault ended
         self._lock = threading.Lock()
 
     def accept(self, reply: Mapping[str, Any], priority: str, kind: str, tag: str = "") -> bool:
+        """Record an emit's reply: on disk (promised), held in memory (promised only while
+        the agent runs: see ``held``), or refused."""
         with self._lock:
-            if reply.get("ok") and reply.get("durable"):
-                self.accepted[reply["id"]] = Accepted(reply["id"], priority, kind, boottime(), tag)
+            entry = Accepted(reply.get("id", ""), priority, kind, boottime(), tag)
+            if reply.get("ok") and reply.get("fate") == "durable":
+                self.accepted[entry.id] = entry
+                return True
+            if reply.get("ok") and reply.get("fate") == "memory":
+                self.held[entry.id] = entry
+                if self.promise_held:
+                    self.accepted[entry.id] = entry
                 return True
             self.rejected += 1
             return False
+
+    def forget_held(self) -> None:
+        """The agent is about to be killed: events held only in memory are no longer promised."""
+        with self._lock:
+            self.promise_held = False
+            for event_id in self.held:
+                self.accepted.pop(event_id, None)
 
     def fault_cleared(self) -> None:
         self.clears.append(boottime())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -189,3 +190,190 @@ def test_state_directory_turned_read_only(
     rig.agent.terminate()
     remount(small_fs, "ro")
     _read_only_run(rig, small_fs, fault_matrix, "read-only state dir (existing outbox)")
+
+
+# ------------------------------------------------------------------------------------------
+# "Accepted" means durable, or says otherwise: each fault below checks that every event
+# reported durable is delivered, every event reported held in memory is counted, and the
+# centre's view of loss (seq gaps and the recovery event) equals the true loss.
+
+
+def _seq_gaps(rig: Rig) -> tuple[int, int]:
+    """(seqs never seen, seqs seen under two different ids) in what the centre received."""
+    ids_by_seq: dict[int, set[str]] = {}
+    for message in list(rig.recorder.messages):
+        if "/events/" in message.topic:
+            body = message.json()
+            ids_by_seq.setdefault(body["seq"], set()).add(body["id"])
+    reused = sum(1 for ids in ids_by_seq.values() if len(ids) > 1)
+    return max(ids_by_seq) - len(ids_by_seq), reused
+
+
+def test_kill_while_the_disk_is_full_loses_only_events_said_to_be_in_memory(
+    tmp_path: Path, fault_broker: Broker, small_fs: Path | None, fault_matrix: Callable[[dict[str, Any]], None]
+) -> None:
+    if small_fs is None:
+        pytest.skip("needs a mount to fill a small filesystem")
+    outbox = {"reserve_bytes": 2 * 1024 * 1024, "shed_low_below": 3 * 1024 * 1024, "shed_normal_below": 2 * 1024 * 1024}
+    with TcpProxy(fault_broker.host, fault_broker.port) as proxy:
+        proxy.refuse()  # the broker is down: everything waits in the outbox
+        rig = Rig(tmp_path, fault_broker, state_dir=small_fs / "state", mqtt_port=proxy.port, outbox=outbox)
+        rig.start()
+        steady = Emitter(rig.agent, rig.ledger, kind="fault.full", priorities=("critical", "normal", "low", "high"),
+                         rate=80, persist=True).start()
+        try:
+            time.sleep(1.0)
+            fill_disk(small_fs)
+            time.sleep(4.0)
+            steady.stop()
+            rig.ledger.forget_held()
+            rig.agent.kill()  # while full: what was only in memory dies with the process
+            (small_fs / "filler").unlink()
+            proxy.set_pass()
+            rig.agent.start()
+            rig.wait_drained()
+            rig.agent.terminate()
+        finally:
+            steady.stop()
+            rig.close()
+    rig.ledger.read_outbox(rig.db_path)
+    rig.wait_delivered(rig.ledger.expected_ids(), timeout=10)
+    verdict = rig.ledger.verdict(rig.recorder)
+    held = rig.ledger.held.values()
+    held_by_priority = {p: sum(1 for a in held if a.priority == p) for p in ("critical", "high", "normal", "low")}
+    gaps, reused = _seq_gaps(rig)
+    fault_matrix(verdict.row("disk full, broker down, kill -9 while full", 1, held_in_memory=held_by_priority,
+                             seq_gaps=gaps, seq_reused=reused, reported=sorted(_kinds(rig) & {
+                                 "agent.disk_full", "agent.storage_space", "agent.storage_failed"})))
+    verdict.assert_promise(order=False)
+    assert held_by_priority["critical"] == held_by_priority["high"] == 0, (
+        f"the space kept for alarms did not hold them: {held_by_priority}")
+    assert held_by_priority["low"] > 0, "low-priority events were not shed while the disk was full"
+    assert {"agent.disk_full", "agent.storage_space"} <= _kinds(rig)
+    assert reused == 0, "a seq was given to two different events"
+    # Held events the disk took before the kill were delivered; the rest are the true loss.
+    held_lost = set(rig.ledger.held) - rig.seen_ids()
+    assert gaps == len(held_lost), f"the centre sees {gaps} missing seqs, the true loss is {len(held_lost)}"
+
+
+def test_damaged_outbox_loss_is_what_the_centre_sees(
+    tmp_path: Path, fault_broker: Broker, fault_matrix: Callable[[dict[str, Any]], None]
+) -> None:
+    """4 KiB overwritten in the middle of the file: only the rows on the damaged pages are lost,
+    and the centre's seq gap and the recovery event both count exactly those."""
+    with TcpProxy(fault_broker.host, fault_broker.port) as proxy:
+        proxy.refuse()
+        rig = Rig(tmp_path, fault_broker, mqtt_port=proxy.port)
+        rig.start()
+        try:
+            before = Emitter(rig.agent, rig.ledger, kind="fault.before", priorities=("normal", "critical", "high"), limit=600).start()
+            before.thread.join(60)
+            rig.agent.terminate()
+            rig.ledger.read_outbox(rig.db_path)  # every event numbered so far, the agent's own included
+            numbered = rig.ledger.expected_ids()
+            size = rig.db_path.stat().st_size
+            with open(rig.db_path, "r+b") as f:
+                f.seek(size // 2)
+                f.write(os.urandom(4096))
+            proxy.set_pass()
+            rig.agent.start()
+            after = Emitter(rig.agent, rig.ledger, kind="fault.after", priorities=("critical", "normal"), limit=100).start()
+            after.thread.join(60)
+            rig.wait_drained()
+            rig.agent.terminate()
+        finally:
+            rig.close()
+    since = set(rig.ledger.accepted) - numbered
+    assert rig.wait_delivered(since, timeout=10), "events accepted after the recovery were lost"
+    lost = numbered - rig.seen_ids()
+    gaps, reused = _seq_gaps(rig)
+    recovered = [e["payload"] for e in rig.recorder.events("agent.storage_recovered")]
+    fault_matrix({"fault": "4 KiB overwritten mid-file, restart", "iterations": 1, "accepted": len(numbered) + len(since),
+                  "delivered": len(numbered) + len(since) - len(lost), "lost": len(lost), "seq_gaps": gaps,
+                  "seq_reused": reused, "recovery_event": recovered[0] if recovered else None})
+    assert recovered, "the recovery was not reported to the centre"
+    assert reused == 0, "a seq was given to two different events"
+    assert gaps == len(lost), f"the centre sees {gaps} missing seqs, the true loss is {len(lost)}"
+    assert recovered[0]["unaccounted"] == len(lost), "the recovery event must count the loss"
+    assert len(lost) <= 40, f"salvage lost {len(lost)} events to two damaged pages"
+
+
+def test_power_cut_keeps_every_synced_event(
+    tmp_path: Path, fault_broker: Broker, powercut_library: Path, fault_matrix: Callable[[dict[str, Any]], None]
+) -> None:
+    """Everything not fsync'd is gone after a power cut; critical events are synced before they
+    count as durable (``[outbox] sync = "critical"``, the default), so none may be lost."""
+    synced = tmp_path / "synced"
+    synced.mkdir()
+    with TcpProxy(fault_broker.host, fault_broker.port) as proxy:
+        proxy.refuse()
+        rig = Rig(tmp_path, fault_broker, mqtt_port=proxy.port)
+        rig.agent.env.update({"LD_PRELOAD": str(powercut_library), "POWERCUT_WATCH": str(rig.state_dir),
+                              "POWERCUT_SNAPSHOT": str(synced)})
+        rig.start()
+        try:
+            burst = Emitter(rig.agent, rig.ledger, kind="fault.power", priorities=("critical", "normal", "high", "low"),
+                            limit=400).start()
+            burst.thread.join(60)
+            rig.agent.kill()
+            for stale in rig.state_dir.glob("outbox.db*"):
+                stale.unlink()
+            for kept in synced.iterdir():  # the files as the disk holds them after the cut
+                if not kept.name.endswith(".partial"):
+                    shutil.copy(kept, rig.state_dir / kept.name)
+            rig.agent.env = {}
+            proxy.set_pass()
+            rig.agent.start()
+            rig.wait_drained()
+            rig.agent.terminate()
+        finally:
+            rig.close()
+    by_priority = {p: {i for i, a in rig.ledger.accepted.items() if a.priority == p} for p in ("critical", "high", "normal", "low")}
+    rig.wait_delivered(by_priority["critical"], timeout=10)
+    seen = rig.seen_ids()
+    lost = {p: len(ids - seen) for p, ids in by_priority.items()}
+    fault_matrix({"fault": "power cut (unsynced writes dropped)", "iterations": 1, "accepted": len(rig.ledger.accepted),
+                  "delivered": len(set(rig.ledger.accepted) & seen), "lost": sum(lost.values()), "lost_by_priority": lost})
+    assert lost["critical"] == 0, f"{lost['critical']} critical events reported durable did not survive the power cut"
+
+
+def test_sd_card_remounted_read_only(
+    tmp_path: Path, fault_broker: Broker, sd_card: Any, fault_matrix: Callable[[dict[str, Any]], None]
+) -> None:
+    """ext4 ``errors=remount-ro`` after an I/O error: alarms still go out over the live link, every
+    emit says it is held in memory, and the centre is told. Such a filesystem comes back only
+    through unmount and fsck (at the next boot, or by a technician): after that the restarted
+    agent has every event it had committed."""
+    rig = Rig(tmp_path, fault_broker, drivers=PANIC, state_dir=sd_card.mount_point / "state")
+    rig.start()
+    steady = Emitter(rig.agent, rig.ledger, kind="fault.sdcard", priorities=("critical", "normal"), rate=40).start()
+    try:
+        time.sleep(1.0)
+        sd_card.fail()
+        status = rig.agent.wait_for(lambda s: s["storage"]["fault"] is not None and s["backlog"]["in_memory"] > 0, 30,
+                                    "the read-only filesystem noticed")
+        assert "read-only" in status["storage"]["fault"], status["storage"]
+        replies = [rig.agent.simulate("panic") for _ in range(3)]
+        presses = [r["result"]["ids"][0] for r in replies]
+        assert rig.wait_delivered(presses, timeout=30), "panic presses on a read-only SD card did not reach the centre"
+        deadline = time.monotonic() + 30
+        while "agent.storage_failed" not in _kinds(rig) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "agent.storage_failed" in _kinds(rig), "the centre was not told while the disk was failing"
+        steady.stop()
+        held = set(rig.ledger.held)
+        assert rig.wait_delivered(held, timeout=30), "events held in memory were not delivered while the agent ran"
+        rig.agent.terminate()
+        sd_card.repair()
+        rig.ledger.fault_cleared()
+        rig.agent.start()
+        rig.agent.wait_for(lambda s: s["storage"]["fault"] is None, 30, "the outbox writable after fsck")
+        verdict = rig.finish()
+    finally:
+        steady.stop()
+        rig.close()
+    fault_matrix(verdict.row("SD card remounted read-only, fsck, restart", 1, held_in_memory=len(held),
+                             reported=sorted(_kinds(rig) & {"agent.storage_failed", "agent.storage_restored"})))
+    verdict.assert_promise()
+    assert held, "emits on a read-only disk must say they are held in memory"
+    assert "agent.storage_failed" in _kinds(rig), "the centre was not told"
