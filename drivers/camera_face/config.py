@@ -12,6 +12,7 @@ from drivers.camera_face.models import (
     DEFAULT_EMBEDDER,
     DEFAULT_MODELS_DIR,
     Normalisation,
+    calibrated_threshold,
     manifest_entry,
 )
 
@@ -32,6 +33,7 @@ class ModelFile:
     path: Path
     sha256: str
     normalisation: Normalisation | None
+    impostor_tail: tuple[float, float] | None = None
 
     @property
     def name(self) -> str:
@@ -90,12 +92,18 @@ class CameraFaceConfig:
     max_yaw: float = field(default=0.4, metadata=check(minimum=0.0, maximum=2.0))
     #: Nose height between the eye line (0) and mouth line (1), distance from 0.5.
     max_pitch: float = field(default=0.25, metadata=check(minimum=0.0, maximum=1.0))
+    #: The embedding's length before normalisation (low on poor faces).
+    min_embedding_norm: float = field(default=0.0, metadata=check(minimum=0.0))
 
-    #: Cosine similarity at or above which a face counts as the watchlist person.
-    threshold: float = field(default=0.45, metadata=check(minimum=-1.0, maximum=1.0))
-    #: A match needs ``vote_k`` of the last ``vote_n`` judged frames of one face track.
-    vote_k: int = field(default=2, metadata=check(minimum=1, maximum=100))
-    vote_n: int = field(default=4, metadata=check(minimum=1, maximum=100))
+    #: Cosine similarity at or above which a face track counts as the watchlist person;
+    #: 0 calibrates it from ``target_fpir`` and the number of enrolled photos (the
+    #: threshold for a given false-alarm rate rises with the list).
+    threshold: float = field(default=0.0, metadata=check(minimum=0.0, maximum=1.0))
+    #: With ``threshold = 0``: the share of strangers' tracks allowed to raise an alarm.
+    target_fpir: float = field(default=0.01, metadata=check(minimum=1e-6, maximum=0.5))
+    #: A face track is searched in the watchlist from its n-th judged face on (its
+    #: quality-weighted mean embedding), or once when a shorter track ends; it decides once.
+    min_frames: int = field(default=3, metadata=check(minimum=1, maximum=100))
     #: Seconds after a match during which the same person gives no new event.
     cooldown: float = field(default=60.0, metadata=check(minimum=0.0, maximum=86400.0))
     #: A face track ends when its face is not seen for this many seconds.
@@ -107,8 +115,6 @@ class CameraFaceConfig:
     match_memory_hours: float = field(default=24.0, metadata=check(minimum=0.0, maximum=24.0 * 90))
 
     def __post_init__(self) -> None:
-        if self.vote_k > self.vote_n:
-            raise ConfigError(f"must not exceed vote_n ({self.vote_n})", "vote_k")
         if self.reconnect_min_delay > self.reconnect_max_delay:
             raise ConfigError("must not exceed reconnect_max_delay", "reconnect_min_delay")
         if self.source_type == "auto" and "://" in self.source:
@@ -117,7 +123,19 @@ class CameraFaceConfig:
                 raise ConfigError(f"unknown stream scheme {scheme!r}", "source")
         # Resolve the model files now so a bad entry is a config error at load, not at start.
         self.detector_file  # noqa: B018
-        self.embedder_file  # noqa: B018
+        if not self.threshold and self.embedder_file.impostor_tail is None:
+            raise ConfigError(
+                f"no calibration is known for {self.embedder_file.name!r}: set a threshold",
+                "threshold",
+            )
+
+    def threshold_for(self, templates: int) -> float:
+        """The decision threshold for a watchlist holding ``templates`` enrolled photos."""
+        if self.threshold:
+            return self.threshold
+        tail = self.embedder_file.impostor_tail
+        assert tail is not None, "checked at load"
+        return calibrated_threshold(templates, self.target_fpir, tail)
 
     def _model(self, kind: str, value: str, sha256: str) -> ModelFile:
         path = Path(value) if Path(value).is_absolute() else Path(self.models_dir) / value
@@ -128,8 +146,9 @@ class CameraFaceConfig:
                 f"{path.name!r} is not in the built-in model manifest: set {kind}_sha256",
                 f"{kind}_sha256",
             )
-        normalisation = known.normalisation if known else None
-        return ModelFile(path, expected, normalisation)
+        if known is not None and known.sha256 == expected:
+            return ModelFile(path, expected, known.normalisation, known.impostor_tail)
+        return ModelFile(path, expected, known.normalisation if known else None)
 
     @property
     def detector_file(self) -> ModelFile:
@@ -144,4 +163,4 @@ class CameraFaceConfig:
                 f"the input scaling of {model.name!r} is unknown: set normalisation",
                 "normalisation",
             )
-        return ModelFile(model.path, model.sha256, normalisation)
+        return ModelFile(model.path, model.sha256, normalisation, model.impostor_tail)

@@ -9,6 +9,7 @@ files are never shipped with Wardpost; they are installed next to it.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -40,7 +41,15 @@ class ModelInfo:
     origin: str  #: where the file comes from, for the licence record and for re-creating it
     normalisation: Normalisation | None = None  #: embedders only
     note: str = ""
+    #: Embedders: (a, b) such that a stranger's face track scores at least t against one
+    #: enrolled photo with probability about exp(a + b t); None when not measured.
+    impostor_tail: tuple[float, float] | None = None
 
+
+#: Fitted by ``scripts/bench-face`` on lfw_dev and celeba_dev stranger tracks against
+#: enrolled photos (log-linear over shares 1e-6..1e-2; the two sets gave a = 4.06 and
+#: 4.60, b = -32.3 and -32.1: the larger a is kept, so thresholds err on the high side).
+FOAMLIU_IMPOSTOR_TAIL = (4.6, -32.1)
 
 MANIFEST: tuple[ModelInfo, ...] = (
     ModelInfo(
@@ -65,6 +74,7 @@ MANIFEST: tuple[ModelInfo, ...] = (
         "converted with onnx2tf 1.28.8 (no public TFLite download: use --from)",
         normalisation="imagenet",
         note="default embedder, 128-d, float32",
+        impostor_tail=FOAMLIU_IMPOSTOR_TAIL,
     ),
     ModelInfo(
         name="mobilefacenet-foamliu-int8.tflite",
@@ -76,7 +86,8 @@ MANIFEST: tuple[ModelInfo, ...] = (
         origin="the fp32 file above, post-training int8 quantised (per-channel) "
         "(no public download: use --from)",
         normalisation="imagenet",
-        note="for slow CPUs; cosine to fp32 about 0.98-0.99",
+        note="int8 weights and activations; cosine to fp32 about 0.98-0.99",
+        impostor_tail=FOAMLIU_IMPOSTOR_TAIL,
     ),
     ModelInfo(
         name="mobilefacenet-foamliu.onnx",
@@ -125,6 +136,24 @@ MANIFEST: tuple[ModelInfo, ...] = (
 )
 
 _BY_NAME = {m.name: m for m in MANIFEST}
+
+#: Calibrated thresholds never go below this: under it, look-alikes score as matches
+#: often enough that a misfit of the tail model would show as many false alarms.
+MIN_CALIBRATED_THRESHOLD = 0.35
+
+
+def calibrated_threshold(templates: int, target_fpir: float, tail: tuple[float, float]) -> float:
+    """The threshold at which about ``target_fpir`` of strangers' tracks raise an alarm.
+
+    Each stranger is compared with every enrolled photo (``templates``); with the
+    per-comparison tail ``exp(a + b t)`` the chance that none of them reaches t is
+    ``(1 - exp(a + b t)) ** templates``. The threshold rises with the list: for the
+    default embedder and 1 % it is about 0.36 for 10 photos, 0.47 for 500 and 0.54
+    for 3,000.
+    """
+    per_comparison = -math.expm1(math.log1p(-target_fpir) / max(1, templates))
+    a, b = tail
+    return max(MIN_CALIBRATED_THRESHOLD, (math.log(per_comparison) - a) / b)
 
 
 def manifest_entry(name: str) -> ModelInfo | None:

@@ -25,12 +25,12 @@ from agent.config import ConfigError, parse_section
 from agent.driver import Command, CommandError
 from drivers.camera_face import CameraFaceConfig, CameraFaceDriver
 from drivers.camera_face.cli import add_cli
-from drivers.camera_face.decision import Vote, VoteTracker
-from drivers.camera_face.models import ModelError
-from drivers.camera_face.pipeline import FacePipeline, FaceSample
+from drivers.camera_face.decision import FaceTracker, WatchlistJudge
+from drivers.camera_face.models import FOAMLIU_IMPOSTOR_TAIL, ModelError, calibrated_threshold
+from drivers.camera_face.pipeline import Face, FacePipeline, FaceSample, Quality
 from drivers.camera_face.watchlist import (
     FILE_NAME,
-    Match,
+    Gallery,
     Watchlist,
     WatchlistError,
     encode_embedding,
@@ -160,17 +160,25 @@ def run_driver(
 
 
 def test_config_errors_name_the_field() -> None:
-    with pytest.raises(ConfigError, match=r"drivers\.cam\.vote_k: must not exceed vote_n"):
-        options("x", vote_k=5, vote_n=3)
+    with pytest.raises(ConfigError, match=r"drivers\.cam\.threshold: no calibration is known"):
+        options("x", embedder="mobilefacenet-128.tflite")
     with pytest.raises(ConfigError, match=r"drivers\.cam\.embedder_sha256: 'my.tflite' is not in"):
         options("x", embedder="my.tflite")
     with pytest.raises(ConfigError, match=r"drivers\.cam\.normalisation: the input scaling"):
         options("x", embedder="my.tflite", embedder_sha256="0" * 64)
     with pytest.raises(ConfigError, match=r"drivers\.cam\.source: unknown stream scheme 'ftp'"):
         options("ftp://camera/stream")
-    assert (
-        options("x", embedder="mobilefacenet-128.tflite").embedder_file.normalisation == "symmetric"
-    )
+    sirius = options("x", embedder="mobilefacenet-128.tflite", threshold=0.5)
+    assert sirius.embedder_file.normalisation == "symmetric" and sirius.threshold_for(900) == 0.5
+
+
+def test_calibrated_threshold_rises_with_the_list() -> None:
+    config = options("x")
+    thresholds = [config.threshold_for(n) for n in (1, 10, 100, 1000, 3000, 10000)]
+    assert thresholds == sorted(thresholds) and thresholds[0] == 0.35
+    assert 0.5 < config.threshold_for(3000) < 0.56  # 1,000 persons with 3 photos each
+    # A stricter target needs a higher threshold for the same list.
+    assert calibrated_threshold(300, 1e-3, FOAMLIU_IMPOSTOR_TAIL) > config.threshold_for(300)
 
 
 def test_missing_model_fails_start_with_file_and_hash(tmp_path: Path) -> None:
@@ -209,7 +217,7 @@ def test_enrolled_people_match_and_strangers_do_not(
 ) -> None:
     enrol_all(tmp_path, enrolment)
     gallery = Watchlist(tmp_path / FILE_NAME).gallery()
-    threshold = options("x").threshold
+    threshold = options("x").threshold_for(len(gallery))
     right = judged = 0
     for person in ENROLLED:
         for number in range(3, 7):
@@ -235,27 +243,42 @@ def test_enrolled_people_match_and_strangers_do_not(
                     assert match is not None and match.score < threshold, (person, number, match)
 
 
-def test_vote_needs_k_of_n_per_track_and_cooldown_per_person() -> None:
-    sample = FaceSample.__new__(FaceSample)  # votes only carry it along
-    hit = Vote(Match("p1", "P", "l", 0.7), sample)
-    miss = Vote(None, sample)
+def sample_at(box: tuple[float, float, float, float], vector: np.ndarray, norm: float = 18.0) -> FaceSample:
+    """A judged face at ``box`` whose embedding is ``vector`` (made unit length)."""
+    face = Face(box, np.zeros((5, 2), np.float32), 0.9)
+    unit = (vector / np.linalg.norm(vector)).astype(np.float32)
+    return FaceSample(face, None, None, unit, Quality(100.0, 0.0, 0.0, norm))
+
+
+def test_track_decides_once_from_its_aggregate_and_cooldown_per_person(
+    pipeline: FacePipeline,
+) -> None:
+    person, other = np.eye(4, dtype=np.float32)[0], np.eye(4, dtype=np.float32)[1]
+    gallery = Gallery(1, 4, [("p1", "P", "l", person.tobytes())])
+    judge = WatchlistJudge(pipeline, gallery, 0.6, FaceTracker(3, 10.0, 1.0))
     here, there = (100.0, 100.0, 80.0, 80.0), (400.0, 100.0, 80.0, 80.0)
-    tracker = VoteTracker(k=2, n=3, cooldown=10.0, track_timeout=1.0)
-    assert tracker.update(0.0, [(here, hit)]) == []
-    assert tracker.update(0.1, [(here, miss)]) == []
-    assert tracker.update(0.2, [(here, miss)]) == []
-    assert tracker.update(0.3, [(here, hit)]) == []  # only 1 of the last 3 agree
-    decisions = tracker.update(0.4, [(here, hit)])
-    assert [(d.match.person_id, d.agreeing, d.judged) for d in decisions] == [("p1", 2, 3)]
-    # Same person on another track within the cooldown: no second event.
-    assert tracker.update(0.5, [(there, hit)]) == [] and tracker.update(0.6, [(there, hit)]) == []
-    assert tracker.cooled_down == 1
-    # Two faces of one frame are two tracks: one vote each, so k=2 is not reached at once.
-    tracker = VoteTracker(k=2, n=3, cooldown=0.0, track_timeout=1.0)
-    assert tracker.update(0.0, [(here, hit), (there, hit)]) == []
-    # A track that was not seen for longer than the timeout starts over.
-    assert tracker.update(5.0, [(here, hit)]) == []
-    assert len(tracker.update(5.1, [(here, hit)])) == 1
+    noisy = person + 0.9 * other  # score 0.74 alone
+    assert judge.decide([sample_at(here, noisy)], 0.0) == []
+    # The face moves 40 px between frames (IoU below 0.3): still the same track.
+    moved = (140.0, 100.0, 80.0, 80.0)
+    assert judge.decide([sample_at(moved, other)], 0.1) == []
+    (decision,) = judge.decide([sample_at(moved, person)], 0.2)
+    assert decision.match.person_id == "p1" and decision.frames == 3 and decision.track == 1
+    # Decided: the track gives no second event however long the person stays.
+    assert judge.decide([sample_at(moved, person)], 0.3) == []
+    # The same person on another track within the cooldown: no event, counted.
+    for step in range(3):
+        assert judge.decide([sample_at(there, person)], 0.4 + step / 10) == []
+    assert judge.tracker.cooled_down == 1 and judge.counters.tracks_searched == 2
+    # A stranger's track never decides; a poor face counts less than a good one.
+    judge = WatchlistJudge(pipeline, gallery, 0.6, FaceTracker(3, 0.0, 1.0))
+    for step in range(3):
+        assert judge.decide([sample_at(here, other)], step / 10) == []
+    assert judge.decide([sample_at(here, person, norm=8.0)] * 1, 0.3) == []
+    # A track too short to be ready is decided when it ends (here: 1 frame, then gone).
+    judge.decide([sample_at(there, person)], 0.4)
+    (late,) = judge.decide([], 2.0)
+    assert late.frames == 1 and late.match.person_id == "p1"
 
 
 def test_video_gives_one_event_per_person_passing(
@@ -277,15 +300,17 @@ def test_video_gives_one_event_per_person_passing(
         ],
     )
     enrol_all(tmp_path / "state", enrolment)
-    driver, ctx = run_driver(options(video, vote_k=2, vote_n=4, cooldown=60.0, track_timeout=0.5))
+    driver, ctx = run_driver(options(video, min_frames=3, cooldown=60.0, track_timeout=0.5))
     wait_until(lambda: counter(driver, "frames") >= frames, what="the whole video")
     matches = [e for e in ctx.events if e.kind == "face.watchlist_match"]
     assert [e.payload["person_id"] for e in matches] == ["Abdullah_Gul", "Ana_Palacio"]
     event = matches[0]
     assert event.priority.label == "high"
     assert event.payload["name"] == "Abdullah Gul" and event.payload["list"] == "high-risk"
-    assert event.payload["score"] >= event.payload["threshold"] == 0.45
-    assert event.payload["camera"] == "cam" and event.payload["votes"].startswith("2/")
+    assert event.payload["score"] >= event.payload["threshold"] == round(
+        options("x").threshold_for(4), 4
+    )
+    assert event.payload["camera"] == "cam" and event.payload["frames"] == 3
     assert event.payload["watchlist_version"] == 4
     assert "crop_jpeg" not in event.payload
     health = driver.health()
@@ -304,7 +329,7 @@ def test_short_cooldown_reports_a_returning_person_again(
     )
     enrol_all(tmp_path / "state", enrolment)
     driver, ctx = run_driver(
-        options(video, vote_k=2, vote_n=3, cooldown=1.0, track_timeout=0.5, include_crop=True)
+        options(video, min_frames=2, cooldown=1.0, track_timeout=0.5, include_crop=True)
     )
     wait_until(lambda: counter(driver, "frames") >= frames, what="the whole video")
     matches = ctx.wait_for("face.watchlist_match", 2)
@@ -333,7 +358,7 @@ def test_centre_commands_add_remove_and_reject(
 ) -> None:
     folder = tmp_path / "drop"
     folder.mkdir()
-    driver, ctx = run_driver(options(folder, vote_k=1, vote_n=1, cooldown=0.0))
+    driver, ctx = run_driver(options(folder, min_frames=1, cooldown=0.0))
     (result,) = command(
         ctx,
         "watchlist.add",
@@ -409,6 +434,8 @@ def test_centre_commands_add_remove_and_reject(
     (result,) = command(ctx, "face.reject", event_id=event.id)
     assert result == {"person_id": "P1", "event_id": event.id, "rejections": 1}
     assert command(ctx, "face.reject", event_id="unknown-event") == [None]  # another camera's
+    # The same face again once its track has ended (a track decides only once).
+    wait_until(lambda: counter(driver, "tracks") == 0, what="the first track to end")
     drop_image(folder, photo("Bill_Gates", 3), "002.jpg")
     wait_until(lambda: counter(driver, "suppressed_rejected") >= 1, what="the rejected face")
     assert len(ctx.wait_for("face.watchlist_match")) == 1
@@ -424,7 +451,9 @@ def test_watchlist_refuses_another_model(
     ):
         Watchlist(tmp_path / "state" / FILE_NAME, "mobilefacenet-128.tflite", "1" * 64, 128)
     ctx = RecordingContext(tmp_path / "state", name="cam")
-    driver = CameraFaceDriver(ctx, options(tmp_path, embedder="mobilefacenet-128.tflite"))
+    driver = CameraFaceDriver(
+        ctx, options(tmp_path, embedder="mobilefacenet-128.tflite", threshold=0.5)
+    )
     with pytest.raises(WatchlistError, match="configure that model, or export the list"):
         driver.start()
 
@@ -438,7 +467,7 @@ def test_image_folder_unplugged_and_replugged(
     folder = tmp_path / "usb"
     folder.mkdir()
     enrol_all(tmp_path / "state", enrolment)
-    driver, ctx = run_driver(options(folder, vote_k=1, vote_n=1, source_type="image_folder"))
+    driver, ctx = run_driver(options(folder, min_frames=1, source_type="image_folder"))
     drop_image(folder, photo("Adrien_Brody", 3), "a.jpg")
     ctx.wait_for("face.watchlist_match")
     folder.rename(tmp_path / "away")
@@ -460,7 +489,7 @@ def test_video_file_removed_and_restored_is_played_again(
     video = tmp_path / "replay.avi"
     frames = write_video(video, [(photo("Ana_Palacio", 4), 4), (None, 2)])
     enrol_all(tmp_path / "state", enrolment)
-    driver, ctx = run_driver(options(video, vote_k=2, vote_n=3, cooldown=0.0))
+    driver, ctx = run_driver(options(video, min_frames=2, cooldown=0.0))
     ctx.wait_for("face.watchlist_match")
     wait_until(lambda: counter(driver, "frames") >= frames, what="the first play")
     video.rename(tmp_path / "kept.avi")
