@@ -59,31 +59,35 @@ class FaceSet:
         return np.flatnonzero(self.photo == photo)
 
 
-def _photos(folder: Path) -> list[tuple[str, int, Path]]:
+def _photos(folder: Path, limit: int = 0) -> list[tuple[str, int, Path]]:
+    """Every photo, by identity and number; ``limit`` keeps that many identities, evenly spread."""
+    people = sorted(p for p in folder.iterdir() if p.is_dir())
+    if 0 < limit < len(people):
+        people = [people[int(i * len(people) / limit)] for i in range(limit)]
     found = []
-    for person in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for person in people:
         for path in sorted(person.glob("*.jpg"), key=lambda p: int(p.stem)):
             found.append((person.name, int(path.stem), path))
     return found
 
 
-def _key(folder: Path, pipeline: FacePipeline, detect_width: int) -> str:
+def _key(folder: Path, pipeline: FacePipeline, detect_width: int, limit: int) -> str:
     digest = hashlib.sha256()
     for part in (str(folder.resolve()), pipeline.embedder.model.sha256, str(detect_width),
-                 str(DETECT_FLOOR), "v1"):
+                 str(DETECT_FLOOR), "v2" if not limit else f"v2-{limit}"):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
 
-def load(folder: Path, pipeline: FacePipeline, detect_width: int = 640,
+def load(folder: Path, pipeline: FacePipeline, detect_width: int = 640, limit: int = 0,
          progress: bool = True) -> FaceSet:
     """Every face of every photo under ``folder``, from the cache when it is there.
 
     ``detect_width``: photos wider than this are shrunk for detection only, as the
     driver does; alignment and embedding use the full photo.
     """
-    path = CACHE / f"{folder.name}-{_key(folder, pipeline, detect_width)}.npz"
-    photos = _photos(folder)
+    path = CACHE / f"{folder.name}-{_key(folder, pipeline, detect_width, limit)}.npz"
+    photos = _photos(folder, limit)
     if path.is_file():
         data = np.load(path, allow_pickle=False)
         return FaceSet(identity=[i for i, _, _ in photos],
@@ -103,8 +107,8 @@ def load(folder: Path, pipeline: FacePipeline, detect_width: int = 640,
             aligned = align_face(image, face)
             if aligned is None:
                 continue
-            quality = measure_quality(face, aligned)
             raw = embedder.invoke(embedder.prepare(aligned))
+            quality = measure_quality(face, aligned, float(np.linalg.norm(raw)))
             mirrored = embedder.invoke(embedder.prepare(np.ascontiguousarray(aligned[:, ::-1])))
             rows["photo"].append(index)
             rows["box"].append(face.box)
@@ -113,7 +117,7 @@ def load(folder: Path, pipeline: FacePipeline, detect_width: int = 640,
             rows["yaw"].append(quality.yaw)
             rows["pitch"].append(quality.pitch)
             rows["sharpness"].append(quality.sharpness)
-            rows["norm"].append(float(np.linalg.norm(raw)))
+            rows["norm"].append(quality.norm)
             rows["embedding"].append(unit(raw))
             rows["mirrored"].append(unit(mirrored))
         if progress and index % 500 == 499:

@@ -12,6 +12,7 @@ decided as anyone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -167,11 +168,18 @@ class Outcomes:
     """Per mated probe (a photo or a walk-through), its tracks' searches; per non-mated
     probe, its best score against anyone. A track decides once, at its first search at
     or above the threshold: a mated probe is identified when one of its tracks decides
-    for the right person."""
+    for the right person.
+
+    Non-mated scores are those of the labelled stranger's face (the largest face of a
+    photo, the walker of a walk-through); ``stranger_every`` also counts the other faces
+    in the photos, whose identity is unknown: in these news and celebrity photos they
+    are often people on the list, so their alarms are not all false.
+    """
 
     mated: list[list[Searches]]
     stranger_score: Array
     mated_fta: Array
+    stranger_every: Array
 
     def identified(self, threshold: float) -> Array:
         out = np.zeros(len(self.mated), bool)
@@ -255,7 +263,7 @@ def photo_outcomes(faces: FaceSet, protocol: Protocol, gallery: Gallery, used: s
     photos = _by_identity(faces)
     judged = judged_faces(faces, protocol.gate)
     position = {n: i for i, n in enumerate(gallery.names)}
-    mated = [p for n in gallery.names for p in photos[n] if p not in used]
+    mated = [p for n in gallery.names for p in photos.get(n, []) if p not in used]
     others = [p for n in strangers for p in photos[n]]
     rows = np.flatnonzero(judged)
     scores = gallery.person_scores(faces.embedding[rows])
@@ -267,8 +275,15 @@ def photo_outcomes(faces: FaceSet, protocol: Protocol, gallery: Gallery, used: s
         person = position[faces.identity[p]]
         decisions.append([[(bool(scores[k].argmax() == person), float(scores[k].max()))]
                           for k in by_photo.get(p, [])])
-    stranger = [float(scores[by_photo[p]].max()) if p in by_photo else MISSING for p in others]
-    return Outcomes(decisions, np.array(stranger), np.array([not d for d in decisions]))
+    every = [float(scores[by_photo[p]].max()) if p in by_photo else MISSING for p in others]
+    stranger = []
+    for p in others:
+        ks = by_photo.get(p, [])
+        largest = max(ks, key=lambda k: faces.box[rows[k], 2] * faces.box[rows[k], 3],
+                      default=None)
+        stranger.append(MISSING if largest is None else float(scores[largest].max()))
+    return Outcomes(decisions, np.array(stranger), np.array([not d for d in decisions]),
+                    np.array(every))
 
 
 def track_outcomes(faces: FaceSet, protocol: Protocol, gallery: Gallery, used: set[int],
@@ -287,20 +302,23 @@ def track_outcomes(faces: FaceSet, protocol: Protocol, gallery: Gallery, used: s
 
     decisions, fta = [], []
     for name in gallery.names:
+        if name not in photos:
+            continue  # a person of another photo set on the same list
         person = position[name]
         for walk in walks(name):
             first, others, _ = walk_through(faces, walk, judged, gallery, protocol.min_frames)
             fta.append(not first)
             decisions.append([[(index == person, score) for index, score in searches]
                               for searches in [first, *others]])
-    stranger = []
+    stranger, every = [], []
     for name in strangers:
         for walk in walks(name):
             first, others, bystanders = walk_through(faces, walk, judged, gallery,
                                                      protocol.min_frames)
-            scores = [s for searches in [first, *others] for _, s in searches] + bystanders
+            scores = [s for searches in [first, *others] for _, s in searches]
             stranger.append(max(scores, default=MISSING))
-    return Outcomes(decisions, np.array(stranger), np.array(fta))
+            every.append(max(scores + bystanders, default=MISSING))
+    return Outcomes(decisions, np.array(stranger), np.array(fta), np.array(every))
 
 
 def summarise(outcomes: Outcomes, default_threshold: float) -> dict[str, float]:
@@ -310,5 +328,52 @@ def summarise(outcomes: Outcomes, default_threshold: float) -> dict[str, float]:
     for fpir in (1e-2, 1e-3):
         out[f"dir@{fpir:g}"], out[f"t@{fpir:g}"] = dir_at_fpir(outcomes, fpir)
     out["dir@default"], out["fpir@default"] = dir_at(outcomes, default_threshold)
+    out["fpir_every@default"] = float(np.mean(outcomes.stranger_every >= default_threshold))
     return out
 
+
+
+def merge(galleries: list[Gallery]) -> Gallery:
+    """One list from several (persons of different photo sets)."""
+    names: list[str] = []
+    matrices, owners = [], []
+    for gallery in galleries:
+        owners.append(gallery.owner + len(names))
+        names += gallery.names
+        matrices.append(gallery.matrix)
+    return Gallery(names, np.vstack(matrices), np.concatenate(owners))
+
+
+def lfw_pairs(faces: FaceSet, pairs_file: Path) -> tuple[float | None, int, int]:
+    """LFW View-2 folds accuracy (threshold chosen on the other folds), usable and total pairs.
+
+    A photo's face is its largest detected one (plain embedding). The accuracy is
+    given only when every pair of the protocol is usable; otherwise None.
+    """
+    lines = pairs_file.read_text().split("\n")
+    folds, per = (int(x) for x in lines[0].split())
+    rows = [line.split() for line in lines[1:] if line.strip()][: folds * 2 * per]
+    photo_of = {(name, int(number)): index
+                for index, (name, number) in enumerate(zip(faces.identity, faces.number,
+                                                           strict=True))}
+    scores, labels, fold_of = [], [], []
+    for index, row in enumerate(rows):
+        a, b = (((row[0], int(row[1])), (row[0], int(row[2]))) if len(row) == 3
+                else ((row[0], int(row[1])), (row[2], int(row[3]))))
+        face_a = largest_face(faces, photo_of[a]) if a in photo_of else None
+        face_b = largest_face(faces, photo_of[b]) if b in photo_of else None
+        if face_a is None or face_b is None:
+            continue
+        scores.append(float(faces.embedding[face_a] @ faces.embedding[face_b]))
+        labels.append(len(row) == 3)
+        fold_of.append(index // (2 * per))
+    if len(scores) < len(rows):
+        return None, len(scores), len(rows)
+    s, y, f = np.array(scores), np.array(labels), np.array(fold_of)
+    accuracies = []
+    for fold in range(folds):
+        train, test = f != fold, f == fold
+        candidates = np.unique(s[train])
+        best = max(candidates, key=lambda t: np.mean((s[train] >= t) == y[train]))
+        accuracies.append(float(np.mean((s[test] >= best) == y[test])))
+    return float(np.mean(accuracies)), len(scores), len(rows)

@@ -82,17 +82,22 @@ class CameraFaceConfig:
     #: Frames wider than this are shrunk for detection (alignment uses the full frame).
     detect_max_width: int = field(default=640, metadata=check(minimum=64, maximum=8192))
 
-    #: Quality gates: faces failing them are counted, never matched.
-    min_detection_score: float = field(default=0.8, metadata=check(minimum=0.05, maximum=1.0))
-    #: Shorter side of the face box in pixels of the captured frame.
-    min_face_size: int = field(default=40, metadata=check(minimum=8, maximum=4096))
-    #: Variance of the Laplacian of the aligned grey face (lower is blurrier).
-    min_sharpness: float = field(default=15.0, metadata=check(minimum=0.0))
-    #: Nose offset from the face's midline as a fraction of eye distance (≈0.5 near 45°).
-    max_yaw: float = field(default=0.4, metadata=check(minimum=0.0, maximum=2.0))
-    #: Nose height between the eye line (0) and mouth line (1), distance from 0.5.
-    max_pitch: float = field(default=0.25, metadata=check(minimum=0.0, maximum=1.0))
-    #: The embedding's length before normalisation (low on poor faces).
+    #: Quality gates: faces failing them are counted (``quality_low_*``), never matched.
+    #: Judged faces count in their track by quality (embedding norm, detector score),
+    #: so the defaults set aside only what costs more matches than it saves false
+    #: alarms: ``scripts/bench-face`` prints that trade for each gate.
+    min_detection_score: float = field(default=0.6, metadata=check(minimum=0.5, maximum=1.0))
+    #: Shorter side of the face box in pixels of the captured frame (0: no limit).
+    min_face_size: int = field(default=0, metadata=check(minimum=0, maximum=4096))
+    #: Variance of the Laplacian of the aligned grey face (lower is blurrier; 0: no limit).
+    min_sharpness: float = field(default=0.0, metadata=check(minimum=0.0))
+    #: Nose offset from the face's midline as a fraction of eye distance (≈0.5 near 45°;
+    #: 2: no limit).
+    max_yaw: float = field(default=2.0, metadata=check(minimum=0.0, maximum=2.0))
+    #: Nose height between the eye line (0) and mouth line (1), distance from 0.56
+    #: (1: no limit).
+    max_pitch: float = field(default=1.0, metadata=check(minimum=0.0, maximum=1.0))
+    #: The embedding's length before normalisation (low on poor faces; 0: no limit).
     min_embedding_norm: float = field(default=0.0, metadata=check(minimum=0.0))
 
     #: Cosine similarity at or above which a face track counts as the watchlist person;

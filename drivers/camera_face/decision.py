@@ -22,16 +22,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from drivers.camera_face.pipeline import (
+    Box,
     FacePipeline,
     FaceSample,
     Image,
     Vector,
+    overlap,
     quality_weight,
     unit,
 )
 from drivers.camera_face.watchlist import Gallery, Match
 
-Box = tuple[float, float, float, float]
 #: Boxes overlapping at least this much (intersection over union) are the same face.
 _SAME_FACE_IOU = 0.3
 #: Or: centres closer than this many face widths, with a similar size (a fast walker
@@ -87,16 +88,6 @@ class _Track:
     best: FaceSample | None = None
     best_weight: float = -1.0
     decided: bool = False
-
-
-def overlap(a: Box, b: Box) -> float:
-    """Intersection over union of two (x, y, w, h) boxes."""
-    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
-    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
-    if width <= 0 or height <= 0:
-        return 0.0
-    inter = width * height
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
 def _near(a: Box, b: Box) -> bool:
