@@ -12,6 +12,8 @@ import base64
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -578,3 +580,39 @@ models_dir = "{MODELS}"
     assert run("remove", "X1") == 1
     assert run("list", "--driver", "gate") == 1
     assert "no camera_face driver named 'gate' (configured: door)" in capsys.readouterr().err
+
+
+# -- model installation -----------------------------------------------------------------------
+
+_WITHOUT_OPENCV = """
+import runpy, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("cv2", "numpy"):
+            raise ImportError(name + " is not installed here")
+sys.meta_path.insert(0, Block())
+sys.argv = ["fetch-models", *sys.argv[1:]]
+runpy.run_path("scripts/fetch-models", run_name="__main__")
+"""
+
+
+def test_fetch_models_needs_neither_opencv_nor_numpy(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    dest = tmp_path / "models"
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_OPENCV, "--from", str(MODELS), "--dest", str(dest)],
+        cwd=root, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "mobilefacenet-foamliu-fp32.tflite: installed from" in done.stdout
+    assert (dest / "face_detection_yunet_2023mar.onnx").is_file()
+    # A damaged copy is refused by its hash, still without OpenCV.
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "face_detection_yunet_2023mar.onnx").write_bytes(b"not the model")
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_OPENCV, "--from", str(damaged), "--dest",
+         str(tmp_path / "other"), "face_detection_yunet_2023mar.onnx"],
+        cwd=root, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 1 and "expected 8f2383e4" in done.stderr
