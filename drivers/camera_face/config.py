@@ -16,7 +16,7 @@ from drivers.camera_face.models import (
     manifest_entry,
 )
 
-SourceType = Literal["auto", "camera", "stream", "video_file", "image_folder"]
+SourceType = Literal["auto", "camera", "picamera", "stream", "video_file", "image_folder"]
 
 
 def _sha256_text(value: str) -> bool:
@@ -24,6 +24,14 @@ def _sha256_text(value: str) -> bool:
 
 
 SHA256 = check(_sha256_text, "must be empty (take it from the manifest) or 64 lowercase hex digits")
+
+
+def picamera_number(location: str) -> int:
+    """The camera number of ``picamera``, ``picamera:1`` or ``1`` (ValueError otherwise)."""
+    number = location.strip().removeprefix("picamera").lstrip(":") or "0"
+    if not number.isdigit():
+        raise ValueError(f"{location!r} is not a Pi camera: picamera, picamera:N or N")
+    return int(number)
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,8 @@ class ModelFile:
 class CameraFaceConfig:
     """Options of a face-matching camera.
 
-    ``source`` is a V4L2 device (``0`` or ``/dev/video0``), a network stream
+    ``source`` is a V4L2 device (``0`` or ``/dev/video0``), a Raspberry Pi camera
+    module (``picamera`` or ``picamera:1``, through picamera2), a network stream
     (``rtsp://``, ``http://``, ``https://``), a video file or a folder of images.
     ``source_type = "auto"`` tells them apart by their form; set it to force
     one (``"stream"`` opens any path through FFmpeg with the stream timeouts).
@@ -54,7 +63,7 @@ class CameraFaceConfig:
     source_type: SourceType = "auto"
     #: The camera's name in events (default: the driver instance name).
     camera: str = ""
-    #: Requested capture size for V4L2 cameras (0: the camera's default).
+    #: Requested capture size for V4L2 and Pi cameras (0: the camera's default).
     width: int = field(default=0, metadata=check(minimum=0, maximum=8192))
     height: int = field(default=0, metadata=check(minimum=0, maximum=8192))
     #: Network streams: give up opening / reading after this many seconds.
@@ -122,6 +131,14 @@ class CameraFaceConfig:
     def __post_init__(self) -> None:
         if self.reconnect_min_delay > self.reconnect_max_delay:
             raise ConfigError("must not exceed reconnect_max_delay", "reconnect_min_delay")
+        pi_camera = self.source_type == "picamera" or (
+            self.source_type == "auto" and self.source.strip().startswith("picamera")
+        )
+        if pi_camera:
+            try:
+                picamera_number(self.source)
+            except ValueError as exc:
+                raise ConfigError(str(exc), "source") from None
         if self.source_type == "auto" and "://" in self.source:
             scheme = self.source.split("://", 1)[0].lower()
             if scheme not in ("rtsp", "rtsps", "http", "https", "rtmp", "udp", "tcp"):

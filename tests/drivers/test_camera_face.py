@@ -14,7 +14,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -519,6 +521,108 @@ def test_missing_camera_device_is_offline_not_fatal(tmp_path: Path, run_driver: 
     (event,) = ctx.wait_for("device.offline")
     assert "does not exist" in event.payload["reason"]
     assert driver.health().state == "degraded"
+
+
+class FakePicamera2:
+    """Stands in for ``picamera2.Picamera2`` with one CSI camera that can be unplugged.
+
+    Like the real one: ``global_camera_info()`` lists only connected cameras, a
+    started camera returns ``RGB888`` frames (B, G, R in memory) of the configured
+    size, and when the ribbon cable comes out ``capture_array`` blocks (libcamera
+    waits for a frame that never comes) until the camera is stopped.
+    """
+
+    plugged = True
+    scene: np.ndarray | None = None
+    instances: list[FakePicamera2] = []
+
+    def __init__(self, number: int):
+        if not FakePicamera2.plugged:
+            raise RuntimeError("Camera __init__ sequence did not complete.")
+        self.number = number
+        self.size = (640, 480)
+        self.started = False
+        self.closed = False
+        self._stopped = threading.Event()
+        FakePicamera2.instances.append(self)
+
+    @staticmethod
+    def global_camera_info() -> list[dict[str, Any]]:
+        return [{"Model": "imx708", "Num": 0}] if FakePicamera2.plugged else []
+
+    def create_video_configuration(self, main: dict[str, Any], buffer_count: int) -> Any:
+        assert main["format"] == "RGB888" and buffer_count >= 1
+        return {"main": main}
+
+    def configure(self, config: dict[str, Any]) -> None:
+        self.size = config["main"].get("size", self.size)
+
+    def start(self) -> None:
+        self.started = True
+
+    def capture_array(self, name: str = "main") -> np.ndarray:
+        assert self.started and name == "main"
+        if not FakePicamera2.plugged:
+            self._stopped.wait()
+            raise RuntimeError("Camera frontend has timed out!")
+        time.sleep(0.04)  # 25 frames/s
+        frame = np.full((self.size[1], self.size[0], 3), 110, np.uint8)
+        if FakePicamera2.scene is not None:
+            frame[100:350, 150:400] = FakePicamera2.scene
+        return frame
+
+    def stop(self) -> None:
+        self.started = False
+        self._stopped.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._stopped.set()
+
+
+def test_pi_camera_unplugged_and_replugged(
+    tmp_path: Path,
+    enrolment: dict[str, np.ndarray],
+    run_driver: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    module = types.ModuleType("picamera2")
+    module.Picamera2 = FakePicamera2  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "picamera2", module)
+    monkeypatch.setattr(FakePicamera2, "instances", [])
+    monkeypatch.setattr(FakePicamera2, "scene", cv2.imread(str(photo("Adrien_Brody", 3))))
+    enrol_all(tmp_path / "state", enrolment)
+    config = options("picamera", width=640, height=480, read_timeout=1.0)
+    assert config.source_type == "auto"
+    driver, ctx = run_driver(config)
+    (event,) = ctx.wait_for("face.watchlist_match")
+    assert event.payload["person_id"] == "Adrien_Brody" and driver.health().state == "ok"
+    assert FakePicamera2.instances[0].size == (640, 480)
+    monkeypatch.setattr(FakePicamera2, "plugged", False)
+    (offline,) = ctx.wait_for("device.offline")
+    assert "no frame for" in offline.payload["reason"]
+    wait_until(lambda: driver.health().state == "degraded", what="degraded health")
+    # While it is out, reconnecting finds no camera and says so.
+    wait_until(lambda: "not found" in driver.health().detail, what="a failed reconnect")
+    assert FakePicamera2.instances[0].closed  # the lost camera was released
+    monkeypatch.setattr(FakePicamera2, "scene", cv2.imread(str(photo("Bill_Gates", 3))))
+    monkeypatch.setattr(FakePicamera2, "plugged", True)
+    ctx.wait_for("device.online")
+    events = ctx.wait_for("face.watchlist_match", 2)
+    assert events[1].payload["person_id"] == "Bill_Gates"
+    assert len(ctx.wait_for("device.offline")) == 1 and driver.health().state == "ok"
+
+
+def test_pi_camera_without_picamera2_is_offline_with_the_fix(
+    tmp_path: Path, run_driver: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "picamera2", None)  # import fails as if not installed
+    driver, ctx = run_driver(options("picamera:1"))
+    assert driver.health().state in ("starting", "degraded")
+    (event,) = ctx.wait_for("device.offline")
+    assert "apt install python3-picamera2" in event.payload["reason"]
+    with pytest.raises(ConfigError, match=r"drivers\.cam\.source: 'picamera:x' is not a Pi camera"):
+        options("picamera:x")
 
 
 # -- command line ---------------------------------------------------------------------------------
