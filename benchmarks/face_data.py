@@ -71,22 +71,31 @@ def _photos(folder: Path, limit: int = 0) -> list[tuple[str, int, Path]]:
     return found
 
 
-def _key(folder: Path, pipeline: FacePipeline, detect_width: int, limit: int) -> str:
+def _key(folder: Path, pipeline: FacePipeline, detect_width: int, limit: int,
+         scale: float) -> str:
     digest = hashlib.sha256()
+    detector = pipeline.detector
     for part in (str(folder.resolve()), pipeline.embedder.model.sha256, str(detect_width),
-                 str(DETECT_FLOOR), "v2" if not limit else f"v2-{limit}"):
+                 str(DETECT_FLOOR), "v2" if not limit else f"v2-{limit}",
+                 # (the sets' photos are at most 400 px wide: no refinement at 640)
+                 *(() if detect_width >= 640 or (detector.refine_below, detector.refine_side)
+                   == (64, 128) else (str(detector.refine_below), str(detector.refine_side))),
+                 *(() if scale == 1.0 else (f"scale {scale}", str(detector.refine_below),
+                                            str(detector.refine_side)))):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
 
 def load(folder: Path, pipeline: FacePipeline, detect_width: int = 640, limit: int = 0,
-         progress: bool = True) -> FaceSet:
+         progress: bool = True, scale: float = 1.0) -> FaceSet:
     """Every face of every photo under ``folder``, from the cache when it is there.
 
     ``detect_width``: photos wider than this are shrunk for detection only, as the
-    driver does; alignment and embedding use the full photo.
+    driver does; alignment and embedding use the full photo. ``scale`` < 1 instead
+    shrinks every photo by that factor for detection: the photos are then treated as
+    frames of a camera whose frames the driver shrinks that much (320 of 640 px: 0.5).
     """
-    path = CACHE / f"{folder.name}-{_key(folder, pipeline, detect_width, limit)}.npz"
+    path = CACHE / f"{folder.name}-{_key(folder, pipeline, detect_width, limit, scale)}.npz"
     photos = _photos(folder, limit)
     if path.is_file():
         data = np.load(path, allow_pickle=False)
@@ -101,6 +110,8 @@ def load(folder: Path, pipeline: FacePipeline, detect_width: int = 640, limit: i
     numbers, shapes = [], []
     for index, (_, number, photo_path) in enumerate(photos):
         image = cv2.imread(str(photo_path), cv2.IMREAD_COLOR)
+        if scale < 1.0:
+            detector.max_width = max(16, round(image.shape[1] * scale))
         numbers.append(number)
         shapes.append(image.shape[:2])
         for face in detector.detect(image):

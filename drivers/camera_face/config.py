@@ -88,8 +88,9 @@ class CameraFaceConfig:
     normalisation: Literal["", "imagenet", "symmetric"] = ""
     #: Threads for the embedder (the detector uses OpenCV's own setting).
     threads: int = field(default=1, metadata=check(minimum=1, maximum=16))
-    #: Frames wider than this are shrunk for detection (alignment uses the full frame).
-    detect_max_width: int = field(default=640, metadata=check(minimum=64, maximum=8192))
+    #: Frames wider than this are shrunk for detection (alignment uses the full frame,
+    #: and small faces get their landmarks from a full-resolution crop).
+    detect_max_width: int = field(default=320, metadata=check(minimum=64, maximum=8192))
 
     #: Quality gates: faces failing them are counted (``quality_low_*``), never matched.
     #: Judged faces count in their track by quality (embedding norm, detector score),

@@ -21,7 +21,7 @@ Normalisation = Literal["imagenet", "symmetric"]
 
 DEFAULT_MODELS_DIR = Path("/var/lib/wardpost/models")
 DEFAULT_DETECTOR = "face_detection_yunet_2023mar.onnx"
-DEFAULT_EMBEDDER = "mobilefacenet-foamliu-fp32.tflite"
+DEFAULT_EMBEDDER = "mobilefacenet-foamliu-int8.tflite"
 
 
 class ModelError(Exception):
@@ -73,7 +73,7 @@ MANIFEST: tuple[ModelInfo, ...] = (
         origin="foamliu/MobileFaceNet @ a6cc9032 weights/MobileFaceNet.onnx, "
         "converted with onnx2tf 1.28.8 (no public TFLite download: use --from)",
         normalisation="imagenet",
-        note="default embedder, 128-d, float32",
+        note="128-d, float32: about 0.3 point more accurate than int8, 2.4x slower",
         impostor_tail=FOAMLIU_IMPOSTOR_TAIL,
     ),
     ModelInfo(
@@ -86,7 +86,7 @@ MANIFEST: tuple[ModelInfo, ...] = (
         origin="the fp32 file above, post-training int8 quantised (per-channel) "
         "(no public download: use --from)",
         normalisation="imagenet",
-        note="int8 weights and activations; cosine to fp32 about 0.98-0.99",
+        note="default embedder, 128-d, int8 weights and activations; cosine to fp32 0.98-0.99",
         impostor_tail=FOAMLIU_IMPOSTOR_TAIL,
     ),
     ModelInfo(

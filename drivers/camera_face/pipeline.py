@@ -77,8 +77,12 @@ class FaceDetector:
     Detection on a shrunk frame finds faces as well but places the landmarks of
     small ones less precisely, and alignment needs them precise: a face smaller
     than ``refine_below`` pixels in the shrunk frame is detected again in a crop
-    of the full frame around it (a small, cheap input), and its landmarks come
-    from there.
+    of the full frame around it (twice its size, fed to YuNet at ``refine_side``
+    pixels: about 1 ms), and its landmarks come from there. On celeba_dev photos
+    detected at half size this recovers part of the loss (TAR at FAR 1e-3 with one
+    enrolment photo: 81.5 % at full size, 76.8 % at half size, 77.9 % refined, 79.7 %
+    refining below 64 px at 128 px, which costs about three times as much; with three
+    enrolment photos 91.4 % in every case but the unrefined 90.4 %).
     """
 
     def __init__(
@@ -86,18 +90,20 @@ class FaceDetector:
         model: ModelFile,
         min_score: float = 0.8,
         max_width: int = 640,
-        refine_below: int = 64,
+        refine_below: int = 32,
+        refine_side: int = 96,
     ):
         verify_model(model.path, model.sha256)
         self.max_width = max_width
         self.refine_below = refine_below
+        self.refine_side = refine_side
         self._size = (320, 320)
         try:
             self._yunet = cv2.FaceDetectorYN.create(
                 str(model.path), "", self._size, min_score, 0.3, 50
             )
             self._refiner = cv2.FaceDetectorYN.create(
-                str(model.path), "", (_REFINE_SIDE, _REFINE_SIDE), min_score, 0.3, 5
+                str(model.path), "", (refine_side, refine_side), min_score, 0.3, 5
             )
         except cv2.error as exc:
             raise ModelError(f"model file {model.path} is not a YuNet detector: {exc}") from None
@@ -138,19 +144,16 @@ class FaceDetector:
         padded = cv2.copyMakeBorder(
             crop, 0, square - crop.shape[0], 0, square - crop.shape[1], cv2.BORDER_REPLICATE
         )
-        zoom = square / _REFINE_SIDE
+        side = self.refine_side
+        zoom = square / side
         _, rows = self._refiner.detect(
-            cv2.resize(padded, (_REFINE_SIDE, _REFINE_SIDE), interpolation=cv2.INTER_LINEAR)
+            cv2.resize(padded, (side, side), interpolation=cv2.INTER_LINEAR)
         )
         if rows is None:
             return face
         found = [_face(row, zoom, left, top) for row in rows]
         best = max(found, key=lambda f: overlap(f.box, face.box))
         return best if overlap(best.box, face.box) >= 0.3 else face
-
-
-#: Side of the crops in which small faces are detected again.
-_REFINE_SIDE = 128
 
 
 def _face(row: npt.NDArray[np.float32], zoom: float, left: float, top: float) -> Face:

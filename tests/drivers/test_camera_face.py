@@ -30,7 +30,13 @@ from agent.driver import Command, CommandError
 from drivers.camera_face import CameraFaceConfig, CameraFaceDriver
 from drivers.camera_face.cli import add_cli
 from drivers.camera_face.decision import FaceTracker, WatchlistJudge
-from drivers.camera_face.models import FOAMLIU_IMPOSTOR_TAIL, ModelError, calibrated_threshold
+from drivers.camera_face.models import (
+    DEFAULT_EMBEDDER,
+    FOAMLIU_IMPOSTOR_TAIL,
+    ModelError,
+    calibrated_threshold,
+    manifest_entry,
+)
 from drivers.camera_face.pipeline import Face, FacePipeline, FaceSample, Quality
 from drivers.camera_face.watchlist import (
     FILE_NAME,
@@ -46,13 +52,15 @@ MODELS = SHARED / "models"
 FACES = SHARED / "faces" / "lfw_dev"
 
 pytestmark = pytest.mark.skipif(
-    not (MODELS / "mobilefacenet-foamliu-fp32.tflite").is_file() or not FACES.is_dir(),
+    not (MODELS / DEFAULT_EMBEDDER).is_file() or not FACES.is_dir(),
     reason=f"face models/photos not found in {SHARED} (set WARDPOST_SHARED)",
 )
 
 ENROLLED = ["Abdullah_Gul", "Adrien_Brody", "Ana_Palacio", "Bill_Gates"]
 STRANGERS = ["Andy_Roddick", "Ann_Veneman", "Ari_Fleischer", "Ben_Affleck"]
-FOAMLIU_SHA = "f6513ddea780f211c8ab490706ad1cb5e5f9e3bf3b6073c64ad815a73bab8a65"
+EMBEDDER = manifest_entry(DEFAULT_EMBEDDER)
+assert EMBEDDER is not None
+EMBEDDER_SHA = EMBEDDER.sha256
 
 
 def photo(person: str, number: int) -> Path:
@@ -130,7 +138,7 @@ def enrolment(pipeline: FacePipeline) -> dict[str, np.ndarray]:
 def enrol_all(state_dir: Path, enrolment: dict[str, np.ndarray]) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     watchlist = Watchlist(
-        state_dir / FILE_NAME, "mobilefacenet-foamliu-fp32.tflite", FOAMLIU_SHA, 128
+        state_dir / FILE_NAME, DEFAULT_EMBEDDER, EMBEDDER_SHA, 128
     )
     for person, vector in enrolment.items():
         watchlist.add(
@@ -196,19 +204,19 @@ def test_missing_model_fails_start_with_file_and_hash(tmp_path: Path) -> None:
 
 
 def test_wrong_model_file_refused(tmp_path: Path) -> None:
-    """The sirius-ai file installed under the foamliu name: the hash check catches it."""
+    """The sirius-ai file installed under the default's name: the hash check catches it."""
     models = tmp_path / "models"
     models.mkdir()
     (models / "face_detection_yunet_2023mar.onnx").symlink_to(
         MODELS / "face_detection_yunet_2023mar.onnx"
     )
-    (models / "mobilefacenet-foamliu-fp32.tflite").symlink_to(MODELS / "mobilefacenet-128.tflite")
+    (models / DEFAULT_EMBEDDER).symlink_to(MODELS / "mobilefacenet-128.tflite")
     driver = CameraFaceDriver(
         RecordingContext(tmp_path, name="cam"), options(tmp_path, models_dir=str(models))
     )
     with pytest.raises(
         ModelError,
-        match=rf"mobilefacenet-foamliu-fp32.tflite has sha256 1435e94a\w+, expected {FOAMLIU_SHA}",
+        match=rf"{DEFAULT_EMBEDDER} has sha256 1435e94a\w+, expected {EMBEDDER_SHA}",
     ):
         driver.start()
 
@@ -379,7 +387,7 @@ def test_centre_commands_add_remove_and_reject(
         "id": "P1",
         "embeddings_added": 1,
         "faces_found": [1, 0],
-        "model": "mobilefacenet-foamliu-fp32.tflite",
+        "model": DEFAULT_EMBEDDER,
     }
     embedding = encode_embedding(enrolment["Ana_Palacio"])
     with pytest.raises(CommandError, match="must say which model"):
@@ -400,7 +408,7 @@ def test_centre_commands_add_remove_and_reject(
             id="P2",
             name="Ana",
             embeddings=["AAAAAAAAAAAAAAAA"],
-            model_sha256=FOAMLIU_SHA,
+            model_sha256=EMBEDDER_SHA,
         )
     with pytest.raises(CommandError, match=r"images\[0\] is not a JPEG or PNG image"):
         command(
@@ -416,7 +424,7 @@ def test_centre_commands_add_remove_and_reject(
         id="P2",
         name="Ana Palacio",
         embeddings=[embedding],
-        model_sha256=FOAMLIU_SHA,
+        model_sha256=EMBEDDER_SHA,
     )
     assert result["version"] == 2
     assert command(ctx, "watchlist.remove", id="P2")[0] == {
@@ -451,7 +459,7 @@ def test_watchlist_refuses_another_model(
 ) -> None:
     enrol_all(tmp_path / "state", enrolment)
     with pytest.raises(
-        WatchlistError, match=r"holds 4 embeddings of model 'mobilefacenet-foamliu-fp32\.tflite'"
+        WatchlistError, match=rf"holds 4 embeddings of model '{DEFAULT_EMBEDDER}'"
     ):
         Watchlist(tmp_path / "state" / FILE_NAME, "mobilefacenet-128.tflite", "1" * 64, 128)
     ctx = RecordingContext(tmp_path / "state", name="cam")
@@ -675,10 +683,17 @@ models_dir = "{MODELS}"
     assert run("list") == 0
     out = capsys.readouterr().out
     assert "watchlist version 1" in out and "X1" in out and "Adrien Brody" in out and "vip" in out
+    assert "2 photos; threshold 0.350 (calibrated for FPIR 0.01 with 2 enrolled photos" in out
+    assert run("list", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["threshold"] == 0.35
+    # At most 5 photos per person: 2 held + 4 more is refused, and nothing is added.
+    more = [str(photo("Adrien_Brody", n)) for n in (4, 5, 6, 7)]
+    assert run("add", "--id", "X1", "--name", "Adrien Brody", *more) == 1
+    assert "'X1' would have 6 photos; at most 5 per person" in capsys.readouterr().err
     assert run("export") == 0
     exported = json.loads(capsys.readouterr().out)
     assert (
-        exported["model_sha256"] == FOAMLIU_SHA and len(exported["persons"][0]["embeddings"]) == 2
+        exported["model_sha256"] == EMBEDDER_SHA and len(exported["persons"][0]["embeddings"]) == 2
     )
     assert run("remove", "X1") == 0 and "version 2" in capsys.readouterr().out
     assert run("remove", "X1") == 1
@@ -708,7 +723,7 @@ def test_fetch_models_needs_neither_opencv_nor_numpy(tmp_path: Path) -> None:
         cwd=root, capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "mobilefacenet-foamliu-fp32.tflite: installed from" in done.stdout
+    assert f"{DEFAULT_EMBEDDER}: installed from" in done.stdout
     assert (dest / "face_detection_yunet_2023mar.onnx").is_file()
     # A damaged copy is refused by its hash, still without OpenCV.
     damaged = tmp_path / "damaged"
@@ -720,3 +735,25 @@ def test_fetch_models_needs_neither_opencv_nor_numpy(tmp_path: Path) -> None:
         cwd=root, capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.returncode == 1 and "expected 8f2383e4" in done.stderr
+
+
+def test_command_arguments_follow_the_contract() -> None:
+    from jsonschema import Draft7Validator
+
+    root = Path(__file__).resolve().parents[2]
+    schema = json.loads((root / "contract/schemas/commands/camera_face.json").read_text())
+    Draft7Validator.check_schema(schema)
+
+    def valid(name: str, args: dict[str, Any]) -> bool:
+        return Draft7Validator(schema["definitions"][name]).is_valid(args)
+
+    photo_b64 = jpeg_base64(photo("Bill_Gates", 1))
+    assert valid("watchlist.add", {"id": "P1", "name": "B", "list": "banned",
+                                   "images": [photo_b64, photo_b64, photo_b64]})
+    assert valid("watchlist.add", {"id": "P2", "name": "A", "embeddings": ["AAAA"],
+                                   "model_sha256": EMBEDDER_SHA})
+    assert not valid("watchlist.add", {"id": "P3", "name": "C"})  # neither photos nor embeddings
+    assert not valid("watchlist.add", {"id": "P3", "name": "C", "images": [photo_b64] * 6})
+    assert valid("watchlist.remove", {"id": "P1"})
+    assert valid("face.reject", {"event_id": "e1"})
+    assert not valid("face.reject", {"person_id": "P1"})
