@@ -43,7 +43,7 @@ class SourceLost(Exception):
 class Frame:
     image: Image
     #: Seconds on a monotonic clock. Video files use their own timeline (start of play
-    #: plus media position), so votes and cooldowns do not depend on decoding speed.
+    #: plus media position), so tracks and cooldowns do not depend on decoding speed.
     time: float
     #: ``time.perf_counter()`` when the frame was captured (for latency).
     captured_at: float
