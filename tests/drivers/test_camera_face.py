@@ -188,7 +188,7 @@ def test_calibrated_threshold_rises_with_the_list() -> None:
     config = options("x")
     thresholds = [config.threshold_for(n) for n in (1, 10, 100, 1000, 3000, 10000)]
     assert thresholds == sorted(thresholds) and thresholds[0] == 0.35
-    assert 0.5 < config.threshold_for(3000) < 0.56  # 1,000 persons with 3 photos each
+    assert 0.52 < config.threshold_for(3000) < 0.6  # 1,000 persons with 3 photos each
     # A stricter target needs a higher threshold for the same list.
     assert calibrated_threshold(300, 1e-3, FOAMLIU_IMPOSTOR_TAIL) > config.threshold_for(300)
 
