@@ -452,6 +452,18 @@ def test_centre_commands_add_remove_and_reject(
     wait_until(lambda: counter(driver, "suppressed_rejected") >= 1, what="the rejected face")
     assert len(ctx.wait_for("face.watchlist_match")) == 1
     assert driver.health().counters["watchlist_version"] == 3
+    # More photos of P1, several at once, up to 5 in all.
+    (result,) = command(
+        ctx, "watchlist.add", id="P1", name="Bill Gates", list="banned",
+        images=[jpeg_base64(photo("Bill_Gates", n)) for n in (2, 4)],
+    )
+    assert result["embeddings_added"] == 2 and result["version"] == 4
+    wait_until(lambda: counter(driver, "watchlist_photos") == 3, what="the new photos in use")
+    with pytest.raises(CommandError, match="'P1' would have 6 photos; at most 5 per person"):
+        command(
+            ctx, "watchlist.add", id="P1", name="Bill Gates",
+            images=[jpeg_base64(photo("Bill_Gates", n)) for n in (5, 6, 7)],
+        )
 
 
 def test_watchlist_refuses_another_model(
