@@ -40,8 +40,10 @@ _SAME_FACE_IOU = 0.3
 _SAME_FACE_CENTRES = 0.6
 _SAME_FACE_SIZE_RATIO = 1.5
 #: A face whose embedding is less similar than this to its track's aggregate is someone
-#: else who stepped into the same place (frames of one person score 0.4-0.9; different
-#: people -0.2-0.3): it starts a new track rather than joining one that may have decided.
+#: else who stepped into the same place: it starts a new track rather than joining one
+#: that may have decided. On the dev sets, photos of one person taken years apart score
+#: below it in 0.6 % (lfw_dev) and 9 % (celeba_dev) of pairs, frames seconds apart far
+#: less; two different people score at or above it in about 4 % of pairs.
 _SAME_PERSON = 0.2
 
 
