@@ -86,7 +86,7 @@ def _key(folder: Path, pipeline: FacePipeline, detect_width: int, limit: int,
     return digest.hexdigest()[:16]
 
 
-def load(folder: Path, pipeline: FacePipeline, detect_width: int = 640, limit: int = 0,
+def load(folder: Path, pipeline: FacePipeline, detect_width: int = 640, *, limit: int = 0,
          progress: bool = True, scale: float = 1.0) -> FaceSet:
     """Every face of every photo under ``folder``, from the cache when it is there.
 

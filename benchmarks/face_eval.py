@@ -49,7 +49,7 @@ def judged_faces(faces: FaceSet, gate: QualityGate) -> Array:
     return judged
 
 
-def _by_identity(faces: FaceSet) -> dict[str, list[int]]:
+def by_identity(faces: FaceSet) -> dict[str, list[int]]:
     photos: dict[str, list[int]] = {}
     for index, name in enumerate(faces.identity):
         photos.setdefault(name, []).append(index)
@@ -124,7 +124,7 @@ def verification(faces: FaceSet, protocol: Protocol) -> dict[str, float]:
     Genuine: each probe photo against its own person; impostor: against every
     other enrolled person. A probe's score is its best judged face.
     """
-    photos = _by_identity(faces)
+    photos = by_identity(faces)
     names = [n for n, p in photos.items() if len(p) > protocol.enrol_photos]
     gallery, used = build_gallery(faces, names, protocol, photos)
     judged = judged_faces(faces, protocol.gate)
@@ -153,7 +153,7 @@ def verification(faces: FaceSet, protocol: Protocol) -> dict[str, float]:
 
 def watchlist_split(faces: FaceSet, protocol: Protocol) -> tuple[list[str], list[str]]:
     """Every other person with enough photos is enrolled; the others are strangers."""
-    photos = _by_identity(faces)
+    photos = by_identity(faces)
     enough = [n for n, p in photos.items() if len(p) > protocol.enrol_photos]
     watched = enough[::2]
     strangers = [n for n in photos if n not in set(watched)]
@@ -260,7 +260,7 @@ def walk_through(faces: FaceSet, photos: list[int], judged: Array, gallery: Gall
 def photo_outcomes(faces: FaceSet, protocol: Protocol, gallery: Gallery, used: set[int],
                    strangers: list[str]) -> Outcomes:
     """Single-frame watchlist outcomes: every judged face of a photo is a one-frame track."""
-    photos = _by_identity(faces)
+    photos = by_identity(faces)
     judged = judged_faces(faces, protocol.gate)
     position = {n: i for i, n in enumerate(gallery.names)}
     mated = [p for n in gallery.names for p in photos.get(n, []) if p not in used]
@@ -291,7 +291,7 @@ def track_outcomes(faces: FaceSet, protocol: Protocol, gallery: Gallery, used: s
     """Track-level outcomes: each person's photos, ``track_length`` at a time, as one
     walk-through (:func:`walk_through`). A stranger's walk-through is a false alarm when
     any of its tracks, walker or bystander, decides for anyone."""
-    photos = _by_identity(faces)
+    photos = by_identity(faces)
     judged = judged_faces(faces, protocol.gate)
     position = {n: i for i, n in enumerate(gallery.names)}
     length = protocol.track_length
