@@ -461,6 +461,10 @@ class CameraFaceDriver(Driver):
             return Health("starting", f"opening {self.config.source}", counters)
         if not self._online:
             return Health("degraded", f"camera offline: {self._offline_reason}", counters)
-        return Health(
-            "ok", f"watching {self._source.description if self._source else ''}", counters
-        )
+        detail = f"watching {self._source.description if self._source else ''}"
+        if judge is not None:  # what `wardpost status` shows: the list and its threshold
+            detail += (
+                f"; {len(judge.gallery.people)} persons ({len(judge.gallery)} photos), "
+                f"threshold {judge.threshold:.3f}"
+            )
+        return Health("ok", detail, counters)

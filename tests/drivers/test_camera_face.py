@@ -327,6 +327,7 @@ def test_video_gives_one_event_per_person_passing(
     assert "crop_jpeg" not in event.payload
     health = driver.health()
     assert health.state == "ok"
+    assert health.detail.endswith(f"4 persons (4 photos), threshold {options('x').threshold_for(4):.3f}")
     assert health.counters["suppressed_cooldown"] >= 1 and health.counters["faces"] >= 20
     assert health.counters["watchlist_entries"] == 4
     assert not [e for e in ctx.events if e.kind.startswith("device.")]
