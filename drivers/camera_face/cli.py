@@ -150,21 +150,36 @@ def _open(args: argparse.Namespace) -> Watchlist:
     return Watchlist(state_dir / FILE_NAME)
 
 
+def _threshold_note(options: CameraFaceConfig, photos: int) -> str:
+    """The decision threshold for this list and where it comes from."""
+    threshold = options.threshold_for(photos)
+    if options.threshold:
+        return f"threshold {threshold:.3f} (configured)"
+    return (
+        f"threshold {threshold:.3f} (calibrated for FPIR {options.target_fpir:g} with "
+        f"{photos} enrolled photos; it rises as the list grows)"
+    )
+
+
 def _list(args: argparse.Namespace) -> int:
     try:
-        watchlist = _open(args)
+        _, options, state_dir = _driver(args)
+        watchlist = Watchlist(state_dir / FILE_NAME)
     except (ConfigError, WatchlistError) as exc:
         return _fail(str(exc))
     try:
         persons, summary = watchlist.persons(), watchlist.summary()
     finally:
         watchlist.close()
+    threshold = options.threshold_for(summary["embeddings"])
     if args.json:
-        print(json.dumps({**summary, "entries": persons}, indent=2))
+        print(json.dumps({**summary, "threshold": round(threshold, 4), "entries": persons},
+                         indent=2))
         return 0
     print(
         f"watchlist version {summary['version']}, model {summary['model'] or '(none yet)'}, "
-        f"{summary['persons']} persons"
+        f"{summary['persons']} persons, {summary['embeddings']} photos; "
+        f"{_threshold_note(options, summary['embeddings'])}"
     )
     for person in persons:
         added = datetime.fromtimestamp(person["added_at"], UTC).strftime("%Y-%m-%d %H:%M")

@@ -12,10 +12,11 @@ from drivers.camera_face.models import (
     DEFAULT_EMBEDDER,
     DEFAULT_MODELS_DIR,
     Normalisation,
+    calibrated_threshold,
     manifest_entry,
 )
 
-SourceType = Literal["auto", "camera", "stream", "video_file", "image_folder"]
+SourceType = Literal["auto", "camera", "picamera", "stream", "video_file", "image_folder"]
 
 
 def _sha256_text(value: str) -> bool:
@@ -25,6 +26,14 @@ def _sha256_text(value: str) -> bool:
 SHA256 = check(_sha256_text, "must be empty (take it from the manifest) or 64 lowercase hex digits")
 
 
+def picamera_number(location: str) -> int:
+    """The camera number of ``picamera``, ``picamera:1`` or ``1`` (ValueError otherwise)."""
+    number = location.strip().removeprefix("picamera").lstrip(":") or "0"
+    if not number.isdigit():
+        raise ValueError(f"{location!r} is not a Pi camera: picamera, picamera:N or N")
+    return int(number)
+
+
 @dataclass(frozen=True)
 class ModelFile:
     """A configured model: where it is, which hash it must have, and its input scaling."""
@@ -32,6 +41,7 @@ class ModelFile:
     path: Path
     sha256: str
     normalisation: Normalisation | None
+    impostor_tail: tuple[float, float] | None = None
 
     @property
     def name(self) -> str:
@@ -42,7 +52,8 @@ class ModelFile:
 class CameraFaceConfig:
     """Options of a face-matching camera.
 
-    ``source`` is a V4L2 device (``0`` or ``/dev/video0``), a network stream
+    ``source`` is a V4L2 device (``0`` or ``/dev/video0``), a Raspberry Pi camera
+    module (``picamera`` or ``picamera:1``, through picamera2), a network stream
     (``rtsp://``, ``http://``, ``https://``), a video file or a folder of images.
     ``source_type = "auto"`` tells them apart by their form; set it to force
     one (``"stream"`` opens any path through FFmpeg with the stream timeouts).
@@ -52,7 +63,7 @@ class CameraFaceConfig:
     source_type: SourceType = "auto"
     #: The camera's name in events (default: the driver instance name).
     camera: str = ""
-    #: Requested capture size for V4L2 cameras (0: the camera's default).
+    #: Requested capture size for V4L2 and Pi cameras (0: the camera's default).
     width: int = field(default=0, metadata=check(minimum=0, maximum=8192))
     height: int = field(default=0, metadata=check(minimum=0, maximum=8192))
     #: Network streams: give up opening / reading after this many seconds.
@@ -77,25 +88,37 @@ class CameraFaceConfig:
     normalisation: Literal["", "imagenet", "symmetric"] = ""
     #: Threads for the embedder (the detector uses OpenCV's own setting).
     threads: int = field(default=1, metadata=check(minimum=1, maximum=16))
-    #: Frames wider than this are shrunk for detection (alignment uses the full frame).
-    detect_max_width: int = field(default=640, metadata=check(minimum=64, maximum=8192))
+    #: Frames wider than this are shrunk for detection (alignment uses the full frame,
+    #: and small faces get their landmarks from a full-resolution crop).
+    detect_max_width: int = field(default=320, metadata=check(minimum=64, maximum=8192))
 
-    #: Quality gates: faces failing them are counted, never matched.
-    min_detection_score: float = field(default=0.8, metadata=check(minimum=0.05, maximum=1.0))
-    #: Shorter side of the face box in pixels of the captured frame.
-    min_face_size: int = field(default=40, metadata=check(minimum=8, maximum=4096))
-    #: Variance of the Laplacian of the aligned grey face (lower is blurrier).
-    min_sharpness: float = field(default=15.0, metadata=check(minimum=0.0))
-    #: Nose offset from the face's midline as a fraction of eye distance (≈0.5 near 45°).
-    max_yaw: float = field(default=0.4, metadata=check(minimum=0.0, maximum=2.0))
-    #: Nose height between the eye line (0) and mouth line (1), distance from 0.5.
-    max_pitch: float = field(default=0.25, metadata=check(minimum=0.0, maximum=1.0))
+    #: Quality gates: faces failing them are counted (``quality_low_*``), never matched.
+    #: Judged faces count in their track by quality (embedding norm, detector score),
+    #: so the defaults set aside only what costs more matches than it saves false
+    #: alarms: ``scripts/bench-face`` prints that trade for each gate.
+    min_detection_score: float = field(default=0.6, metadata=check(minimum=0.5, maximum=1.0))
+    #: Shorter side of the face box in pixels of the captured frame (0: no limit).
+    min_face_size: int = field(default=0, metadata=check(minimum=0, maximum=4096))
+    #: Variance of the Laplacian of the aligned grey face (lower is blurrier; 0: no limit).
+    min_sharpness: float = field(default=0.0, metadata=check(minimum=0.0))
+    #: Nose offset from the face's midline as a fraction of eye distance (≈0.5 near 45°;
+    #: 2: no limit).
+    max_yaw: float = field(default=2.0, metadata=check(minimum=0.0, maximum=2.0))
+    #: Nose height between the eye line (0) and mouth line (1), distance from 0.56
+    #: (1: no limit).
+    max_pitch: float = field(default=1.0, metadata=check(minimum=0.0, maximum=1.0))
+    #: The embedding's length before normalisation (low on poor faces; 0: no limit).
+    min_embedding_norm: float = field(default=0.0, metadata=check(minimum=0.0))
 
-    #: Cosine similarity at or above which a face counts as the watchlist person.
-    threshold: float = field(default=0.45, metadata=check(minimum=-1.0, maximum=1.0))
-    #: A match needs ``vote_k`` of the last ``vote_n`` judged frames of one face track.
-    vote_k: int = field(default=2, metadata=check(minimum=1, maximum=100))
-    vote_n: int = field(default=4, metadata=check(minimum=1, maximum=100))
+    #: Cosine similarity at or above which a face track counts as the watchlist person;
+    #: 0 calibrates it from ``target_fpir`` and the number of enrolled photos (the
+    #: threshold for a given false-alarm rate rises with the list).
+    threshold: float = field(default=0.0, metadata=check(minimum=0.0, maximum=1.0))
+    #: With ``threshold = 0``: the share of strangers' tracks allowed to raise an alarm.
+    target_fpir: float = field(default=0.01, metadata=check(minimum=1e-6, maximum=0.5))
+    #: A face track is searched in the watchlist from its n-th judged face on (its
+    #: quality-weighted mean embedding), or once when a shorter track ends; it decides once.
+    min_frames: int = field(default=3, metadata=check(minimum=1, maximum=100))
     #: Seconds after a match during which the same person gives no new event.
     cooldown: float = field(default=60.0, metadata=check(minimum=0.0, maximum=86400.0))
     #: A face track ends when its face is not seen for this many seconds.
@@ -107,17 +130,35 @@ class CameraFaceConfig:
     match_memory_hours: float = field(default=24.0, metadata=check(minimum=0.0, maximum=24.0 * 90))
 
     def __post_init__(self) -> None:
-        if self.vote_k > self.vote_n:
-            raise ConfigError(f"must not exceed vote_n ({self.vote_n})", "vote_k")
         if self.reconnect_min_delay > self.reconnect_max_delay:
             raise ConfigError("must not exceed reconnect_max_delay", "reconnect_min_delay")
+        pi_camera = self.source_type == "picamera" or (
+            self.source_type == "auto" and self.source.strip().startswith("picamera")
+        )
+        if pi_camera:
+            try:
+                picamera_number(self.source)
+            except ValueError as exc:
+                raise ConfigError(str(exc), "source") from None
         if self.source_type == "auto" and "://" in self.source:
             scheme = self.source.split("://", 1)[0].lower()
             if scheme not in ("rtsp", "rtsps", "http", "https", "rtmp", "udp", "tcp"):
                 raise ConfigError(f"unknown stream scheme {scheme!r}", "source")
         # Resolve the model files now so a bad entry is a config error at load, not at start.
         self.detector_file  # noqa: B018
-        self.embedder_file  # noqa: B018
+        if not self.threshold and self.embedder_file.impostor_tail is None:
+            raise ConfigError(
+                f"no calibration is known for {self.embedder_file.name!r}: set a threshold",
+                "threshold",
+            )
+
+    def threshold_for(self, templates: int) -> float:
+        """The decision threshold for a watchlist holding ``templates`` enrolled photos."""
+        if self.threshold:
+            return self.threshold
+        tail = self.embedder_file.impostor_tail
+        assert tail is not None, "checked at load"
+        return calibrated_threshold(templates, self.target_fpir, tail)
 
     def _model(self, kind: str, value: str, sha256: str) -> ModelFile:
         path = Path(value) if Path(value).is_absolute() else Path(self.models_dir) / value
@@ -128,8 +169,9 @@ class CameraFaceConfig:
                 f"{path.name!r} is not in the built-in model manifest: set {kind}_sha256",
                 f"{kind}_sha256",
             )
-        normalisation = known.normalisation if known else None
-        return ModelFile(path, expected, normalisation)
+        if known is not None and known.sha256 == expected:
+            return ModelFile(path, expected, known.normalisation, known.impostor_tail)
+        return ModelFile(path, expected, known.normalisation if known else None)
 
     @property
     def detector_file(self) -> ModelFile:
@@ -144,4 +186,4 @@ class CameraFaceConfig:
                 f"the input scaling of {model.name!r} is unknown: set normalisation",
                 "normalisation",
             )
-        return ModelFile(model.path, model.sha256, normalisation)
+        return ModelFile(model.path, model.sha256, normalisation, model.impostor_tail)

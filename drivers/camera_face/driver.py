@@ -22,7 +22,7 @@ import numpy as np
 from agent.driver import Command, CommandError, Driver, DriverContext, Health, Timer
 from agent.event import Priority
 from drivers.camera_face.config import CameraFaceConfig
-from drivers.camera_face.decision import Decision, VoteTracker, WatchlistJudge
+from drivers.camera_face.decision import Decision, FaceTracker, WatchlistJudge
 from drivers.camera_face.pipeline import FacePipeline, Image, Vector
 from drivers.camera_face.source import Frame, FrameSource, SourceLost, open_source
 from drivers.camera_face.watchlist import (
@@ -102,6 +102,7 @@ class CameraFaceDriver(Driver):
         self._counters = {"matches": 0, "offline": 0, "errors": 0}
         self._frame_seconds = 0.0
         self._latency = 0.0
+        self._last_frame_time = 0.0
         self._ticks = 0
 
     # -- life cycle -------------------------------------------------------------------------
@@ -118,9 +119,12 @@ class CameraFaceDriver(Driver):
             self.ctx.state_dir / FILE_NAME, model.name, model.sha256, pipeline.embedder.dimension
         )
         config = self.config
-        tracker = VoteTracker(config.vote_k, config.vote_n, config.cooldown, config.track_timeout)
+        tracker = FaceTracker(config.min_frames, config.cooldown, config.track_timeout)
         self._watchlist = watchlist
-        self._judge = WatchlistJudge(pipeline, watchlist.gallery(), config.threshold, tracker)
+        gallery = watchlist.gallery()
+        self._judge = WatchlistJudge(
+            pipeline, gallery, config.threshold_for(len(gallery)), tracker
+        )
         if not self._commands_registered:
             self.ctx.on_command("watchlist.add", self._add_command)
             self.ctx.on_command("watchlist.remove", self._remove_command)
@@ -172,6 +176,7 @@ class CameraFaceDriver(Driver):
                 self._failure = f"capture loop failed: {exc}"
             finally:
                 source.close()
+                self._end_tracks()
             if self._failure:
                 return
             self._stopping.wait(delay)
@@ -186,6 +191,29 @@ class CameraFaceDriver(Driver):
             frame = source.read(timeout=0.5)
             if frame is not None:
                 self._process(frame)
+            else:
+                self._idle(source)
+
+    def _end_tracks(self) -> None:
+        """The camera is gone: its tracks end (those not yet decided are decided now)."""
+        judge = self._judge
+        assert judge is not None
+        with self._pipeline_lock:
+            decisions = judge.finish(self._last_frame_time)
+        for decision in decisions:
+            self._emit_match(decision)
+
+    def _idle(self, source: FrameSource) -> None:
+        """No new frame: close the tracks that ended (all of them when a file ended)."""
+        judge = self._judge
+        assert judge is not None
+        if not source.live:  # the file or folder has no more: its tracks end
+            self._end_tracks()
+            return
+        with self._pipeline_lock:
+            decisions = judge.expire(time.monotonic())
+        for decision in decisions:
+            self._emit_match(decision)
 
     def _process(self, frame: Frame) -> None:
         judge = self._judge
@@ -204,6 +232,7 @@ class CameraFaceDriver(Driver):
             return
         self._errors_in_a_row = 0
         self._failure = ""
+        self._last_frame_time = frame.time
         for decision in decisions:
             self._emit_match(decision)
         done = time.perf_counter()
@@ -213,16 +242,15 @@ class CameraFaceDriver(Driver):
     def _emit_match(self, decision: Decision) -> None:
         match, sample = decision.match, decision.sample
         judge = self._judge
-        assert judge is not None and sample.embedding is not None
+        assert judge is not None
         payload: dict[str, Any] = {
             "person_id": match.person_id,
             "name": match.name,
             "list": match.list,
             "score": round(match.score, 4),
-            "mean_score": round(decision.mean_score, 4),
-            "threshold": self.config.threshold,
+            "threshold": round(judge.threshold, 4),
             "camera": self.camera,
-            "votes": f"{decision.agreeing}/{decision.judged}",
+            "frames": decision.frames,
             "track": decision.track,
             "watchlist_version": judge.gallery.version,
             "model": self.config.embedder_file.name,
@@ -239,7 +267,7 @@ class CameraFaceDriver(Driver):
         if watchlist is not None and self.config.match_memory_hours > 0:
             # After the event is on its way: the centre may later say this match was wrong.
             try:
-                watchlist.remember_match(emission.event.id, match.person_id, sample.embedding)
+                watchlist.remember_match(emission.event.id, match.person_id, decision.embedding)
             except Exception:
                 self.ctx.log.exception(
                     "camera %s: cannot remember match %s", self.camera, emission.event.id
@@ -268,7 +296,9 @@ class CameraFaceDriver(Driver):
 
     def _reload(self) -> None:
         if self._watchlist is not None and self._judge is not None:
-            self._judge.gallery = self._watchlist.gallery()
+            gallery = self._watchlist.gallery()
+            self._judge.threshold = self.config.threshold_for(len(gallery))
+            self._judge.gallery = gallery
 
     def _tidy(self) -> None:
         watchlist = self._watchlist
@@ -413,6 +443,10 @@ class CameraFaceDriver(Driver):
                 quality_low=sum(seen.quality_low.values()),
                 watchlist_version=judge.gallery.version,
                 watchlist_entries=len(judge.gallery.people),
+                watchlist_photos=len(judge.gallery),
+                threshold=round(judge.threshold, 4),
+                tracks_searched=seen.tracks_searched,
+                tracks=judge.tracker.active_tracks,
             )
             for reason, count in seen.quality_low.items():
                 counters[f"quality_low_{reason}"] = count
@@ -427,6 +461,10 @@ class CameraFaceDriver(Driver):
             return Health("starting", f"opening {self.config.source}", counters)
         if not self._online:
             return Health("degraded", f"camera offline: {self._offline_reason}", counters)
-        return Health(
-            "ok", f"watching {self._source.description if self._source else ''}", counters
-        )
+        detail = f"watching {self._source.description if self._source else ''}"
+        if judge is not None:  # what `wardpost status` shows: the list and its threshold
+            detail += (
+                f"; {len(judge.gallery.people)} persons ({len(judge.gallery)} photos), "
+                f"threshold {judge.threshold:.3f}"
+            )
+        return Health("ok", detail, counters)

@@ -14,17 +14,20 @@ separate classes rather than one ``VideoCapture`` loop.
 from __future__ import annotations
 
 import abc
+import contextlib
+import importlib
 import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import cv2
 
-from drivers.camera_face.config import CameraFaceConfig
+from drivers.camera_face.config import CameraFaceConfig, picamera_number
 from drivers.camera_face.pipeline import Image
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -40,7 +43,7 @@ class SourceLost(Exception):
 class Frame:
     image: Image
     #: Seconds on a monotonic clock. Video files use their own timeline (start of play
-    #: plus media position), so votes and cooldowns do not depend on decoding speed.
+    #: plus media position), so tracks and cooldowns do not depend on decoding speed.
     time: float
     #: ``time.perf_counter()`` when the frame was captured (for latency).
     captured_at: float
@@ -76,23 +79,36 @@ class FrameSource(abc.ABC):
     def close(self) -> None: ...
 
 
+class Capture(Protocol):
+    """What a live source reads from: ``cv2.VideoCapture`` and :class:`PicameraCapture`."""
+
+    def read(self) -> tuple[bool, Image | None]: ...
+
+    def release(self) -> None: ...
+
+
 class LiveSource(FrameSource):
-    """A camera or network stream, read by a grabbing thread that keeps the newest frame."""
+    """A camera or network stream, read by a grabbing thread that keeps the newest frame.
+
+    ``opener`` opens the device and returns its :class:`Capture`, or raises
+    :class:`SourceLost` saying why it cannot. ``release_unblocks``: releasing the
+    capture ends a read blocked on it (picamera2), so close releases first.
+    """
 
     live = True
 
     def __init__(
         self,
         location: str,
-        capture_args: tuple[Any, ...],
+        opener: Callable[[], Capture],
         read_timeout: float,
-        properties: dict[int, float] | None = None,
+        release_unblocks: bool = False,
     ):
         super().__init__(location)
-        self._capture_args = capture_args
+        self._opener = opener
+        self._release_unblocks = release_unblocks
         self._read_timeout = read_timeout
-        self._properties = properties or {}
-        self._capture: Any = None
+        self._capture: Capture | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._fresh = threading.Condition()
@@ -101,20 +117,7 @@ class LiveSource(FrameSource):
         self._ended = ""
 
     def open(self) -> None:
-        if (
-            self._capture_args
-            and isinstance(self._capture_args[0], str)
-            and self._capture_args[0].startswith("/dev/")
-            and not os.path.exists(self._capture_args[0])
-        ):
-            raise SourceLost(f"{self.description} does not exist (unplugged?)")
-        capture = cv2.VideoCapture(*self._capture_args)
-        if not capture.isOpened():
-            capture.release()
-            raise SourceLost(f"{self.description} cannot be opened")
-        for prop, value in self._properties.items():
-            capture.set(prop, value)
-        self._capture = capture
+        self._capture = self._opener()
         self._stopping.clear()
         self._newest = None
         self._ended = ""
@@ -126,11 +129,12 @@ class LiveSource(FrameSource):
 
     def _grab(self) -> None:
         capture = self._capture
+        assert capture is not None
         while not self._stopping.is_set():
             started = time.perf_counter()
             try:
                 ok, image = capture.read()
-            except cv2.error as exc:
+            except Exception as exc:  # any backend error means the camera is gone
                 ok, image, reason = False, None, f"read failed: {exc}"
             else:
                 reason = "stream ended or the camera stopped sending"
@@ -166,6 +170,13 @@ class LiveSource(FrameSource):
         self._stopping.set()
         thread, capture = self._thread, self._capture
         self._thread = self._capture = None
+        if self._release_unblocks and capture is not None:
+            # picamera2: stopping the camera is what ends a capture waiting for a frame
+            # that will never come, and the camera must be released to be opened again.
+            capture.release()
+            if thread is not None:
+                thread.join(self._read_timeout + 1.0)
+            return
         if thread is not None:
             thread.join(self._read_timeout + 1.0)
             if thread.is_alive():
@@ -334,11 +345,80 @@ def source_type(config: CameraFaceConfig) -> str:
     location = config.source.strip()
     if "://" in location:
         return "stream"
+    if location.startswith("picamera"):
+        return "picamera"
     if location.isdigit() or location.startswith("/dev/"):
         return "camera"
     if Path(location).is_dir() or location.endswith("/"):
         return "image_folder"
     return "video_file"
+
+
+def _opencv_opener(
+    location: str, capture_args: tuple[Any, ...], properties: dict[int, float]
+) -> Callable[[], Capture]:
+    def open_capture() -> Capture:
+        device = capture_args[0]
+        if isinstance(device, str) and device.startswith("/dev/") and not os.path.exists(device):
+            raise SourceLost(f"{redact(location)} does not exist (unplugged?)")
+        capture = cv2.VideoCapture(*capture_args)
+        if not capture.isOpened():
+            capture.release()
+            raise SourceLost(f"{redact(location)} cannot be opened")
+        for prop, value in properties.items():
+            capture.set(prop, value)
+        opened: Capture = capture
+        return opened
+
+    return open_capture
+
+
+class PicameraCapture:
+    """A Raspberry Pi camera module (CSI, libcamera) through picamera2.
+
+    picamera2 comes with Raspberry Pi OS (``apt install python3-picamera2``); the
+    agent's virtualenv sees it through ``--system-site-packages``. ``RGB888`` frames
+    are laid out B, G, R in memory: OpenCV's order, used as they come.
+    """
+
+    def __init__(self, number: int, size: tuple[int, int] | None):
+        try:
+            picamera2 = importlib.import_module("picamera2")
+        except ImportError as exc:
+            raise SourceLost(
+                f"picamera2 is not installed ({exc}): apt install python3-picamera2"
+            ) from None
+        picamera_class = picamera2.Picamera2
+        cameras = picamera_class.global_camera_info()
+        if number >= len(cameras):
+            raise SourceLost(
+                f"Pi camera {number} not found ({len(cameras)} connected: unplugged?)"
+            )
+        try:
+            self._camera = picamera_class(number)
+            main: dict[str, Any] = {"format": "RGB888"}
+            if size:
+                main["size"] = size
+            # Two buffers: the grabbing thread always takes the newest frame anyway.
+            self._camera.configure(
+                self._camera.create_video_configuration(main=main, buffer_count=2)
+            )
+            self._camera.start()
+        except Exception as exc:  # libcamera reports a busy or gone camera in many ways
+            self.release()
+            raise SourceLost(f"Pi camera {number} cannot be started: {exc}") from None
+
+    def read(self) -> tuple[bool, Image | None]:
+        image: Image = self._camera.capture_array("main")
+        return True, image
+
+    def release(self) -> None:
+        camera = getattr(self, "_camera", None)
+        if camera is not None:
+            with contextlib.suppress(Exception):
+                camera.stop()
+            with contextlib.suppress(Exception):
+                camera.close()
 
 
 def open_source(config: CameraFaceConfig) -> FrameSource:
@@ -349,12 +429,24 @@ def open_source(config: CameraFaceConfig) -> FrameSource:
         return ImageFolderSource(location, config.loop)
     if kind == "video_file":
         return VideoFileSource(location, config.loop)
+    if kind == "picamera":
+        number = picamera_number(location)
+        size = (config.width, config.height) if config.width and config.height else None
+        return LiveSource(
+            location, lambda: PicameraCapture(number, size), config.read_timeout, True
+        )
     if kind == "stream":
-        return LiveSource(location, _stream_capture_args(location, config), config.read_timeout)
+        return LiveSource(
+            location,
+            _opencv_opener(location, _stream_capture_args(location, config), {}),
+            config.read_timeout,
+        )
     properties: dict[int, float] = {cv2.CAP_PROP_BUFFERSIZE: 1}
     if config.width:
         properties[cv2.CAP_PROP_FRAME_WIDTH] = config.width
     if config.height:
         properties[cv2.CAP_PROP_FRAME_HEIGHT] = config.height
     device: int | str = int(location) if location.isdigit() else location
-    return LiveSource(location, (device, cv2.CAP_V4L2), config.read_timeout, properties)
+    return LiveSource(
+        location, _opencv_opener(location, (device, cv2.CAP_V4L2), properties), config.read_timeout
+    )
