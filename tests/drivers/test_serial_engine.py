@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent.config import parse_section
-from drivers.serial_common.checksums import ALGORITHMS
+from drivers.serial_common.checksums import find_checksum
 from drivers.serial_common.dialect import Dialect
 from drivers.serial_common.engine import DialectEngine
 from drivers.serial_common.framing import SAMPLE_BYTES, Unparsed
@@ -56,7 +56,7 @@ def test_software_odd_parity_checks_and_strips_bit_7() -> None:
 
 def test_stx_etx_crc16_modbus_raw_little_endian_after_etx() -> None:
     body = b"ALARM 3"
-    crc = ALGORITHMS["crc16-modbus"].compute(body).to_bytes(2, "little")
+    crc = find_checksum("crc16-modbus").compute(body).to_bytes(2, "little")
     e = make({"type": "stx_etx", "checksum": "crc16-modbus", "checksum_byteorder": "little"})
     frame = b"\x02" + body + b"\x03" + crc
     out = e.feed(frame + frame[:-1] + bytes([frame[-1] ^ 1]), 0.0)
@@ -67,7 +67,7 @@ def test_stx_etx_crc16_modbus_raw_little_endian_after_etx() -> None:
 
 def test_stx_etx_checksum_covering_framing_bytes() -> None:
     body = b"T1"
-    value = ALGORITHMS["xor"].compute(b"\x02" + body + b"\x03")
+    value = find_checksum("xor").compute(b"\x02" + body + b"\x03")
     e = make({"type": "stx_etx", "checksum": "xor", "checksum_covers": "all"})
     assert messages(e.feed(b"\x02" + body + b"\x03" + bytes([value]), 0.0)) == [("test.line", {"text": "T1"})]
 
@@ -108,7 +108,7 @@ def test_fixed_frames_without_sync_slide_until_the_checksum_agrees() -> None:
     word = [{"match": "^(?P<word>[0-9A-F]{8})$", "kind": "test.word"}]
     e = make({"type": "fixed", "length": 5, "checksum": "crc8", "decode": "hex"}, word)
     body = b"\x10\x20\x30\x40"
-    frame = body + bytes([ALGORITHMS["crc8"].compute(body)])
+    frame = body + bytes([find_checksum("crc8").compute(body)])
     out = e.feed(b"\x99" + frame + frame, 0.0)
     assert messages(out) == [("test.word", {"word": "10203040"})] * 2
     assert codes(out) == ["garbage"]
