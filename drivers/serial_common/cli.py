@@ -35,10 +35,10 @@ CAPTURE_VERSION = 1
 
 
 def describe_output(output: Output) -> str:
-    """One line saying what a dialect made of some bytes."""
+    """What a dialect made of some bytes: one line, then the message's trace if any."""
     if isinstance(output, Message):
         fields = json.dumps(output.fields, sort_keys=True, default=str)
-        return f"{output.kind} {fields}"
+        return ("\n" + " " * 21).join((f"{output.kind} {fields}", *output.trace))
     if isinstance(output, Reply):
         return f"reply {output.data.hex(' ')} |{printable(output.data)}|"
     return f"unparsed ({output.reason}, {output.length} bytes) {output.raw[:48].hex(' ')}"
@@ -47,8 +47,8 @@ def describe_output(output: Output) -> str:
 class Inspector:
     """Feeds bytes to several dialects at once and prints bytes and results."""
 
-    def __init__(self, dialects: Sequence[str], out: TextIO):
-        self.engines = [DialectEngine(load_dialect(d, "--dialect")) for d in dialects]
+    def __init__(self, dialects: Sequence[str], out: TextIO, explain: bool = False):
+        self.engines = [DialectEngine(load_dialect(d, "--dialect"), explain) for d in dialects]
         self.out = out
         self._lock = threading.Lock()
 
@@ -92,7 +92,7 @@ def read_capture(path: Path) -> Iterator[tuple[float, bytes]]:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    inspector = Inspector(args.dialect, sys.stdout)
+    inspector = Inspector(args.dialect, sys.stdout, args.explain)
     path = Path(args.file)
     if not path.is_file():
         raise ConfigError("capture file does not exist", file=path)
@@ -218,5 +218,10 @@ def add_cli(subparsers: Any) -> None:
     )
     replay.add_argument(
         "--dialect", action="append", required=True, metavar="D", help="built-in name or .toml path"
+    )
+    replay.add_argument(
+        "--explain",
+        action="store_true",
+        help="per frame: framing, checksum verdict, each field's bytes or bits -> value",
     )
     replay.set_defaults(func=cmd_replay)

@@ -360,27 +360,30 @@ class LayoutField:
 @dataclass(frozen=True)
 class LayoutCheck:
     """``[[rules.checks]]``: a parity or sum the frame must satisfy (bit numbering as
-    in :class:`LayoutField`). Parity counts the set bits of ``bits``, the parity
-    bit included; a sum adds ``bits`` in ``word``-bit words modulo 2**word and
-    compares the result with the value at ``against``."""
+    in :class:`LayoutField`). Parity counts the set bits of ``bits`` and of the
+    parity bit ``against = [p, p]``; a sum (or xor) adds the ``bits`` in
+    ``word``-bit words modulo 2**word and compares with the value at ``against``."""
 
     type: Literal["even_parity", "odd_parity", "sum", "xor"]
     bits: list[int] = field(metadata=BIT_RANGE)
+    against: list[int] = field(metadata=BIT_RANGE)
     bit_order: Literal["msb0", "lsb0"] = "msb0"
-    against: list[int] = field(default_factory=list, metadata=BIT_RANGE)
     word: int = field(default=8, metadata=check(minimum=1, maximum=32))
 
     def __post_init__(self) -> None:
         if not self.bits:
             raise ConfigError("needs [first, last] bit numbers", "bits")
-        parity = self.type.endswith("parity")
-        if parity == bool(self.against):
-            raise ConfigError(
-                "a parity check has no 'against'" if parity else "a sum check needs 'against'",
-                "against",
-            )
-        if not parity and (self.bits[1] - self.bits[0] + 1) % self.word:
-            raise ConfigError(f"bits must be whole {self.word}-bit words", "bits")
+        if not self.against:
+            raise ConfigError("needs the [first, last] bits of the check value", "against")
+        width = self.against[1] - self.against[0] + 1
+        if self.type.endswith("parity"):
+            if width != 1:
+                raise ConfigError("a parity check is one bit: against = [p, p]", "against")
+        else:
+            if width != self.word:
+                raise ConfigError(f"must be {self.word} bits (one word)", "against")
+            if (self.bits[1] - self.bits[0] + 1) % self.word:
+                raise ConfigError(f"bits must be whole {self.word}-bit words", "bits")
 
 
 def valid_name(name: str) -> bool:

@@ -17,10 +17,13 @@ import re
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from drivers.serial_common.dialect import Dialect, Rule, text_to_bytes
-from drivers.serial_common.framing import Frame, Unparsed, make_framer
+from drivers.serial_common.dialect import DEVICE_TIME, Dialect, Rule, text_to_bytes
+from drivers.serial_common.framing import Frame, Rejected, Unparsed, make_framer
+from drivers.serial_common.layout import BodyReader
+from drivers.serial_common.limits import message_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,8 @@ class Message:
     raw: bytes
     #: The rule's priority override ("" = the driver's default for this kind).
     priority: str = ""
+    #: With ``explain``: how the frame was cut and checked and each field read.
+    trace: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +70,11 @@ CONVERSIONS: dict[str, Callable[[str], Any]] = {
     "int_list": _int_list,
     "bits": _bits,
     "bool": lambda v: v.strip().lower() in _TRUE_WORDS,
+    "id": lambda v: v.strip(" \t\x00"),
 }
+
+#: A state slot whose condition was reported over.
+_CLEARED = ("", "")
 
 
 @dataclass
@@ -81,11 +90,14 @@ class DialectEngine:
 
     ``feed(data, now)`` returns what the new bytes completed, in order.
     ``stats`` counts frames, messages and every kind of trouble by code
-    (``bad_checksum``, ``overlong``, ``garbage``, ``no_rule``, ``duplicate`` ...).
+    (``bad_checksum``, ``bad_parity``, ``overlong``, ``garbage``, ``no_rule``,
+    ``duplicate`` ...). With ``explain`` every message carries a trace of its
+    framing, checksum and fields (``serial-replay --explain``; slower).
     """
 
-    def __init__(self, dialect: Dialect):
+    def __init__(self, dialect: Dialect, explain: bool = False):
         self.dialect = dialect
+        self.explain = explain
         self.framer = make_framer(dialect.framing)
         self.stats: Counter[str] = Counter()
         self._rules = [
@@ -104,6 +116,10 @@ class DialectEngine:
         self._counters: dict[int, dict[str, int]] = {}
         self._hex = dialect.framing.decode == "hex"
         self._encoding = dialect.framing.encoding
+        self._hex_digits = dialect.framing.bytes_from == "hex_digits"
+        #: state name -> the last message emitted for it (see ``Rule.state``).
+        self._states: dict[str, tuple[str, str]] = {}
+        self._previous: dict[str, dict[str, Any]] = {}
 
     @property
     def buffered(self) -> int:
@@ -117,8 +133,20 @@ class DialectEngine:
 
     def feed(self, data: bytes, now: float) -> list[Output]:
         self.stats["bytes"] += len(data)
+        return self._outputs(self.framer.feed(data, now))
+
+    def flush(self) -> list[Output]:
+        """Report whatever unfinished bytes are buffered, and forget them."""
+        return self._outputs(self.framer.flush())
+
+    def expire(self, now: float) -> list[Output]:
+        """What a partial frame older than the gap timeout becomes, without new bytes
+        (the driver asks on a timer, so a frame behind a false start is not kept waiting)."""
+        return self._outputs(self.framer.expire(now))
+
+    def _outputs(self, items: list[Frame | Unparsed]) -> list[Output]:
         out: list[Output] = []
-        for item in self.framer.feed(data, now):
+        for item in items:
             if isinstance(item, Frame):
                 self.stats["frames"] += 1
                 self._decode(item, out)
@@ -126,13 +154,6 @@ class DialectEngine:
                 self.stats[item.code] += 1
                 out.append(item)
         return out
-
-    def flush(self) -> list[Output]:
-        """Report whatever unfinished bytes are buffered, and forget them."""
-        leftovers = self.framer.flush()
-        for item in leftovers:
-            self.stats[item.code] += 1
-        return list(leftovers)
 
     def _decode(self, frame: Frame, out: list[Output]) -> None:
         text = (
@@ -172,27 +193,20 @@ class DialectEngine:
         out: list[Output],
     ) -> None:
         rule = compiled.rule
-        if compiled.reply:
-            out.append(Reply(compiled.reply))
         if rule.ignore:
+            if compiled.reply:
+                out.append(Reply(compiled.reply))
             self.stats["ignored"] += 1
             return
-        fields: dict[str, Any] = {}
-        for name, value in match.groupdict().items():
-            if value is None:
-                continue
-            convert = compiled.converters.get(name, str)
-            try:
-                fields[name] = convert(value)
-            except ValueError:
-                self.stats["bad_field"] += 1
-                conversion = rule.fields.get(name, "str")
-                out.append(
-                    Unparsed.of(
-                        "bad_field", f"field {name!r}: {value!r} is not {conversion}", frame.raw
-                    )
-                )
-                return
+        trace: list[str] = [self._describe(frame)] if self.explain else []
+        try:
+            fields = self._fields(compiled, match, frame, trace)
+        except Rejected as exc:  # a frame failing a check is never acknowledged
+            self.stats[exc.code] += 1
+            out.append(Unparsed.of(exc.code, exc.reason, frame.raw))
+            return
+        if compiled.reply:
+            out.append(Reply(compiled.reply))
         fields.update(rule.constants)
         if number is not None:
             fields["msgno"] = number
@@ -203,8 +217,90 @@ class DialectEngine:
         if rule.counters:
             self._diff_counters(index, rule, fields, frame, out)
             return
+        if rule.state and not self._state_changed(rule, fields):
+            self.stats["unchanged"] += 1
+            return
         self.stats["messages"] += 1
-        out.append(Message(rule.kind, fields, frame.raw, rule.priority))
+        out.append(Message(rule.kind, fields, frame.raw, rule.priority, tuple(trace)))
+
+    def _fields(
+        self, compiled: _CompiledRule, match: re.Match[str], frame: Frame, trace: list[str]
+    ) -> dict[str, Any]:
+        """Every field of a matched frame; raises :class:`Rejected` for a failed check
+        or a field that cannot be read."""
+        rule = compiled.rule
+        fields: dict[str, Any] = {}
+        for name, value in match.groupdict().items():
+            if value is None:
+                continue
+            convert = compiled.converters.get(name, str)
+            conversion = rule.fields.get(name, "str")
+            try:
+                fields[name] = convert(value)
+            except ValueError:
+                raise Rejected("bad_field", f"field {name!r}: {value!r} is not {conversion}") from None
+            if trace:
+                trace.append(f"{name}: text {value!r} ({conversion}) -> {fields[name]!r}")
+        if rule.layout or rule.checks:
+            reader = BodyReader(self._payload(frame))
+            for check in rule.checks:
+                verdict = reader.verify(check)
+                if trace:
+                    trace.append(f"check {verdict}")
+            for spec in rule.layout:
+                try:
+                    fields[spec.name], where = reader.field(spec)
+                except ValueError as exc:
+                    raise Rejected("bad_field", f"field {spec.name!r}: {exc}") from None
+                if trace:
+                    trace.append(f"{spec.name}: {where} ({spec.type}) -> {fields[spec.name]!r}")
+        if rule.time_format and DEVICE_TIME in fields:
+            text = str(fields[DEVICE_TIME])
+            try:
+                fields[DEVICE_TIME] = datetime.strptime(text, rule.time_format).isoformat()
+            except ValueError:
+                raise Rejected(
+                    "bad_field", f"{DEVICE_TIME}: {text!r} does not fit {rule.time_format!r}"
+                ) from None
+            if trace:
+                trace.append(f"{DEVICE_TIME}: {text!r} ({rule.time_format}) -> {fields[DEVICE_TIME]}")
+        return fields
+
+    def _payload(self, frame: Frame) -> bytes:
+        """The bytes layout fields read: the body, or what its hex digits spell."""
+        if not self._hex_digits:
+            return frame.body
+        digits = frame.body.strip(b" \t")
+        try:
+            return bytes.fromhex(("0" if len(digits) % 2 else "") + digits.decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            raise Rejected("bad_field", "the frame is not hex digits") from None
+
+    def _describe(self, frame: Frame) -> str:
+        framing = self.dialect.framing
+        text = (
+            f"frame: {framing.type}, {len(frame.raw)} bytes on the wire, body {len(frame.body)}"
+            f" bytes {frame.body.hex(' ')}"
+        )
+        if frame.check:
+            text += f"; checksum {framing.checksum} {frame.check.hex(' ')} verified"
+        return text
+
+    def _state_changed(self, rule: Rule, fields: dict[str, Any]) -> bool:
+        """Record a stateful message; False if it repeats the state (or clears a clear one)."""
+        current = self._states.get(rule.state)
+        if rule.clears:
+            if current is None or current == _CLEARED:
+                return False
+            self._states[rule.state] = _CLEARED
+            fields["previous"] = self._previous.pop(rule.state, {})
+            return True
+        key = message_key(rule.kind, fields)
+        if key == current:
+            return False
+        self._states[rule.state] = key
+        self._previous[rule.state] = dict(fields)
+        return True
 
     def _diff_counters(
         self, index: int, rule: Rule, fields: dict[str, Any], frame: Frame, out: list[Output]

@@ -214,6 +214,9 @@ class Framer(abc.ABC):
 
     #: Whether a trailer is part of a frame's content (not after an end marker).
     trailer_inside = True
+    #: A partial frame may hide whole frames behind a false start: the driver
+    #: calls :meth:`expire` on a timer instead of waiting for the next bytes.
+    expires_on_timer = False
 
     def __init__(self, framing: Framing):
         self.framing = framing
@@ -468,6 +471,11 @@ class StxEtxFramer(Framer):
                     buf.clear()
                 return
             if self._raw_before:
+                inner = self._inner_start(buf, end)
+                if inner:
+                    self._reject(out, "incomplete", "incomplete frame (a later STX checks)", buf[:inner])
+                    del buf[:inner]
+                    continue
                 settled = self._settle_end(buf, end)
                 if settled is None:
                     return
@@ -483,6 +491,16 @@ class StxEtxFramer(Framer):
             # frame must not cost the frame), else drop it.
             again = raw.find(self._stx, 1)
             del buf[: again if again > 0 else stop]
+
+    def _inner_start(self, buf: bytearray, end: int) -> int:
+        """An STX after the first whose frame checks at this ETX when the first's does
+        not (noise with an STX before a frame), else 0."""
+        if self._valid_before(bytes(buf[1:end])):
+            return 0
+        inner = buf.find(self._stx, 1, end)
+        while inner > 0 and not self._valid_before(bytes(buf[inner + 1 : end])):
+            inner = buf.find(self._stx, inner + 1, end)
+        return max(inner, 0)
 
     def _settle_end(self, buf: bytearray, end: int) -> int | None:
         """Which ETX ends a frame with a raw checksum before ETX (None: wait for bytes)."""
@@ -593,6 +611,7 @@ class SyncFramer(Framer):
         self._sync = framing.sync_bytes
         #: The previous frame ended exactly where the buffer starts.
         self._aligned = False
+        self.expires_on_timer = bool(self._sync) and framing.gap_timeout > 0
 
     def _take(self, buf: bytearray, pos: int, count: int) -> tuple[bytes, int] | None:
         if self.stuffing is not None:
