@@ -594,6 +594,11 @@ class FlagFramer(Framer):
                 continue
             self._accept(out, raw, raw[1:end], flag, flag)
 
+    def _expire(self, out: list[Frame | Unparsed], reason: str) -> None:
+        if self._buffer == self._flag:  # the last frame's closing flag, not a new frame
+            self._buffer.clear()
+        super()._expire(out, reason)
+
     def _wrap(self, body: bytes) -> bytes:
         sealed = self.check.seal(body, self._flag, self._flag) + self.check.trailer
         return self._flag + self._stuff(sealed) + self._flag
@@ -611,6 +616,7 @@ class SyncFramer(Framer):
         self._sync = framing.sync_bytes
         #: The previous frame ended exactly where the buffer starts.
         self._aligned = False
+        self._candidate = 0
         self.expires_on_timer = bool(self._sync) and framing.gap_timeout > 0
 
     def _take(self, buf: bytearray, pos: int, count: int) -> tuple[bytes, int] | None:
@@ -638,6 +644,9 @@ class SyncFramer(Framer):
             self._aligned = False
         return True
 
+    #: Bytes after the sync needed before a frame's length is known.
+    _header_length: int
+
     @abc.abstractmethod
     def _content_length(self, buf: bytearray) -> int | None:
         """Decoded bytes after the sync in the frame at the buffer's start
@@ -649,6 +658,8 @@ class SyncFramer(Framer):
         while buf:
             if not self._align(buf):
                 return
+            #: How far the frame being looked at goes (a report's sample).
+            self._candidate = len(sync) + self._header_length
             try:
                 length = self._content_length(buf)
                 if length is None:
@@ -657,6 +668,7 @@ class SyncFramer(Framer):
                 if got is None:
                     return
                 content, stop = got
+                self._candidate = stop
                 body, received = self._open(content, sync, b"", stuffed=False)
             except Rejected as exc:
                 self._failed(out, exc)
@@ -670,11 +682,11 @@ class SyncFramer(Framer):
         buf = self._buffer
         if self._sync:
             # Maybe a sync pattern inside data: report it, look for the next sync.
-            self._reject(out, exc.code, exc.reason, buf[: self.framing.max_length])
+            self._reject(out, exc.code, exc.reason, buf[: self._candidate])
             del buf[: len(self._sync)]
         else:
             if self._aligned:
-                self._reject(out, exc.code, exc.reason, buf[: self.framing.max_length])
+                self._reject(out, exc.code, exc.reason, buf[: self._candidate])
             else:
                 self._discard(buf[:1])
             del buf[:1]
@@ -703,6 +715,8 @@ class FixedFramer(SyncFramer):
         super().__init__(framing)
         self._content = framing.length - len(self._sync)
 
+    _header_length = 0
+
     def _content_length(self, buf: bytearray) -> int:
         return self._content
 
@@ -721,6 +735,7 @@ class LengthFramer(SyncFramer):
         self._adjust = framing.length_adjust
         self._counts = framing.length_counts
         self._tail = self.check.tail + len(self.check.trailer)
+        self._header_length = self._head
 
     def _content_length(self, buf: bytearray) -> int | None:
         got = self._take(buf, len(self._sync), self._head)

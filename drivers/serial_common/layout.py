@@ -128,13 +128,14 @@ class BodyReader:
         mark, _ = self.bits(check.against, check.bit_order)
         expected = check_value(check, value, width)
         span = f"bits {check.bits[0]}-{check.bits[1]}"
-        at = f"bits {check.against[0]}-{check.against[1]}"
+        first, last = check.against
+        at = f"bit {first} holds" if first == last else f"bits {first}-{last} hold"
         if mark != expected:
             code = "bad_parity" if check.type.endswith("parity") else "bad_sum"
             raise Rejected(
                 code,
                 f"{check.type.replace('_', ' ')} over {span} failed"
-                f" ({at} hold {mark}, should be {expected})",
+                f" ({at} {mark}, should be {expected})",
             )
         return f"{check.type} over {span} -> {mark} ok"
 
