@@ -314,7 +314,9 @@ class Framer(abc.ABC):
             self._garbage.clear()
             self._garbage_count = 0
 
-    def _reject(self, out: list[Frame | Unparsed], code: str, reason: str, raw: bytes) -> None:
+    def _reject(
+        self, out: list[Frame | Unparsed], code: str, reason: str, raw: bytes | bytearray
+    ) -> None:
         self._flush_garbage(out)
         out.append(Unparsed.of(code, reason, raw))
 

@@ -13,7 +13,6 @@ from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from typing import Any
 
-
 #: Fields that differ between repeats of the same message.
 VOLATILE_FIELDS = frozenset({"msgno", "device_time"})
 

@@ -44,10 +44,15 @@ def drivers() -> Iterator[list[SerialDialectDriver]]:
 
 
 def start(
-    cls: type[SerialDialectDriver], ctx: RecordingContext, device: PtyDevice,
-    started: list[SerialDialectDriver], **options: Any,
+    cls: type[SerialDialectDriver],
+    ctx: RecordingContext,
+    device: PtyDevice,
+    started: list[SerialDialectDriver],
+    **options: Any,
 ) -> Any:
-    config = parse_section(cls.config_class, {"port": str(device.link), **FAST, **options}, "drivers.gate1")
+    config = parse_section(
+        cls.config_class, {"port": str(device.link), **FAST, **options}, "drivers.gate1"
+    )
     driver = cls(ctx, config)
     driver.start()
     started.append(driver)
@@ -95,7 +100,13 @@ def test_binary_length_frames_behind_a_false_start_are_delivered_without_more_by
 ) -> None:
     xray = start(XrayDriver, ctx, device, drivers, dialect="xray-binary")
     framer = DialectEngine(load_dialect("xray-binary")).framer
-    body = bytes([0, 0x01]) + bytes.fromhex("00002317") + bytes([2]) + b"OP17" + (-5).to_bytes(2, "little", signed=True)
+    body = (
+        bytes([0, 0x01])
+        + bytes.fromhex("00002317")
+        + bytes([2])
+        + b"OP17"
+        + (-5).to_bytes(2, "little", signed=True)
+    )
     # "A5 30" claims 48 bytes: the real frame sits inside them, and nothing follows.
     device.write(b"\xa5\x30" + framer.frame(body))
     [alert] = ctx.wait_for("xray.alert", timeout=DEADLINE)
@@ -118,29 +129,66 @@ def test_nmea_sentence_with_device_time_and_noise_before_it(
 
 MISTAKES = [
     ('[framing]\nchecksum = "CRC-16/NOPE"', "framing.checksum: unknown checksum"),
-    ('[framing]\ntype = "stx_etx"\nstx = 0x7E\netx = 0x7E', 'framing.etx: stx and etx must differ (same byte both ends: type = "flag")'),
+    (
+        '[framing]\ntype = "stx_etx"\nstx = 0x7E\netx = 0x7E',
+        'framing.etx: stx and etx must differ (same byte both ends: type = "flag")',
+    ),
     ('[framing]\ntype = "length"', "framing.sync: length framing needs a sync or a checksum"),
     ('[framing]\nchecksum = "crc"', 'framing.crc: checksum = "crc" needs a [framing.crc] table'),
-    ('[framing]\nchecksum = "crc"\ncrc = { width = 8, poly = 0x1021 }', "framing.crc.poly: does not fit in 8 bits"),
+    (
+        '[framing]\nchecksum = "crc"\ncrc = { width = 8, poly = 0x1021 }',
+        "framing.crc.poly: does not fit in 8 bits",
+    ),
     ('[framing]\nescape = "0A"', "framing.escape: the escape byte cannot be a frame marker"),
-    ('[framing]\nescape = "7D"\nescape_xor = 0', "framing.escape_xor: only stx_etx and flag framings"),
-    ('[framing]\nchecksum_separator = "*"', "framing.checksum_separator: a separator sits between body and checksum"),
-    ('[framing]\ntype = "fixed"\nlength = 2\nsync = "AA55"', "framing.length: fixed framing needs a length above"),
-    ('[[rules.layout]]\nname = "x"\nbits = [9, 3]', "rules[0].layout[0].bits: must be [first, last] bit numbers"),
-    ('[[rules.layout]]\nname = "x"\nbits = [0, 3]\ntype = "text"', "rules[0].layout[0].type: text reads whole bytes"),
-    ('[[rules.layout]]\nname = "x"\ntype = "float16"', "rules[0].layout[0].type: must be one of uint"),
-    ('[[rules.checks]]\ntype = "even_parity"\nbits = [1, 8]\nagainst = [0, 1]', "rules[0].checks[0].against: a parity check is one bit"),
-    ('[[rules.checks]]\ntype = "sum"\nbits = [0, 11]\nagainst = [16, 23]', "rules[0].checks[0].bits: bits must be whole 8-bit words"),
-    ('clears = true', "rules[0].clears: clears needs the state it clears"),
-    ('time_format = "%H%M"', "rules[0].time_format: no regex group or layout field named 'device_time'"),
+    (
+        '[framing]\nescape = "7D"\nescape_xor = 0',
+        "framing.escape_xor: only stx_etx and flag framings",
+    ),
+    (
+        '[framing]\nchecksum_separator = "*"',
+        "framing.checksum_separator: a separator sits between body and checksum",
+    ),
+    (
+        '[framing]\ntype = "fixed"\nlength = 2\nsync = "AA55"',
+        "framing.length: fixed framing needs a length above",
+    ),
+    (
+        '[[rules.layout]]\nname = "x"\nbits = [9, 3]',
+        "rules[0].layout[0].bits: must be [first, last] bit numbers",
+    ),
+    (
+        '[[rules.layout]]\nname = "x"\nbits = [0, 3]\ntype = "text"',
+        "rules[0].layout[0].type: text reads whole bytes",
+    ),
+    (
+        '[[rules.layout]]\nname = "x"\ntype = "float16"',
+        "rules[0].layout[0].type: must be one of uint",
+    ),
+    (
+        '[[rules.checks]]\ntype = "even_parity"\nbits = [1, 8]\nagainst = [0, 1]',
+        "rules[0].checks[0].against: a parity check is one bit",
+    ),
+    (
+        '[[rules.checks]]\ntype = "sum"\nbits = [0, 11]\nagainst = [16, 23]',
+        "rules[0].checks[0].bits: bits must be whole 8-bit words",
+    ),
+    ("clears = true", "rules[0].clears: clears needs the state it clears"),
+    (
+        'time_format = "%H%M"',
+        "rules[0].time_format: no regex group or layout field named 'device_time'",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("mistake", "message"), MISTAKES)
-def test_every_dialect_mistake_names_the_file_and_the_field(tmp_path: Path, mistake: str, message: str) -> None:
+def test_every_dialect_mistake_names_the_file_and_the_field(
+    tmp_path: Path, mistake: str, message: str
+) -> None:
     rule = '[[rules]]\nmatch = "X"\nkind = "gate.alarm"\n'
-    text = f'name = "bad"\n{mistake}\n{rule}' if not mistake.startswith(("[[rules.", "clears", "time_format")) else (
-        f'name = "bad"\n{rule}{mistake}\n'
+    text = (
+        f'name = "bad"\n{mistake}\n{rule}'
+        if not mistake.startswith(("[[rules.", "clears", "time_format"))
+        else (f'name = "bad"\n{rule}{mistake}\n')
     )
     path = tmp_path / "bad.toml"
     path.write_text(text)

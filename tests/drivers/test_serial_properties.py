@@ -112,12 +112,22 @@ FRAMINGS: dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]
             "length_counts": "data",
             "length_adjust": 1,
             "checksum": "crc",
-            "crc": {"width": 32, "poly": 0x04C11DB7, "init": 0xFFFFFFFF, "refin": True,
-                    "refout": True, "xorout": 0xFFFFFFFF},
+            "crc": {
+                "width": 32,
+                "poly": 0x04C11DB7,
+                "init": 0xFFFFFFFF,
+                "refin": True,
+                "refout": True,
+                "xorout": 0xFFFFFFFF,
+            },
             "checksum_covers": "start_data",
         },
-        [{**f, "offset": f["offset"] + 2} if "offset" in f else {**f, "bits": [b + 16 for b in f["bits"]]}
-         for f in BINARY_LAYOUT],
+        [
+            {**f, "offset": f["offset"] + 2}
+            if "offset" in f
+            else {**f, "bits": [b + 16 for b in f["bits"]]}
+            for f in BINARY_LAYOUT
+        ],
         BINARY_VALUES,
     ),
     "fixed-sync-crc8": (
@@ -128,15 +138,24 @@ FRAMINGS: dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]
 }
 #: What a corrupted frame may be reported as, depending on which byte was hit.
 REJECTIONS = {
-    "bad_checksum", "bad_length", "bad_escape", "bad_trailer", "bad_parity", "garbage",
-    "incomplete", "no_rule", "bad_field",
+    "bad_checksum",
+    "bad_length",
+    "bad_escape",
+    "bad_trailer",
+    "bad_parity",
+    "garbage",
+    "incomplete",
+    "no_rule",
+    "bad_field",
 }
 
 
 def dialect(name: str) -> Dialect:
     framing, layout, _ = FRAMINGS[name]
     rule = {"kind": "test.frame", "layout": layout}
-    return parse_section(Dialect, {"name": name, "framing": {"max_length": 64, **framing}, "rules": [rule]})
+    return parse_section(
+        Dialect, {"name": name, "framing": {"max_length": 64, **framing}, "rules": [rule]}
+    )
 
 
 def values(name: str) -> st.SearchStrategy[dict[str, Any]]:
@@ -171,7 +190,9 @@ def split(stream: bytes, cuts: list[int]) -> list[bytes]:
 @pytest.mark.parametrize("name", FRAMINGS)
 @PROPERTY
 @given(data=st.data(), cuts=st.lists(st.integers(0, 2000), max_size=10))
-def test_encoded_frames_decode_to_their_fields(name: str, data: st.DataObject, cuts: list[int]) -> None:
+def test_encoded_frames_decode_to_their_fields(
+    name: str, data: st.DataObject, cuts: list[int]
+) -> None:
     d = dialect(name)
     sent = data.draw(st.lists(values(name), min_size=1, max_size=6))
     stream = b"".join(encode(d, fields) for fields in sent)
@@ -201,11 +222,17 @@ def test_every_single_bit_corruption_is_rejected(name: str, data: st.DataObject)
 @pytest.mark.parametrize("name", FRAMINGS)
 @PROPERTY
 @given(data=st.data(), cuts=st.lists(st.integers(0, 4000), max_size=10))
-def test_noise_between_frames_never_costs_a_frame(name: str, data: st.DataObject, cuts: list[int]) -> None:
+def test_noise_between_frames_never_costs_a_frame(
+    name: str, data: st.DataObject, cuts: list[int]
+) -> None:
     d = dialect(name)
     sent = data.draw(st.lists(values(name), min_size=1, max_size=5))
-    noise = data.draw(st.lists(st.binary(max_size=80), min_size=len(sent) + 1, max_size=len(sent) + 1))
-    stream = noise[0] + b"".join(encode(d, fields) + gap for fields, gap in zip(sent, noise[1:], strict=True))
+    noise = data.draw(
+        st.lists(st.binary(max_size=80), min_size=len(sent) + 1, max_size=len(sent) + 1)
+    )
+    stream = noise[0] + b"".join(
+        encode(d, fields) + gap for fields, gap in zip(sent, noise[1:], strict=True)
+    )
     got = iter(decoded(run(d, split(stream, cuts))))
     # Every frame sent arrives, in order (noise may add frames of its own only
     # by a checksum collision, which a 64-byte sample makes vanishingly rare).
@@ -224,7 +251,9 @@ def wiegand34(facility: int, card: int) -> bytes:
 
 @PROPERTY
 @given(facility=st.integers(0, 0xFFFF), card=st.integers(0, 0xFFFF), bit=st.integers(0, 33))
-def test_wiegand34_every_flipped_card_bit_fails_its_parity(facility: int, card: int, bit: int) -> None:
+def test_wiegand34_every_flipped_card_bit_fails_its_parity(
+    facility: int, card: int, bit: int
+) -> None:
     engine = DialectEngine(load_dialect("wiegand34-hex"))
     good = wiegand34(facility, card)
     fields = decoded(engine.feed(good, 0.0))
