@@ -73,6 +73,8 @@ CONVERSIONS: dict[str, Callable[[str], Any]] = {
     "id": lambda v: v.strip(" \t\x00"),
 }
 
+#: The trace of a message when not explaining: always empty, never appended to.
+_NO_TRACE: list[str] = []
 #: A state slot whose condition was reported over.
 _CLEARED = ("", "")
 
@@ -198,7 +200,8 @@ class DialectEngine:
                 out.append(Reply(compiled.reply))
             self.stats["ignored"] += 1
             return
-        trace: list[str] = [self._describe(frame)] if self.explain else []
+        # Without explain the shared empty list is never appended to (hot path).
+        trace = [self._describe(frame)] if self.explain else _NO_TRACE
         try:
             fields = self._fields(compiled, match, frame, trace)
         except Rejected as exc:  # a frame failing a check is never acknowledged
@@ -221,7 +224,9 @@ class DialectEngine:
             self.stats["unchanged"] += 1
             return
         self.stats["messages"] += 1
-        out.append(Message(rule.kind, fields, frame.raw, rule.priority, tuple(trace)))
+        out.append(
+            Message(rule.kind, fields, frame.raw, rule.priority, tuple(trace) if trace else ())
+        )
 
     def _fields(
         self, compiled: _CompiledRule, match: re.Match[str], frame: Frame, trace: list[str]
@@ -230,17 +235,18 @@ class DialectEngine:
         or a field that cannot be read."""
         rule = compiled.rule
         fields: dict[str, Any] = {}
+        converters = compiled.converters
         for name, value in match.groupdict().items():
             if value is None:
                 continue
-            convert = compiled.converters.get(name, str)
-            conversion = rule.fields.get(name, "str")
+            convert = converters.get(name, str)
             try:
                 fields[name] = convert(value)
             except ValueError:
+                conversion = rule.fields.get(name, "str")
                 raise Rejected("bad_field", f"field {name!r}: {value!r} is not {conversion}") from None
             if trace:
-                trace.append(f"{name}: text {value!r} ({conversion}) -> {fields[name]!r}")
+                trace.append(f"{name}: text {value!r} ({rule.fields.get(name, 'str')}) -> {fields[name]!r}")
         if rule.layout or rule.checks:
             reader = BodyReader(self._payload(frame))
             for check in rule.checks:
