@@ -12,6 +12,7 @@ check value for ``b"123456789"`` in the tests.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import reduce
@@ -59,7 +60,7 @@ def crc(
 
 
 def _xor(data: bytes) -> int:
-    return reduce(lambda acc, b: acc ^ b, data, 0)
+    return reduce(operator.xor, data, 0)
 
 
 def _sum8(data: bytes) -> int:

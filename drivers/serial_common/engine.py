@@ -18,7 +18,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from drivers.serial_common.dialect import DEVICE_TIME, Dialect, Rule, text_to_bytes
 from drivers.serial_common.framing import Frame, Rejected, Unparsed, make_framer
@@ -26,9 +26,9 @@ from drivers.serial_common.layout import BodyReader
 from drivers.serial_common.limits import message_key
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A frame a rule recognised: an event kind and its fields."""
+class Message(NamedTuple):
+    """A frame a rule recognised: an event kind and its fields (a named tuple: one
+    is made per frame, and a tuple is the cheapest immutable record)."""
 
     kind: str
     fields: dict[str, Any]

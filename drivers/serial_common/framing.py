@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from drivers.serial_common.dialect import Framing
 
@@ -23,10 +24,10 @@ SAMPLE_BYTES = 256
 PARITY_ERROR = 0xFF
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     """One checked frame: ``body`` without framing bytes or checksum, ``raw`` as
-    received, ``check`` the checksum as received (empty without one)."""
+    received, ``check`` the checksum as received (empty without one). A named
+    tuple: one is made per frame, and a tuple is the cheapest immutable record."""
 
     body: bytes
     raw: bytes
@@ -155,6 +156,8 @@ class FrameCheck:
             else None
         )
         self._byteorder = framing.checksum_byteorder
+        #: The checksum covers exactly the body (the usual case, kept fast).
+        self._body_only = self._range is None and not (self._with_start or self._with_end)
 
     def covered(self, body: bytes, start: bytes, end: bytes) -> bytes:
         """The bytes the checksum is computed over."""
@@ -167,7 +170,7 @@ class FrameCheck:
         """The checksum as it should appear on the wire (empty without a checksum)."""
         if self.algorithm is None:
             return b""
-        covered = self.covered(body, start, end)
+        covered = body if self._body_only else self.covered(body, start, end)
         if self._hex_input:
             try:
                 covered = bytes.fromhex(covered.decode("ascii"))
