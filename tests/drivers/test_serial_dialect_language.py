@@ -24,18 +24,6 @@ DEADLINE = 30.0
 
 
 @pytest.fixture
-def device(tmp_path: Path) -> Iterator[PtyDevice]:
-    dev = PtyDevice(tmp_path / "ttyDEVICE")
-    yield dev
-    dev.close()
-
-
-@pytest.fixture
-def ctx(tmp_path: Path) -> RecordingContext:
-    return RecordingContext(tmp_path, name="gate1")
-
-
-@pytest.fixture
 def drivers() -> Iterator[list[SerialDialectDriver]]:
     started: list[SerialDialectDriver] = []
     yield started
