@@ -189,6 +189,26 @@ def _to_bytes(spec: LayoutField, value: Any, size: int) -> bytes:
     return _to_int(spec, value, 8 * size).to_bytes(size, spec.byteorder)
 
 
+_TRUE_WORDS = frozenset({"1", "y", "yes", "true", "on", "t"})
+
+
+def parse_value(spec: LayoutField, text: str) -> Any:
+    """A field value typed on a command line, as :func:`write_body` takes it."""
+    if spec.lookup and text in spec.lookup.values():
+        return text  # a label: written as the value it stands for
+    kind = spec.type
+    try:
+        if kind == "bits_set":
+            return [int(part) for part in text.replace(" ", ",").split(",") if part]
+        if kind == "bool":
+            return text.strip().lower() in _TRUE_WORDS
+        if kind in ("text", "hex", "unix_time"):
+            return text
+        return int(text, 0)
+    except ValueError:
+        raise FieldError(f"{spec.name}: {text!r} is not a value for {kind}") from None
+
+
 def layout_size(layout: Sequence[LayoutField]) -> int:
     """The smallest body holding every field (byte ranges need an explicit size)."""
     size = 0
@@ -235,3 +255,17 @@ def write_body(
         mask = ((1 << at_width) - 1) << at
         number = (number & ~mask) | (check_value(check, covered, width) << at)
     return number.to_bytes(size, "big")
+
+
+def as_hex_digits(
+    layout: Sequence[LayoutField], checks: Sequence[LayoutCheck], body: bytes
+) -> bytes:
+    """A body for ``bytes_from = "hex_digits"``: upper-case hex digits, as few as the
+    highest lsb0-numbered bit needs (a Wiegand-34 converter prints 9, not 10)."""
+    ranges = [(f.bits, f.bit_order) for f in layout if f.bits]
+    ranges += [(r, c.bit_order) for c in checks for r in (c.bits, c.against)]
+    if ranges and all(order == "lsb0" for _, order in ranges):
+        digits = (max(bits[1] for bits, _ in ranges) + 4) // 4
+    else:
+        digits = 2 * len(body)
+    return f"{int.from_bytes(body, 'big'):0{digits}X}".encode()

@@ -18,7 +18,7 @@ from agent.config import parse_section
 from drivers.serial_common.dialect import Dialect, load_dialect
 from drivers.serial_common.engine import DialectEngine, Message
 from drivers.serial_common.framing import Unparsed
-from drivers.serial_common.layout import layout_size, write_body
+from drivers.serial_common.layout import as_hex_digits, layout_size, write_body
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -243,10 +243,9 @@ def test_noise_between_frames_never_costs_a_frame(
 
 
 def wiegand34(facility: int, card: int) -> bytes:
-    d = load_dialect("wiegand34-hex")
-    rule = d.rules[0]
+    rule = load_dialect("wiegand34-hex").rules[0]
     body = write_body(rule.layout, rule.checks, {"facility": facility, "card": f"{card:05d}"}, 5)
-    return f"{int.from_bytes(body, 'big'):09X}\r".encode()
+    return as_hex_digits(rule.layout, rule.checks, body) + b"\r"
 
 
 @PROPERTY
