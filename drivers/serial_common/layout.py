@@ -171,8 +171,9 @@ def _to_int(spec: LayoutField, value: Any, width: int) -> int:
         return sum(1 << (bit - 1) for bit in value)
     if kind == "bool":
         return int(bool(value))
-    if kind == "unix_time":
-        return int(datetime.fromisoformat(str(value)).timestamp())
+    if kind == "unix_time":  # seconds, or an ISO 8601 time
+        text = str(value)
+        return int(text) if text.isdigit() else int(datetime.fromisoformat(text).timestamp())
     return int(value)
 
 
