@@ -433,7 +433,11 @@ class Rule:
         if not self.ignore and not valid_kind(self.kind):
             raise ConfigError(f"expected a dotted lowercase event kind, got {self.kind!r}", "kind")
         groups = set(compile_pattern(self.match, "match").groupindex)
+        names: set[str] = set()
         for index, spec in enumerate(self.layout):
+            if spec.name in names:
+                raise ConfigError(f"field {spec.name!r} is given twice", f"layout[{index}].name")
+            names.add(spec.name)
             if spec.name in groups or spec.name in self.constants:
                 raise ConfigError(f"field {spec.name!r} is also a regex group or constant", f"layout[{index}].name")
         if self.time_format and DEVICE_TIME not in groups | {f.name for f in self.layout}:

@@ -41,6 +41,7 @@ from drivers.serial_common.transport import LinkChange, PortSettings, SerialLink
 DEFAULT_PRIORITIES: dict[str, str] = {
     "gate.alarm": "high",
     "gate.tamper": "high",
+    "gate.alarm_cleared": "normal",
     "gate.transit": "low",
     "xray.alert": "high",
     "xray.tamper": "high",

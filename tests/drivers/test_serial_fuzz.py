@@ -17,7 +17,8 @@ FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthChe
 
 # Bytes biased towards what the framers care about.
 interesting = st.sampled_from(
-    [b"\x02", b"\x03", b"\r", b"\n", b"\r\n", b"\xaa\x55", b"ALARM Z3 I9", b"M0001 ", b"0"]
+    [b"\x02", b"\x03", b"\r", b"\n", b"\r\n", b"\xaa\x55", b"ALARM Z3 I9", b"M0001 ", b"0",
+     b"~", b"}", b"\x10", b"\xa5", b"$", b"*"]
 )
 noisy = st.lists(st.one_of(st.binary(max_size=64), interesting), max_size=40).map(b"".join)
 
@@ -44,6 +45,35 @@ EXTRA_DIALECTS = {
         }
     },
     "line-odd-parity": {"framing": {"type": "line", "parity": "odd", "max_length": 64}},
+    "flag-escaped-crc16": {
+        "framing": {"type": "flag", "escape": "7D", "checksum": "CRC-16/X-25", "max_length": 64}
+    },
+    "stx-dle-escaped": {
+        "framing": {"type": "stx_etx", "escape": "10", "escape_xor": 0, "max_length": 64}
+    },
+    "length-escaped-crc16": {
+        "framing": {
+            "type": "length",
+            "sync": "A5",
+            "escape": "7D",
+            "checksum": "CRC-16/MODBUS",
+            "decode": "hex",
+            "max_length": 64,
+        }
+    },
+    "length-nosync-crc8": {
+        "framing": {"type": "length", "length_counts": "data", "checksum": "CRC-8", "max_length": 64}
+    },
+    "line-start-checksum": {
+        "framing": {
+            "type": "line",
+            "start": "$",
+            "checksum": "xor",
+            "checksum_separator": "*",
+            "checksum_encoding": "hex",
+            "max_length": 64,
+        }
+    },
     "stx-raw-before-etx": {
         "framing": {
             "type": "stx_etx",

@@ -8,6 +8,7 @@ accepted with other fields); random noise between frames never costs a frame.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.config import parse_section
+from drivers.serial_common.cli import encode_frame
 from drivers.serial_common.dialect import Dialect, load_dialect
 from drivers.serial_common.engine import DialectEngine, Message
 from drivers.serial_common.framing import Unparsed
@@ -261,3 +263,39 @@ def test_wiegand34_every_flipped_card_bit_fails_its_parity(
     out = engine.feed(f"{flipped:09X}\r".encode(), 0.0)
     assert decoded(out) == []
     assert [o.code for o in out if isinstance(o, Unparsed)] == ["bad_parity"]
+
+
+# -- built-in binary dialects, through serial-encode's encoder ----------------------------
+
+
+@PROPERTY
+@given(
+    address=st.integers(0, 255),
+    zones=st.sets(st.integers(1, 16)).map(sorted),
+    intensity=st.integers(0, 255),
+    clock=st.integers(0, 2**32 - 1),
+)
+def test_hdlc_panel_alarms_round_trip(address: int, zones: list[int], intensity: int, clock: int) -> None:
+    values = [f"address={address}", f"zones={','.join(map(str, zones))}", f"intensity={intensity}",
+              f"device_time={clock}"]
+    frame = encode_frame("hdlc-panel", "", "0110", 0, values)
+    assert decoded(run(load_dialect("hdlc-panel"), [frame])) == [{
+        "address": address, "zones": zones, "intensity": intensity, "class": "standard",
+        "device_time": datetime.fromtimestamp(clock, UTC).isoformat(),
+    }]
+
+
+@PROPERTY
+@given(
+    bag=st.integers(0, 99_999_999),
+    threat=st.sampled_from(["explosive", "weapon", "liquid", "dense object"]),
+    operator=st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=1, max_size=4),
+    temperature=st.integers(-0x8000, 0x7FFF),
+)
+def test_xray_binary_alerts_round_trip(bag: int, threat: str, operator: str, temperature: int) -> None:
+    values = [f"bag={bag}", f"threat={threat}", f"operator={operator}", f"tunnel_temperature={temperature}"]
+    frame = encode_frame("xray-binary", "", "0001", 0, values)
+    assert decoded(run(load_dialect("xray-binary"), [frame])) == [{
+        "bag": f"{bag:08d}", "threat": threat, "operator": operator, "tunnel_temperature": temperature,
+        "class": "automatic",
+    }]
