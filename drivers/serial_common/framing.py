@@ -228,8 +228,11 @@ class Framer(abc.ABC):
         self._garbage_count = 0
         self._last_bytes_at: float | None = None
         self._decode_parity, self._encode_parity = _parity_tables(framing.parity)
+        self._parity_checked = framing.parity in ("odd", "even")
         self.check = FrameCheck(framing)
         self.stuffing = Stuffing(framing) if framing.escape else None
+        #: DLE-style stuffing: a marker after an escape byte is data, not a marker.
+        self._literal = self.stuffing if self.stuffing is not None and not self.stuffing.xor else None
         #: Checks beyond parity: checksum, separator or trailer.
         self._checked = bool(self.check.tail or self.check.trailer)
         #: line and flag framing: inside a frame already reported as overlong, dropping its tail.
@@ -300,6 +303,14 @@ class Framer(abc.ABC):
     @abc.abstractmethod
     def _wrap(self, body: bytes) -> bytes: ...
 
+    def _find_marker(self, buf: bytearray, marker: bytes, start: int, stop: int) -> int:
+        """The next ``marker`` in ``buf[start:stop]`` that an escape byte does not make
+        data (-1: none); the frame starts at 0, so escapes are counted from 1."""
+        at = buf.find(marker, start, stop)
+        while at >= 0 and self._literal is not None and self._literal.escaped_at(buf, at, 1):
+            at = buf.find(marker, at + 1, stop)
+        return at
+
     def _stuff(self, data: bytes) -> bytes:
         return self.stuffing.encode(data) if self.stuffing is not None else data
 
@@ -347,11 +358,7 @@ class Framer(abc.ABC):
 
     def _emit(self, out: list[Frame | Unparsed], body: bytes, raw: bytes, check: bytes = b"") -> None:
         self._flush_garbage(out)
-        if (
-            self._decode_parity is not None
-            and PARITY_ERROR in raw
-            and self.framing.parity != "strip"
-        ):
+        if self._parity_checked and PARITY_ERROR in raw:
             out.append(Unparsed.of("parity_error", "parity error (software 7-bit check)", raw))
         else:
             out.append(Frame(body, raw, check))
@@ -439,13 +446,6 @@ class StxEtxFramer(Framer):
         self._raw_before = bool(
             self.check.size and not self._after and framing.checksum_encoding == "raw"
         )
-        self._literal = self.stuffing if self.stuffing is not None and not self.stuffing.xor else None
-
-    def _find_etx(self, buf: bytearray, start: int, stop: int | None = None) -> int:
-        end = buf.find(self._etx, start) if stop is None else buf.find(self._etx, start, stop)
-        while end >= 0 and self._literal is not None and self._literal.escaped_at(buf, end, 1):
-            end = buf.find(self._etx, end + 1) if stop is None else buf.find(self._etx, end + 1, stop)
-        return end
 
     def _cut(self, out: list[Frame | Unparsed]) -> None:
         buf = self._buffer
@@ -459,11 +459,17 @@ class StxEtxFramer(Framer):
             if start:
                 self._discard(buf[:start])
                 del buf[:start]
-            end = self._find_etx(buf, 1)
+            # (buf.find directly unless DLE stuffing: this runs for every frame)
+            if self._literal is None:
+                end = buf.find(self._etx, 1)
+            else:
+                end = self._find_marker(buf, self._etx, 1, len(buf))
             if not self._raw_before:
-                again = buf.find(self._stx, 1, end if end >= 0 else len(buf))
-                while again > 0 and self._literal is not None and self._literal.escaped_at(buf, again, 1):
-                    again = buf.find(self._stx, again + 1, end if end >= 0 else len(buf))
+                stop = end if end >= 0 else len(buf)
+                if self._literal is None:
+                    again = buf.find(self._stx, 1, stop)
+                else:
+                    again = self._find_marker(buf, self._stx, 1, stop)
                 if again > 0:
                     self._reject(
                         out, "incomplete", "incomplete frame (new STX before ETX)", buf[:again]
@@ -560,7 +566,6 @@ class FlagFramer(Framer):
     def __init__(self, framing: Framing):
         super().__init__(framing)
         self._flag = bytes([framing.flag])
-        self._literal = self.stuffing if self.stuffing is not None and not self.stuffing.xor else None
 
     def _cut(self, out: list[Frame | Unparsed]) -> None:
         buf = self._buffer
@@ -580,9 +585,10 @@ class FlagFramer(Framer):
                     self._discard(buf[:start])
                 del buf[:start]
             self._overlong = False
-            end = buf.find(flag, 1)
-            while end > 0 and self._literal is not None and self._literal.escaped_at(buf, end, 1):
-                end = buf.find(flag, end + 1)
+            if self._literal is None:
+                end = buf.find(flag, 1)
+            else:
+                end = self._find_marker(buf, flag, 1, len(buf))
             if end < 0:
                 if len(buf) > limit + 1:
                     self._reject(out, "overlong", f"frame longer than {limit} bytes", buf)
