@@ -349,7 +349,7 @@ class LayoutField:
     trim: bool = True
 
     def __post_init__(self) -> None:
-        if not valid_name(self.name):
+        if not self.name.isidentifier():
             raise ConfigError("a field name is letters, digits and _", "name")
         if self.bits and self.type in BYTE_ONLY_TYPES:
             raise ConfigError(f"{self.type} reads whole bytes: give offset/size, not bits", "type")
@@ -384,10 +384,6 @@ class LayoutCheck:
                 raise ConfigError(f"must be {self.word} bits (one word)", "against")
             if (self.bits[1] - self.bits[0] + 1) % self.word:
                 raise ConfigError(f"bits must be whole {self.word}-bit words", "bits")
-
-
-def valid_name(name: str) -> bool:
-    return name.isidentifier()
 
 
 @dataclass(frozen=True)

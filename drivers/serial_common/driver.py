@@ -338,6 +338,8 @@ class SerialDialectDriver(Driver):
         self._poll_sent = False
         self._last_frame_at = time.monotonic()
         if change.online:
+            with self._pipeline_lock:  # what the device reports now is news again
+                self.engine.forget_states()
             self.emit("device.online", payload)
         else:
             self.emit("device.offline", {**payload, "reason": change.reason})

@@ -75,8 +75,6 @@ CONVERSIONS: dict[str, Callable[[str], Any]] = {
 
 #: The trace of a message when not explaining: always empty, never appended to.
 _NO_TRACE: list[str] = []
-#: A state slot whose condition was reported over.
-_CLEARED = ("", "")
 
 
 @dataclass
@@ -119,9 +117,9 @@ class DialectEngine:
         self._hex = dialect.framing.decode == "hex"
         self._encoding = dialect.framing.encoding
         self._hex_digits = dialect.framing.bytes_from == "hex_digits"
-        #: state name -> the last message emitted for it (see ``Rule.state``).
-        self._states: dict[str, tuple[str, str]] = {}
-        self._previous: dict[str, dict[str, Any]] = {}
+        #: state name -> (key, fields) of the condition in force, None once cleared
+        #: (see ``Rule.state``).
+        self._states: dict[str, tuple[tuple[str, str], dict[str, Any]] | None] = {}
 
     @property
     def buffered(self) -> int:
@@ -296,17 +294,20 @@ class DialectEngine:
         """Record a stateful message; False if it repeats the state (or clears a clear one)."""
         current = self._states.get(rule.state)
         if rule.clears:
-            if current is None or current == _CLEARED:
+            if current is None:
                 return False
-            self._states[rule.state] = _CLEARED
-            fields["previous"] = self._previous.pop(rule.state, {})
+            self._states[rule.state] = None
+            fields["previous"] = current[1]
             return True
         key = message_key(rule.kind, fields)
-        if key == current:
+        if current is not None and current[0] == key:
             return False
-        self._states[rule.state] = key
-        self._previous[rule.state] = dict(fields)
+        self._states[rule.state] = (key, dict(fields))
         return True
+
+    def forget_states(self) -> None:
+        """Forget every ``state`` (the device was away): its next answer is news again."""
+        self._states.clear()
 
     def _diff_counters(
         self, index: int, rule: Rule, fields: dict[str, Any], frame: Frame, out: list[Output]
