@@ -176,3 +176,28 @@ def test_stx_etx_raw_crc16_before_etx_even_when_it_contains_stx_or_etx() -> None
     assert messages(out) == messages(whole)
     bad = frames[0][:-2] + bytes([frames[0][-2] ^ 0x40]) + b"\x03"
     assert codes(e.feed(bad + frames[1], 0.0)) == ["bad_checksum"]
+
+
+def test_fixed_frames_without_sync_report_a_bad_checksum_right_after_a_good_frame() -> None:
+    word = [{"match": "^(?P<word>[0-9A-F]{8})$", "kind": "test.word"}]
+    e = make({"type": "fixed", "length": 5, "checksum": "crc8", "decode": "hex"}, word)
+    good = e.framer.encode(b"\x10\x20\x30\x40")
+    bad = bytearray(good)
+    bad[1] ^= 0x08  # one flipped bit: reported as what it is, not as garbage
+    out = e.feed(good + bytes(bad) + good, 0.0)
+    assert messages(out)[0] == ("test.word", {"word": "10203040"})
+    assert codes(out)[0] == "bad_checksum"
+    assert messages(out)[-1] == ("test.word", {"word": "10203040"})
+
+
+def test_stx_etx_trailer_after_the_checksum_is_part_of_the_frame() -> None:
+    e = make({"type": "stx_etx", "checksum": "xor", "checksum_encoding": "hex", "trailer": "0D0A"})
+    frame = e.framer.encode(b"T1")
+    assert frame == b"\x02T1\x03" + b"%02X" % (ord("T") ^ ord("1")) + b"\r\n"
+    out = e.feed(frame + frame[:-1] + b"X" + frame, 0.0)
+    assert messages(out) == [("test.line", {"text": "T1"})] * 2
+    assert codes(out) == ["bad_trailer"]
+    # A frame missing its trailer never costs the frame after it.
+    out = e.feed(frame[:-2] + frame, 0.0)
+    assert messages(out) == [("test.line", {"text": "T1"})]
+    assert codes(out) == ["bad_trailer"]

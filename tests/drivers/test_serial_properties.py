@@ -132,6 +132,19 @@ FRAMINGS: dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]
         ],
         BINARY_VALUES,
     ),
+    "length-frame-count-hex-sum": (
+        {
+            "type": "length",
+            "sync": "7E7E",
+            "length_counts": "frame",
+            "checksum": "sum16",
+            "checksum_encoding": "hex",
+            "checksum_covers": "all",
+            "trailer": "0D",
+        },
+        BINARY_LAYOUT,
+        BINARY_VALUES,
+    ),
     "fixed-sync-crc8": (
         {"type": "fixed", "sync": "AA55", "length": 12, "checksum": "CRC-8"},
         BINARY_LAYOUT,
