@@ -711,9 +711,14 @@ class SyncFramer(Framer):
         # unfinished one, skip its sync and look at the rest again.
         buf = self._buffer
         while buf:
+            if not buf.startswith(self._sync):  # the first bytes of a sync, at most
+                self._discard(buf)
+                buf.clear()
+                break
             self._reject(out, "incomplete", reason, buf)
             del buf[: len(self._sync)]
             self._cut(out)
+        self._flush_garbage(out)
 
     def _sealed(self, body: bytes) -> bytes:
         return self.check.seal(body, self._sync, b"") + self.check.trailer
