@@ -140,7 +140,7 @@ class Capture:
 
 def cmd_sniff(args: argparse.Namespace) -> int:
     dialects = args.dialect or builtin_dialects()
-    inspector = Inspector(dialects, sys.stdout)
+    inspector = Inspector(dialects, sys.stdout, args.explain)
     wanted = inspector.engines[0].dialect.serial if args.dialect else None
     settings = PortSettings(
         port=args.port,
@@ -263,6 +263,11 @@ def add_cli(subparsers: Any) -> None:
     sniff.add_argument("--stopbits", type=float, choices=(1, 1.5, 2), default=0.0)
     sniff.add_argument(
         "--duration", type=float, default=0.0, help="stop after SECONDS (default: Ctrl-C)"
+    )
+    sniff.add_argument(
+        "--explain",
+        action="store_true",
+        help="per frame: framing, checksum verdict, each field's bytes or bits -> value",
     )
     sniff.set_defaults(func=cmd_sniff)
 

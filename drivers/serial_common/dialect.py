@@ -505,6 +505,29 @@ class Dialect:
             and compile_pattern(self.message_number, "message_number").groups != 1
         ):
             raise ConfigError("needs exactly one capturing group", "message_number")
+        set_states = {rule.state for rule in self.rules if rule.state and not rule.clears}
+        # The longest body a frame can carry, in the bytes layout fields read.
+        longest = self.framing.max_length // (2 if self.framing.bytes_from == "hex_digits" else 1)
+        for index, rule in enumerate(self.rules):
+            if rule.clears and rule.state not in set_states:
+                raise ConfigError(
+                    f"no rule sets the state {rule.state!r} this one clears", f"rules[{index}].state"
+                )
+            for position, spec in enumerate(rule.layout):
+                end = spec.bits[1] // 8 + 1 if spec.bits else spec.offset + spec.size
+                if end > longest:
+                    raise ConfigError(
+                        f"reaches byte {end - 1}, beyond the longest frame ({longest} bytes,"
+                        " framing.max_length)",
+                        f"rules[{index}].layout[{position}]",
+                    )
+            for position, layout_check in enumerate(rule.checks):
+                end = max(layout_check.bits[1], layout_check.against[1]) // 8 + 1
+                if end > longest:
+                    raise ConfigError(
+                        f"reaches byte {end - 1}, beyond the longest frame ({longest} bytes)",
+                        f"rules[{index}].checks[{position}]",
+                    )
 
 
 BUILTIN_PACKAGE = "drivers.serial_common.dialects"

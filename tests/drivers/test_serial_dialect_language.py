@@ -161,6 +161,20 @@ MISTAKES = [
         "rules[0].checks[0].bits: bits must be whole 8-bit words",
     ),
     ("clears = true", "rules[0].clears: clears needs the state it clears"),
+    ('state = "x"\nclears = true', "rules[0].state: no rule sets the state 'x' this one clears"),
+    (
+        '[[rules.layout]]\nname = "x"\noffset = 510\nsize = 4',
+        "rules[0].layout[0]: reaches byte 513, beyond the longest frame (512 bytes",
+    ),
+    ('[[rules.layout]]\nname = "x"\nname2 = 1', "rules[0].layout[0].name2: unknown key 'name2'"),
+    (
+        '[[rules.layout]]\nname = "x"\n[[rules.layout]]\nname = "x"',
+        "rules[0].layout[1].name: field 'x' is given twice",
+    ),
+    (
+        '[[rules.checks]]\ntype = "odd_parity"\nbits = [0, 8]\nagainst = [9000, 9000]',
+        "rules[0].checks[0]: reaches byte 1125",
+    ),
     (
         'time_format = "%H%M"',
         "rules[0].time_format: no regex group or layout field named 'device_time'",
@@ -175,7 +189,7 @@ def test_every_dialect_mistake_names_the_file_and_the_field(
     rule = '[[rules]]\nmatch = "X"\nkind = "gate.alarm"\n'
     text = (
         f'name = "bad"\n{mistake}\n{rule}'
-        if not mistake.startswith(("[[rules.", "clears", "time_format"))
+        if not mistake.startswith(("[[rules.", "clears", "state", "time_format"))
         else (f'name = "bad"\n{rule}{mistake}\n')
     )
     path = tmp_path / "bad.toml"
