@@ -160,34 +160,46 @@ def check_value(check: LayoutCheck, value: int, width: int) -> int:
 
 
 def _to_int(spec: LayoutField, value: Any, width: int) -> int:
+    """The ``width``-bit pattern of a field value (the inverse of :func:`_from_int`)."""
     kind = spec.type
     if kind == "int":
-        return int(value) & ((1 << width) - 1)
+        number = int(value)
+        if not -(1 << (width - 1)) <= number < 1 << (width - 1):
+            raise FieldError(f"{spec.name}: {value!r} does not fit in {width} signed bits")
+        return number & ((1 << width) - 1)
     if kind == "bcd":
-        return int(str(int(value)), 16)
-    if kind == "hex":
-        return int(str(value), 16)
-    if kind == "bits_set":
-        return sum(1 << (bit - 1) for bit in value)
-    if kind == "bool":
-        return int(bool(value))
-    if kind == "unix_time":  # seconds, or an ISO 8601 time
+        number = int(str(int(value)), 16)
+    elif kind == "hex":
+        number = int(str(value), 16)
+    elif kind == "bits_set":
+        number = sum(1 << (bit - 1) for bit in value)
+    elif kind == "bool":
+        number = int(bool(value))
+    elif kind == "unix_time":  # seconds, or an ISO 8601 time
         text = str(value)
-        return int(text) if text.isdigit() else int(datetime.fromisoformat(text).timestamp())
-    return int(value)
+        number = int(text) if text.isdigit() else int(datetime.fromisoformat(text).timestamp())
+    else:
+        number = int(value)
+    if not 0 <= number < 1 << width:
+        raise FieldError(f"{spec.name}: {value!r} does not fit in {width} bits")
+    return number
 
 
 def _to_bytes(spec: LayoutField, value: Any, size: int) -> bytes:
     kind = spec.type
     if kind == "text":
-        return str(value).encode("latin-1").ljust(size, b" ")
-    if kind == "ascii_dec":
-        return str(int(value)).rjust(size, "0").encode()
-    if kind == "ascii_hex":
-        return f"{int(value):0{size}X}".encode()
-    if kind == "hex":
-        return bytes.fromhex(str(value))
-    return _to_int(spec, value, 8 * size).to_bytes(size, spec.byteorder)
+        chunk = str(value).encode("latin-1").ljust(size, b" ")
+    elif kind == "ascii_dec":
+        chunk = str(int(value)).rjust(size, "0").encode()
+    elif kind == "ascii_hex":
+        chunk = f"{int(value):0{size}X}".encode()
+    elif kind == "hex":
+        chunk = bytes.fromhex(str(value))
+    else:
+        return _to_int(spec, value, 8 * size).to_bytes(size, spec.byteorder)
+    if len(chunk) != size:
+        raise FieldError(f"{spec.name}: {value!r} does not fit in {size} bytes")
+    return chunk
 
 
 _TRUE_WORDS = frozenset({"1", "y", "yes", "true", "on", "t"})
@@ -230,9 +242,8 @@ def write_body(
 ) -> bytes:
     """A ``size``-byte body (over ``base``, zeros by default) holding ``values``
     where the layout puts them, with every check's parity or sum bit set."""
-    data = bytearray(base.ljust(size, b"\0")[:size])
     total = 8 * size
-    number = int.from_bytes(data, "big")
+    number = int.from_bytes(base.ljust(size, b"\0")[:size], "big")
     for spec in layout:
         value = values[spec.name]
         if spec.lookup:
@@ -242,7 +253,7 @@ def write_body(
         if spec.bits:
             shift, width = bit_span(spec.bits, spec.bit_order, total)
             mask = ((1 << width) - 1) << shift
-            number = (number & ~mask) | ((_to_int(spec, value, width) << shift) & mask)
+            number = (number & ~mask) | (_to_int(spec, value, width) << shift)
         else:
             span = byte_span(spec, size)
             chunk = _to_bytes(spec, value, span.stop - span.start)

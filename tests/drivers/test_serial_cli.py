@@ -142,6 +142,12 @@ def test_encode_frames_a_body_and_decodes_it_back(
         (["--dialect", "hdlc-panel", "address=1"], "FIELD=VALUE: no value for zones, intensity, device_time"),
         (["--dialect", "hdlc-panel", "--rule", "7", "address=1"], "--rule: the dialect has rules 0..2"),
         (["--dialect", "xray-binary", "--hex", "zz"], "body: must be hex digits"),
+        (["--dialect", "wiegand34-hex", "facility=70000", "card=1"],
+         "cannot write these values: facility: 70000 does not fit in 16 bits"),
+        (["--dialect", "xray-binary", "--hex", "0001", "bag=1", "threat=1", "operator=TOOLONG",
+          "tunnel_temperature=0"], "operator: 'TOOLONG' does not fit in 4 bytes"),
+        (["--dialect", "xray-binary", "--hex", "0001", "bag=1", "threat=1", "operator=A",
+          "tunnel_temperature=40000"], "tunnel_temperature: 40000 does not fit in 16 signed bits"),
     ],
 )
 def test_encode_errors_name_what_is_wrong(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
