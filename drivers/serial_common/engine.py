@@ -248,7 +248,10 @@ class DialectEngine:
         if rule.layout or rule.checks:
             reader = BodyReader(self._payload(frame))
             for check in rule.checks:
-                verdict = reader.verify(check)
+                try:
+                    verdict = reader.verify(check)
+                except ValueError as exc:  # the frame is too short for the check
+                    raise Rejected("bad_field", f"{check.type}: {exc}") from None
                 if trace:
                     trace.append(f"check {verdict}")
             for spec in rule.layout:

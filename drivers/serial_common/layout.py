@@ -64,7 +64,10 @@ def _from_int(kind: str, value: int, width: int) -> Any:
         return _bits_set(value)
     if kind == "bool":
         return value != 0
-    return datetime.fromtimestamp(value, UTC).isoformat()  # unix_time
+    try:  # unix_time
+        return datetime.fromtimestamp(value, UTC).isoformat()
+    except (OverflowError, OSError, ValueError):
+        raise FieldError(f"{value} s is not a time") from None
 
 
 def _from_bytes(spec: LayoutField, chunk: bytes) -> Any:

@@ -201,3 +201,20 @@ def test_stx_etx_trailer_after_the_checksum_is_part_of_the_frame() -> None:
     out = e.feed(frame[:-2] + frame, 0.0)
     assert messages(out) == [("test.line", {"text": "T1"})]
     assert codes(out) == ["bad_trailer"]
+
+
+def test_fields_and_checks_beyond_a_short_frame_are_bad_fields_not_exceptions() -> None:
+    rules = [
+        {
+            "kind": "test.bits",
+            "checks": [{"type": "odd_parity", "bits": [1, 16], "against": [0, 0]}],
+            "layout": [{"name": "when", "offset": 0, "size": 8, "type": "unix_time"}],
+        }
+    ]
+    e = make({"type": "fixed", "sync": "AA", "length": 9, "decode": "hex"}, rules)
+    short = make({"decode": "text"}, rules)
+    assert codes(short.feed(b"A\r\n", 0.0)) == ["bad_field"]  # 8 bits, the check needs 17
+    frame = b"\xaa" + b"\x00" + b"\xff" * 7  # parity holds (9 ones); the time is out of range
+    out = e.feed(frame, 0.0)
+    assert codes(out) == ["bad_field"]
+    assert "is not a time" in out[0].reason
