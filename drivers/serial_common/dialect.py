@@ -275,7 +275,8 @@ class Framing:
         if self.type == "flag":
             return bytes([self.flag])
         if self.type == "line":
-            return bytes({b for t in self.terminators for b in t.encode("latin-1")})
+            text = "".join(self.terminators) + self.start
+            return bytes(sorted(set(text.encode("latin-1"))))
         return self.sync_bytes[:1]
 
     @cached_property

@@ -62,6 +62,18 @@ FRAMINGS: dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]
         TEXT_LAYOUT,
         TEXT_VALUES,
     ),
+    "line-escaped-binary": (
+        {
+            "type": "line",
+            "terminators": ["\n"],
+            "start": "\x01",
+            "escape": "1B",
+            "escape_xor": 0x40,
+            "checksum": "CRC-16/KERMIT",
+        },
+        BINARY_LAYOUT,
+        BINARY_VALUES,
+    ),
     "stx-crc-before-etx-dle": (
         {
             "type": "stx_etx",
@@ -146,7 +158,7 @@ FRAMINGS: dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]
         BINARY_VALUES,
     ),
     "fixed-sync-crc8": (
-        {"type": "fixed", "sync": "AA55", "length": 12, "checksum": "CRC-8"},
+        {"type": "fixed", "sync": "AA55", "length": 12, "checksum": "CRC-8", "escape": "7D"},
         BINARY_LAYOUT,
         BINARY_VALUES,
     ),
