@@ -218,3 +218,14 @@ def test_fields_and_checks_beyond_a_short_frame_are_bad_fields_not_exceptions() 
     out = e.feed(frame, 0.0)
     assert codes(out) == ["bad_field"]
     assert "is not a time" in out[0].reason
+
+
+def test_checksum_over_a_byte_range_of_the_body() -> None:
+    # "ID" and the last byte are outside the checksum (as a manual may say: "sum of bytes 2..n-1").
+    e = make({"checksum": "sum8", "checksum_encoding": "hex", "checksum_start": 2, "checksum_stop": -1})
+    body = b"IDabc!"
+    line = body + b"%02X" % (sum(b"abc") & 0xFF) + b"\r\n"
+    assert e.framer.frame(body) == line
+    assert messages(e.feed(line, 0.0)) == [("test.line", {"text": "IDabc!"})]
+    assert messages(e.feed(b"IXabc?" + line[6:], 0.0)) == [("test.line", {"text": "IXabc?"})]
+    assert codes(e.feed(b"IDabd!" + line[6:], 0.0)) == ["bad_checksum"]
