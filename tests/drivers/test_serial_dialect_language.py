@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from agent.config import ConfigError, parse_section
+from drivers.rfid_patrol import RfidPatrolDriver
+from drivers.serial_common.cli import encode_frame
 from drivers.serial_common.dialect import load_dialect
 from drivers.serial_common.driver import SerialDialectDriver
 from drivers.serial_common.engine import DialectEngine
@@ -197,3 +199,21 @@ def test_every_dialect_mistake_names_the_file_and_the_field(
     with pytest.raises(ConfigError) as caught:
         load_dialect(str(path))
     assert str(caught.value).startswith(f"{path}: {message}"), str(caught.value)
+
+
+def test_a_wiegand34_card_with_a_flipped_bit_is_never_taken_for_another_checkpoint(
+    ctx: RecordingContext, device: PtyDevice, drivers: list[SerialDialectDriver]
+) -> None:
+    good = encode_frame("wiegand34-hex", "", "", 0, ["facility=1234", "card=42"])
+    other = encode_frame("wiegand34-hex", "", "", 0, ["facility=1234", "card=43"])
+    flipped = f"{int(good[:9], 16) ^ (1 << 1):09X}\r\n".encode()  # card 42 -> 43 on the wire
+    tags = {good[:9].decode(): "East stairs", other[:9].decode(): "Pharmacy door"}
+    patrol = start(RfidPatrolDriver, ctx, device, drivers, dialect="wiegand34-hex",
+                   checkpoints=tags, unparsed_burst=5)
+    device.write(flipped + good)
+    [read] = ctx.wait_for("patrol.checkpoint", timeout=DEADLINE)
+    assert read.payload["checkpoint"] == "East stairs"
+    [unparsed] = ctx.wait_for("serial.unparsed", timeout=DEADLINE)
+    assert unparsed.payload["code"] == "bad_parity"
+    assert patrol.health().counters["bad_parity"] == 1
+    assert len(kinds(ctx, "patrol.checkpoint")) == 1
