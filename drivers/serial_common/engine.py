@@ -83,6 +83,8 @@ class _CompiledRule:
     pattern: re.Pattern[str]
     reply: bytes = b""
     converters: dict[str, Callable[[str], Any]] = field(default_factory=dict)
+    #: Has checks, layout fields or a device time (more than regex groups).
+    derived: bool = False
 
 
 class DialectEngine:
@@ -106,6 +108,7 @@ class DialectEngine:
                 re.compile(rule.match),
                 self.framer.encode(text_to_bytes(rule.reply)) if rule.reply else b"",
                 {name: CONVERSIONS[conv] for name, conv in rule.fields.items()},
+                bool(rule.layout or rule.checks or rule.time_format),
             )
             for rule in dialect.rules
         ]
@@ -201,7 +204,9 @@ class DialectEngine:
         # Without explain the shared empty list is never appended to (hot path).
         trace = [self._describe(frame)] if self.explain else _NO_TRACE
         try:
-            fields = self._fields(compiled, match, frame, trace)
+            fields = self._group_fields(compiled, match)
+            if compiled.derived or trace:
+                self._derived_fields(compiled, match, frame, fields, trace)
         except Rejected as exc:  # a frame failing a check is never acknowledged
             self.stats[exc.code] += 1
             out.append(Unparsed.of(exc.code, exc.reason, frame.raw))
@@ -226,25 +231,37 @@ class DialectEngine:
             Message(rule.kind, fields, frame.raw, rule.priority, tuple(trace) if trace else ())
         )
 
-    def _fields(
-        self, compiled: _CompiledRule, match: re.Match[str], frame: Frame, trace: list[str]
-    ) -> dict[str, Any]:
-        """Every field of a matched frame; raises :class:`Rejected` for a failed check
-        or a field that cannot be read."""
-        rule = compiled.rule
+    def _group_fields(self, compiled: _CompiledRule, match: re.Match[str]) -> dict[str, Any]:
+        """The regex groups, converted; raises :class:`Rejected` for one that will not."""
         fields: dict[str, Any] = {}
         converters = compiled.converters
         for name, value in match.groupdict().items():
             if value is None:
                 continue
-            convert = converters.get(name, str)
             try:
-                fields[name] = convert(value)
+                fields[name] = converters.get(name, str)(value)
             except ValueError:
-                conversion = rule.fields.get(name, "str")
+                conversion = compiled.rule.fields.get(name, "str")
                 raise Rejected("bad_field", f"field {name!r}: {value!r} is not {conversion}") from None
-            if trace:
-                trace.append(f"{name}: text {value!r} ({rule.fields.get(name, 'str')}) -> {fields[name]!r}")
+        return fields
+
+    def _derived_fields(
+        self,
+        compiled: _CompiledRule,
+        match: re.Match[str],
+        frame: Frame,
+        fields: dict[str, Any],
+        trace: list[str],
+    ) -> None:
+        """Checks, layout fields and the device's time (and with explain, a trace line
+        for every field); raises :class:`Rejected` for a failed check or a field that
+        cannot be read."""
+        rule = compiled.rule
+        if trace:
+            for name, value in match.groupdict().items():
+                if value is not None:
+                    conversion = rule.fields.get(name, "str")
+                    trace.append(f"{name}: text {value!r} ({conversion}) -> {fields[name]!r}")
         if rule.layout or rule.checks:
             reader = BodyReader(self._payload(frame))
             for check in rule.checks:
@@ -271,7 +288,6 @@ class DialectEngine:
                 ) from None
             if trace:
                 trace.append(f"{DEVICE_TIME}: {text!r} ({rule.time_format}) -> {fields[DEVICE_TIME]}")
-        return fields
 
     def _payload(self, frame: Frame) -> bytes:
         """The bytes layout fields read: the body, or what its hex digits spell."""

@@ -357,7 +357,8 @@ class Framer(abc.ABC):
         return True
 
     def _emit(self, out: list[Frame | Unparsed], body: bytes, raw: bytes, check: bytes = b"") -> None:
-        self._flush_garbage(out)
+        if self._garbage_count:  # (tested here: this runs for every frame)
+            self._flush_garbage(out)
         if self._parity_checked and PARITY_ERROR in raw:
             out.append(Unparsed.of("parity_error", "parity error (software 7-bit check)", raw))
         else:
