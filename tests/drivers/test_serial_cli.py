@@ -153,3 +153,21 @@ def test_encode_frames_a_body_and_decodes_it_back(
 def test_encode_errors_name_what_is_wrong(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
     assert main(["serial-encode", *args]) == 1
     assert message in capsys.readouterr().err
+
+
+COOKBOOK = Path(__file__).parent / "cookbook"
+
+
+@pytest.mark.parametrize(
+    ("capture", "dialect"),
+    [("nmea.bin", "nmea-gate"), ("hdlc.bin", "hdlc-panel"), ("xray.bin", "xray-binary"),
+     ("w34.bin", "wiegand34-hex"), ("zones.bin", "polled-zones")],
+)
+def test_cookbook_outputs_are_what_serial_replay_prints(
+    capsys: pytest.CaptureFixture[str], capture: str, dialect: str
+) -> None:
+    readme = (Path(__file__).parents[2] / "drivers/serial_common/README.md").read_text()
+    command = f"$ wardpost serial-replay {capture} --dialect {dialect} --explain\n"
+    shown = readme.split(command, 1)[1].split("```", 1)[0]
+    assert main(["serial-replay", str(COOKBOOK / capture), "--dialect", dialect, "--explain"]) == 0
+    assert capsys.readouterr().out == shown

@@ -59,6 +59,15 @@ def test_all_builtins_load_and_are_documented() -> None:
         assert f"`{name}`" in readme, f"dialect {name} is not documented with example bytes"
 
 
+@pytest.mark.parametrize(
+    "name", ["nmea-gate", "hdlc-panel", "xray-binary", "wiegand34-hex", "polled-zones"]
+)
+def test_cookbook_shows_each_worked_dialect_as_shipped(name: str) -> None:
+    folder = Path(__file__).parents[2] / "drivers/serial_common"
+    text = (folder / "dialects" / f"{name}.toml").read_text()
+    assert f"```toml\n{text}```" in (folder / "README.md").read_text()
+
+
 # -- RDM6300: the published fob frames ------------------------------------------------
 
 
