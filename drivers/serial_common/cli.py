@@ -11,6 +11,11 @@ event, all without the device::
 A capture is JSON lines: a header ``{"capture": 1, "port": ..., "started": ...}``
 then one ``{"t": seconds, "rx": "hex"}`` per chunk read. ``serial-replay``
 also accepts a raw byte dump (``cat /dev/ttyUSB0 > dump.bin``).
+
+``wardpost serial-encode`` goes the other way: it frames a body (text, hex, or
+a rule's layout fields) as the dialect's device would send it, checksum,
+escaping and all, and shows what the dialect makes of it; for checking a
+dialect against a manual's example, or feeding ``wardpost simulate``.
 """
 
 from __future__ import annotations
@@ -29,16 +34,23 @@ from agent.config import ConfigError
 from drivers.serial_common.dialect import builtin_dialects, load_dialect
 from drivers.serial_common.driver import printable
 from drivers.serial_common.engine import DialectEngine, Message, Output, Reply
+from drivers.serial_common.layout import (
+    FieldError,
+    as_hex_digits,
+    layout_size,
+    parse_value,
+    write_body,
+)
 from drivers.serial_common.transport import LinkChange, PortSettings, SerialLink
 
 CAPTURE_VERSION = 1
 
 
 def describe_output(output: Output) -> str:
-    """One line saying what a dialect made of some bytes."""
+    """What a dialect made of some bytes: one line, then the message's trace if any."""
     if isinstance(output, Message):
         fields = json.dumps(output.fields, sort_keys=True, default=str)
-        return f"{output.kind} {fields}"
+        return ("\n" + " " * 21).join((f"{output.kind} {fields}", *output.trace))
     if isinstance(output, Reply):
         return f"reply {output.data.hex(' ')} |{printable(output.data)}|"
     return f"unparsed ({output.reason}, {output.length} bytes) {output.raw[:48].hex(' ')}"
@@ -47,8 +59,8 @@ def describe_output(output: Output) -> str:
 class Inspector:
     """Feeds bytes to several dialects at once and prints bytes and results."""
 
-    def __init__(self, dialects: Sequence[str], out: TextIO):
-        self.engines = [DialectEngine(load_dialect(d, "--dialect")) for d in dialects]
+    def __init__(self, dialects: Sequence[str], out: TextIO, explain: bool = False):
+        self.engines = [DialectEngine(load_dialect(d, "--dialect"), explain) for d in dialects]
         self.out = out
         self._lock = threading.Lock()
 
@@ -92,7 +104,7 @@ def read_capture(path: Path) -> Iterator[tuple[float, bytes]]:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    inspector = Inspector(args.dialect, sys.stdout)
+    inspector = Inspector(args.dialect, sys.stdout, args.explain)
     path = Path(args.file)
     if not path.is_file():
         raise ConfigError("capture file does not exist", file=path)
@@ -128,7 +140,7 @@ class Capture:
 
 def cmd_sniff(args: argparse.Namespace) -> int:
     dialects = args.dialect or builtin_dialects()
-    inspector = Inspector(dialects, sys.stdout)
+    inspector = Inspector(dialects, sys.stdout, args.explain)
     wanted = inspector.engines[0].dialect.serial if args.dialect else None
     settings = PortSettings(
         port=args.port,
@@ -175,6 +187,52 @@ def cmd_sniff(args: argparse.Namespace) -> int:
     return 0
 
 
+def encode_frame(dialect_name: str, body_text: str, body_hex: str, rule: int, values: Sequence[str]) -> bytes:
+    """The frame ``serial-encode`` prints: a body framed as the dialect's device sends it."""
+    dialect = load_dialect(dialect_name, "--dialect")
+    try:
+        base = bytes.fromhex(body_hex) if body_hex else body_text.encode("latin-1")
+    except (ValueError, UnicodeEncodeError):
+        raise ConfigError("must be hex digits (--hex) or single-byte text (--body)", "body") from None
+    if values:
+        if not 0 <= rule < len(dialect.rules):
+            raise ConfigError(f"the dialect has rules 0..{len(dialect.rules) - 1}", "--rule")
+        layout, checks = dialect.rules[rule].layout, dialect.rules[rule].checks
+        specs = {spec.name: spec for spec in layout}
+        given: dict[str, Any] = {}
+        for item in values:
+            name, sep, text = item.partition("=")
+            if not sep or name not in specs:
+                known = ", ".join(specs) or "none"
+                raise ConfigError(f"expected FIELD=VALUE with a layout field ({known})", item)
+            try:
+                given[name] = parse_value(specs[name], text)
+            except FieldError as exc:
+                raise ConfigError(str(exc), item) from None
+        missing = [name for name in specs if name not in given]
+        if missing:
+            raise ConfigError(f"no value for {', '.join(missing)}", "FIELD=VALUE")
+        try:
+            base = write_body(layout, checks, given, max(layout_size(layout), len(base)), base)
+        except (ValueError, OverflowError) as exc:
+            raise ConfigError(f"cannot write these values: {exc}", "FIELD=VALUE") from None
+        if dialect.framing.bytes_from == "hex_digits":
+            base = as_hex_digits(layout, checks, base)
+    try:
+        return DialectEngine(dialect).framer.frame(base)
+    except ValueError as exc:
+        raise ConfigError(str(exc), "body") from None
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    frame = encode_frame(args.dialect, args.body, args.hex, args.rule, args.values)
+    print(f"{frame.hex(' ')}  |{printable(frame)}|")
+    engine = DialectEngine(load_dialect(args.dialect, "--dialect"))
+    for output in [*engine.feed(frame, 0.0), *engine.flush()]:
+        print(f"{engine.dialect.name}: {describe_output(output)}")
+    return 0
+
+
 def _parity(value: str) -> str:
     if not value:  # argparse passes the default through here too
         return ""
@@ -206,6 +264,11 @@ def add_cli(subparsers: Any) -> None:
     sniff.add_argument(
         "--duration", type=float, default=0.0, help="stop after SECONDS (default: Ctrl-C)"
     )
+    sniff.add_argument(
+        "--explain",
+        action="store_true",
+        help="per frame: framing, checksum verdict, each field's bytes or bits -> value",
+    )
     sniff.set_defaults(func=cmd_sniff)
 
     replay = subparsers.add_parser(
@@ -219,4 +282,24 @@ def add_cli(subparsers: Any) -> None:
     replay.add_argument(
         "--dialect", action="append", required=True, metavar="D", help="built-in name or .toml path"
     )
+    replay.add_argument(
+        "--explain",
+        action="store_true",
+        help="per frame: framing, checksum verdict, each field's bytes or bits -> value",
+    )
     replay.set_defaults(func=cmd_replay)
+
+    encode = subparsers.add_parser(
+        "serial-encode",
+        help="frame a body as a dialect's device sends it (checksum, escaping) and decode it back",
+        description=(
+            "Give the body as --body TEXT or --hex HEX, and/or a rule's layout fields as"
+            " FIELD=VALUE (written over the --hex bytes; parity and sum bits are set)."
+        ),
+    )
+    encode.add_argument("--dialect", required=True, metavar="D", help="built-in name or .toml path")
+    encode.add_argument("--body", default="", help="the body as text")
+    encode.add_argument("--hex", default="", help="the body (or the bytes under the fields) as hex")
+    encode.add_argument("--rule", type=int, default=0, help="the rule whose layout FIELD=VALUE fill (0-based)")
+    encode.add_argument("values", nargs="*", metavar="FIELD=VALUE")
+    encode.set_defaults(func=cmd_encode)

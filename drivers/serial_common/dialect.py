@@ -19,17 +19,44 @@ import codecs
 import re
 import tomllib
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from agent.config import ConfigError, check, parse_section
 from agent.event import Priority, valid_kind
-from drivers.serial_common.checksums import ALGORITHMS, CHECKSUM_NAMES
+from drivers.serial_common.checksums import CHECKSUM_NAMES, Checksum, crc, find_checksum
 
 #: Conversions a rule may apply to a captured group (see the README for examples).
-FIELD_TYPES = ("str", "int", "float", "hex_int", "hex_as_decimal", "int_list", "bits", "bool")
+FIELD_TYPES = (
+    "str",
+    "id",
+    "int",
+    "float",
+    "hex_int",
+    "hex_as_decimal",
+    "int_list",
+    "bits",
+    "bool",
+)
+#: What a ``[[rules.layout]]`` field's bytes or bits mean (see the README).
+LAYOUT_TYPES = (
+    "uint",
+    "int",
+    "bcd",
+    "ascii_dec",
+    "ascii_hex",
+    "text",
+    "hex",
+    "bits_set",
+    "bool",
+    "unix_time",
+)
+#: Layout types that read whole bytes only (not bit ranges).
+BYTE_ONLY_TYPES = ("ascii_dec", "ascii_hex", "text")
+#: The field a device's own timestamp goes to (ISO 8601 in the event).
+DEVICE_TIME = "device_time"
 
 
 def _codec_exists(name: str) -> bool:
@@ -91,16 +118,46 @@ class SerialSettings:
     rtscts: bool = False
 
 
+def _one_hex_byte(text: str) -> bool:
+    return text == "" or (len(text) == 2 and _is_hex(text))
+
+
+HEX_BYTES = check(_is_hex, 'must be hex digits, e.g. "AA55"')
+
+
+@dataclass(frozen=True)
+class CrcParameters:
+    """``[framing.crc]``: a CRC missing from the catalogue, by its parameters."""
+
+    width: Literal[8, 16, 24, 32] = 16
+    poly: int = field(default=0x1021, metadata=check(minimum=1, maximum=0xFFFFFFFF))
+    init: int = field(default=0, metadata=check(minimum=0, maximum=0xFFFFFFFF))
+    refin: bool = False
+    refout: bool = False
+    xorout: int = field(default=0, metadata=check(minimum=0, maximum=0xFFFFFFFF))
+
+    def __post_init__(self) -> None:
+        for name in ("poly", "init", "xorout"):
+            if getattr(self, name) >> self.width:
+                raise ConfigError(f"does not fit in {self.width} bits", name)
+
+
 @dataclass(frozen=True)
 class Framing:
     """``[framing]``: how the byte stream is cut into frames and checked."""
 
-    type: Literal["line", "stx_etx", "fixed"] = "line"
+    type: Literal["line", "stx_etx", "flag", "length", "fixed"] = "line"
     #: line: any of these ends a line (empty lines are skipped).
     terminators: list[str] = field(default_factory=lambda: ["\r\n", "\n", "\r"])
+    #: line: text every frame starts with (NMEA "$"); bytes before its last
+    #: occurrence in a line are noise, so noise never glues onto a sentence.
+    start: str = field(default="", metadata=BYTE_TEXT)
     encoding: str = field(default="ascii", metadata=check(_codec_exists, "unknown text encoding"))
     #: How a frame's body is given to the rules: as text, or as upper-case hex digits.
     decode: Literal["text", "hex"] = "text"
+    #: Where ``[[rules.layout]]`` fields read bytes and bits: the body as received,
+    #: or the bytes its ASCII hex digits spell (converters printing raw card bits).
+    bytes_from: Literal["raw", "hex_digits"] = "raw"
     #: The longest frame kept; longer input is reported and skipped (bounded memory).
     max_length: int = field(default=512, metadata=check(minimum=4, maximum=65536))
     #: Software 7-bit handling for links that pass 8-bit bytes (network servers,
@@ -111,18 +168,39 @@ class Framing:
     gap_timeout: float = field(default=0.5, metadata=check(minimum=0.0, maximum=3600.0))
     stx: int = field(default=0x02, metadata=check(minimum=0, maximum=255))
     etx: int = field(default=0x03, metadata=check(minimum=0, maximum=255))
-    #: fixed: total frame length in bytes, including sync and checksum.
+    #: flag: the byte that both opens and closes a frame (HDLC: 0x7E); one flag
+    #: between two frames serves both, repeated flags are idle fill.
+    flag: int = field(default=0x7E, metadata=check(minimum=0, maximum=255))
+    #: fixed: total frame length in bytes, including sync, checksum and trailer.
     length: int = field(default=0, metadata=check(minimum=0, maximum=65536))
-    #: fixed: bytes (hex) every frame starts with, used to find frame boundaries.
-    sync: str = field(default="", metadata=check(_is_hex, 'must be hex digits, e.g. "AA55"'))
+    #: fixed, length: bytes (hex) every frame starts with, used to find frame boundaries.
+    sync: str = field(default="", metadata=HEX_BYTES)
+    #: length: where the length field is (bytes after the sync), its size and byte order.
+    length_offset: int = field(default=0, metadata=check(minimum=0, maximum=256))
+    length_size: Literal[1, 2] = 1
+    length_byteorder: Literal["big", "little"] = "big"
+    #: length: what the length field counts: the whole ``frame`` (sync to trailer),
+    #: the ``rest`` after the length field, or only the ``data`` between the length
+    #: field and the checksum; ``length_adjust`` is added first (a manual's "+2").
+    length_counts: Literal["frame", "rest", "data"] = "rest"
+    length_adjust: int = field(default=0, metadata=check(minimum=-256, maximum=256))
+    #: Byte stuffing (hex byte, e.g. "7D"): inside a frame, this byte and the next
+    #: stand for one byte: the next XOR ``escape_xor`` (HDLC: 0x20), or the next
+    #: byte itself when ``escape_xor`` is 0 (DLE doubling).
+    escape: str = field(default="", metadata=check(_one_hex_byte, 'must be one hex byte, e.g. "7D"'))
+    escape_xor: int = field(default=0x20, metadata=check(minimum=0, maximum=255))
+    #: Bytes (hex) the sender escapes besides the frame markers and the escape byte.
+    escaped: str = field(default="", metadata=HEX_BYTES)
     checksum: str = field(
         default="none",
         metadata=check(
-            lambda v: v in CHECKSUM_NAMES,
+            lambda v: v in ("none", "crc") or find_checksum(v) is not None,
             "unknown checksum (known: " + ", ".join(CHECKSUM_NAMES) + ")",
         ),
     )
-    #: stx_etx: checksum just before ETX or just after it (fixed: always at the end).
+    #: ``checksum = "crc"``: the CRC's parameters.
+    crc: CrcParameters | None = None
+    #: stx_etx: checksum just before ETX or just after it (other framings: at the end).
     checksum_position: Literal["before_etx", "after_etx"] = "after_etx"
     #: Checksum sent as raw bytes, or as ASCII hex digits.
     checksum_encoding: Literal["raw", "hex"] = "raw"
@@ -132,40 +210,189 @@ class Framing:
     #: Which framing bytes the checksum covers besides the body.
     checksum_covers: Literal["data", "start_data", "data_end", "all"] = "data"
     checksum_byteorder: Literal["big", "little"] = "big"
+    #: The covered part of the body, as a Python slice: from byte ``checksum_start``
+    #: (0-based) to ``checksum_stop`` (0 = the end; -2 = all but the last two bytes).
+    checksum_start: int = field(default=0, metadata=check(minimum=0, maximum=65536))
+    checksum_stop: int = field(default=0, metadata=check(minimum=-65536, maximum=0))
+    #: Text between the body and the checksum, not covered (NMEA: "*").
+    checksum_separator: str = field(default="", metadata=BYTE_TEXT)
+    #: Bytes (hex) that follow the checksum in every frame (e.g. "0D0A").
+    trailer: str = field(default="", metadata=HEX_BYTES)
 
     def __post_init__(self) -> None:
         if self.type == "line" and (not self.terminators or "" in self.terminators):
             raise ConfigError("line framing needs non-empty terminators", "terminators")
+        if self.type == "line" and self.trailer:
+            raise ConfigError("line framing ends with its terminators; no trailer", "trailer")
+        if self.checksum == "crc" and self.crc is None:
+            raise ConfigError('checksum = "crc" needs a [framing.crc] table', "crc")
+        if self.crc is not None and self.checksum != "crc":
+            raise ConfigError('[framing.crc] is used only with checksum = "crc"', "crc")
         if self.type == "fixed":
-            overhead = len(self.sync) // 2 + self.checksum_bytes
+            overhead = len(self.sync_bytes) + self.checksum_bytes + len(self.trailer_bytes)
             if self.length <= overhead:
                 raise ConfigError(
-                    f"fixed framing needs a length above sync + checksum ({overhead} bytes)",
+                    f"fixed framing needs a length above sync + checksum + trailer"
+                    f" ({overhead} bytes)",
                     "length",
                 )
-        if self.type == "line" and self.checksum != "none":
-            raise ConfigError("line framing has no checksum; use stx_etx or fixed", "checksum")
+        if self.type == "length":
+            if not self.sync and self.checksum == "none":
+                raise ConfigError(
+                    "length framing needs a sync or a checksum to find frames again after noise",
+                    "sync",
+                )
+            if self.length_offset + self.length_size > self.max_length:
+                raise ConfigError("the length field lies beyond max_length", "length_offset")
         if self.type == "stx_etx" and self.stx == self.etx:
-            raise ConfigError("stx and etx must differ", "etx")
+            raise ConfigError("stx and etx must differ (same byte both ends: type = \"flag\")", "etx")
+        if self.escape and int(self.escape, 16) in self.marker_bytes:
+            raise ConfigError("the escape byte cannot be a frame marker", "escape")
+        if self.escape and self.type not in ("stx_etx", "flag") and self.escape_xor == 0:
+            raise ConfigError(
+                "only stx_etx and flag framings can escape with escape_xor = 0"
+                " (a marker must never appear inside a frame)",
+                "escape_xor",
+            )
+        if self.escape and self.escape_xor and any(
+            (m ^ self.escape_xor) in self.marker_bytes for m in self.marker_bytes
+        ):
+            raise ConfigError("escaped markers would still be markers", "escape_xor")
+        if self.checksum_separator and (
+            self.checksum == "none" or (self.type == "stx_etx" and self.checksum_position == "after_etx")
+        ):
+            raise ConfigError(
+                "a separator sits between body and checksum inside the frame", "checksum_separator"
+            )
+        if self.bytes_from == "hex_digits" and self.decode == "hex":
+            raise ConfigError('decode = "hex" frames are bytes already', "bytes_from")
+
+    @property
+    def marker_bytes(self) -> bytes:
+        """Bytes that delimit frames, which never appear unescaped inside one."""
+        if self.type == "stx_etx":
+            return bytes([self.stx, self.etx])
+        if self.type == "flag":
+            return bytes([self.flag])
+        if self.type == "line":
+            text = "".join(self.terminators) + self.start
+            return bytes(sorted(set(text.encode("latin-1"))))
+        return self.sync_bytes[:1]
+
+    @cached_property
+    def checksum_algorithm(self) -> Checksum | None:
+        """The checksum guarding every frame (None: no checksum)."""
+        if self.checksum == "none":
+            return None
+        if self.crc is not None:
+            p = self.crc
+            compute = crc(
+                p.width, p.poly, init=p.init, refin=p.refin, refout=p.refout, xorout=p.xorout
+            )
+            return Checksum(f"crc{p.width}", p.width // 8, compute)
+        return find_checksum(self.checksum)
 
     @property
     def checksum_bytes(self) -> int:
         """Bytes the checksum takes on the wire."""
-        if self.checksum == "none":
+        algorithm = self.checksum_algorithm
+        if algorithm is None:
             return 0
-        width = ALGORITHMS[self.checksum].width_bytes
+        width = algorithm.width_bytes
         return width * 2 if self.checksum_encoding == "hex" else width
 
     @property
     def sync_bytes(self) -> bytes:
         return bytes.fromhex(self.sync)
 
+    @property
+    def trailer_bytes(self) -> bytes:
+        return bytes.fromhex(self.trailer)
+
+
+def _bit_range_ok(value: list[int]) -> bool:
+    return not value or (len(value) == 2 and 0 <= value[0] <= value[1] < 65536 * 8)
+
+
+BIT_RANGE = check(_bit_range_ok, "must be [first, last] bit numbers, first <= last")
+
+
+@dataclass(frozen=True)
+class LayoutField:
+    """``[[rules.layout]]``: a named byte range or bit range of the frame's body.
+
+    Bytes are numbered from 0 at the first body byte (a negative ``offset``
+    counts from the end). Bits: ``bit_order = "msb0"`` numbers them from 0 at the
+    most significant bit of the first byte, in the order they arrive on a
+    Wiegand wire; ``"lsb0"`` numbers them from 0 at the least significant bit of
+    the last byte (the body read as one big-endian number). ``bits = [a, b]``
+    includes both ends and is read with bit ``a`` as the most significant
+    (msb0) or the least significant (lsb0), as a manual draws it.
+    """
+
+    name: str
+    offset: int = field(default=0, metadata=check(minimum=-65536, maximum=65535))
+    #: Bytes from ``offset`` (0 = to the end of the body).
+    size: int = field(default=0, metadata=check(minimum=0, maximum=65536))
+    bits: list[int] = field(default_factory=list, metadata=BIT_RANGE)
+    bit_order: Literal["msb0", "lsb0"] = "msb0"
+    type: str = field(
+        default="uint",
+        metadata=check(lambda v: v in LAYOUT_TYPES, "must be one of " + ", ".join(LAYOUT_TYPES)),
+    )
+    byteorder: Literal["big", "little"] = "big"
+    #: An integer written as a decimal string of this many digits, leading zeros
+    #: kept (card numbers, ids); 0 = a number.
+    digits: int = field(default=0, metadata=check(minimum=0, maximum=40))
+    #: Value -> label (``{ "1" = "armed" }``); a value not listed is kept as it is.
+    lookup: dict[str, str] = field(default_factory=dict)
+    #: text: strip spaces and NUL padding.
+    trim: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ConfigError("a field name is letters, digits and _", "name")
+        if self.bits and self.type in BYTE_ONLY_TYPES:
+            raise ConfigError(f"{self.type} reads whole bytes: give offset/size, not bits", "type")
+        if self.bits and (self.offset or self.size):
+            raise ConfigError("give either bits or offset/size", "bits")
+
+
+@dataclass(frozen=True)
+class LayoutCheck:
+    """``[[rules.checks]]``: a parity or sum the frame must satisfy (bit numbering as
+    in :class:`LayoutField`). Parity counts the set bits of ``bits`` and of the
+    parity bit ``against = [p, p]``; a sum (or xor) adds the ``bits`` in
+    ``word``-bit words modulo 2**word and compares with the value at ``against``."""
+
+    type: Literal["even_parity", "odd_parity", "sum", "xor"]
+    bits: list[int] = field(metadata=BIT_RANGE)
+    against: list[int] = field(metadata=BIT_RANGE)
+    bit_order: Literal["msb0", "lsb0"] = "msb0"
+    word: int = field(default=8, metadata=check(minimum=1, maximum=32))
+
+    def __post_init__(self) -> None:
+        if not self.bits:
+            raise ConfigError("needs [first, last] bit numbers", "bits")
+        if not self.against:
+            raise ConfigError("needs the [first, last] bits of the check value", "against")
+        width = self.against[1] - self.against[0] + 1
+        if self.type.endswith("parity"):
+            if width != 1:
+                raise ConfigError("a parity check is one bit: against = [p, p]", "against")
+        else:
+            if width != self.word:
+                raise ConfigError(f"must be {self.word} bits (one word)", "against")
+            if (self.bits[1] - self.bits[0] + 1) % self.word:
+                raise ConfigError(f"bits must be whole {self.word}-bit words", "bits")
+
 
 @dataclass(frozen=True)
 class Rule:
     """``[[rules]]``: a regex over a frame and the event it becomes."""
 
-    match: str
+    #: Regex searched in the frame ("" matches every frame).
+    match: str = ""
     kind: str = ""
     #: Overrides the driver's default priority for this kind.
     priority: str = field(default="", metadata=PRIORITY)
@@ -184,11 +411,38 @@ class Rule:
     reply: str = field(default="", metadata=BYTE_TEXT)
     #: A known, uninteresting message (prompt, keep-alive): counted, no event.
     ignore: bool = False
+    #: Named byte and bit ranges of the body (binary and bit-level formats).
+    layout: list[LayoutField] = field(default_factory=list)
+    #: Parity and sum checks the frame must pass before anything is taken from it.
+    checks: list[LayoutCheck] = field(default_factory=list)
+    #: strptime format of the ``device_time`` field (e.g. "%y%m%d%H%M%S"): the
+    #: device's own time becomes ``device_time`` in ISO 8601.
+    time_format: str = ""
+    #: A state name: a message of this rule is emitted only when it differs from
+    #: the last one emitted for the same state (a polled device repeating the same
+    #: alarm every second gives one event), not on every answer.
+    state: str = ""
+    #: This message says the ``state`` condition is over: emitted once, and only
+    #: if the state was set (e.g. kind "gate.alarm_cleared").
+    clears: bool = False
 
     def __post_init__(self) -> None:
         if not self.ignore and not valid_kind(self.kind):
             raise ConfigError(f"expected a dotted lowercase event kind, got {self.kind!r}", "kind")
         groups = set(compile_pattern(self.match, "match").groupindex)
+        names: set[str] = set()
+        for index, spec in enumerate(self.layout):
+            if spec.name in names:
+                raise ConfigError(f"field {spec.name!r} is given twice", f"layout[{index}].name")
+            names.add(spec.name)
+            if spec.name in groups or spec.name in self.constants:
+                raise ConfigError(f"field {spec.name!r} is also a regex group or constant", f"layout[{index}].name")
+        if self.time_format and DEVICE_TIME not in groups | {f.name for f in self.layout}:
+            raise ConfigError(f"no regex group or layout field named {DEVICE_TIME!r}", "time_format")
+        if self.time_format and "%" not in self.time_format:
+            raise ConfigError("expected a strptime format like %y%m%d%H%M%S", "time_format")
+        if self.clears and not self.state:
+            raise ConfigError("clears needs the state it clears", "clears")
         for name, conversion in self.fields.items():
             if conversion not in FIELD_TYPES:
                 raise ConfigError(
@@ -239,6 +493,9 @@ class Dialect:
         default="device.reset", metadata=check(valid_kind, "must be an event kind")
     )
     poll: PollSettings = field(default_factory=PollSettings)
+    #: Keep-alive supervision for devices that push: no valid frame for this many
+    #: seconds while the port is open -> device.offline (0 = not supervised).
+    silent_after: float = field(default=0.0, metadata=check(minimum=0.0, maximum=86400.0))
     source: str = "<memory>"
 
     def __post_init__(self) -> None:
@@ -249,6 +506,29 @@ class Dialect:
             and compile_pattern(self.message_number, "message_number").groups != 1
         ):
             raise ConfigError("needs exactly one capturing group", "message_number")
+        set_states = {rule.state for rule in self.rules if rule.state and not rule.clears}
+        # The longest body a frame can carry, in the bytes layout fields read.
+        longest = self.framing.max_length // (2 if self.framing.bytes_from == "hex_digits" else 1)
+        for index, rule in enumerate(self.rules):
+            if rule.clears and rule.state not in set_states:
+                raise ConfigError(
+                    f"no rule sets the state {rule.state!r} this one clears", f"rules[{index}].state"
+                )
+            for position, spec in enumerate(rule.layout):
+                end = spec.bits[1] // 8 + 1 if spec.bits else spec.offset + spec.size
+                if end > longest:
+                    raise ConfigError(
+                        f"reaches byte {end - 1}, beyond the longest frame ({longest} bytes,"
+                        " framing.max_length)",
+                        f"rules[{index}].layout[{position}]",
+                    )
+            for position, layout_check in enumerate(rule.checks):
+                end = max(layout_check.bits[1], layout_check.against[1]) // 8 + 1
+                if end > longest:
+                    raise ConfigError(
+                        f"reaches byte {end - 1}, beyond the longest frame ({longest} bytes)",
+                        f"rules[{index}].checks[{position}]",
+                    )
 
 
 BUILTIN_PACKAGE = "drivers.serial_common.dialects"

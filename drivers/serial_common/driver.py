@@ -41,6 +41,7 @@ from drivers.serial_common.transport import LinkChange, PortSettings, SerialLink
 DEFAULT_PRIORITIES: dict[str, str] = {
     "gate.alarm": "high",
     "gate.tamper": "high",
+    "gate.alarm_cleared": "normal",
     "gate.transit": "low",
     "xray.alert": "high",
     "xray.tamper": "high",
@@ -104,6 +105,9 @@ class SerialDriverConfig:
         default_factory=dict,
         metadata=check(_priority_table_ok, "must map event kinds to critical/high/normal/low"),
     )
+    #: Push devices: no valid frame for this many seconds while the port is open
+    #: -> device.offline (0 = as the dialect's ``silent_after`` says).
+    silent_after: float = field(default=0.0, metadata=check(minimum=0.0, maximum=86400.0))
     #: Field -> {value -> label}: ``labels = { zones = { "3" = "left knee" } }`` adds
     #: ``zones_labels = ["left knee"]`` (or ``<field>_label`` for a single value).
     labels: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -167,7 +171,11 @@ class SerialDialectDriver(Driver):
         self._poll_sent = False
         self._frames_at_poll = 0
         self._polls_unanswered = 0
-        self._silent = False
+        #: Why the device counts as silent ("": it is not).
+        self._silent = ""
+        self._silent_after = config.silent_after or self.dialect.silent_after
+        self._frames_seen = 0
+        self._last_frame_at = time.monotonic()
         self.emitted = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -181,6 +189,11 @@ class SerialDialectDriver(Driver):
             self._timers.append(
                 self.ctx.every(self.config.aggregate_interval, self.flush_aggregates)
             )
+        if self._silent_after:
+            self._timers.append(self.ctx.every(min(1.0, self._silent_after / 4), self.supervise))
+        if self.engine.framer.expires_on_timer:
+            gap = self.dialect.framing.gap_timeout
+            self._timers.append(self.ctx.every(gap, self._expire))
 
     def stop(self) -> None:
         for timer in self._timers:
@@ -202,7 +215,7 @@ class SerialDialectDriver(Driver):
         if not self.link.online:
             return Health("degraded", f"{self.config.port}: {self.link.reason}", counters)
         if self._silent:
-            return Health("degraded", f"{self.config.port}: no answer to polls", counters)
+            return Health("degraded", f"{self.config.port}: {self._silent}", counters)
         return Health(
             "ok", f"{self.config.port} -> {self.link.resolved} ({self.dialect.name})", counters
         )
@@ -238,13 +251,25 @@ class SerialDialectDriver(Driver):
     def _on_bytes(self, data: bytes, now: float) -> None:
         # One chunk at a time through engine and policy (the reader thread, or simulate()).
         with self._pipeline_lock:
-            for out in self.engine.feed(data, now):
-                if isinstance(out, Message):
-                    self.handle_message(out, now)
-                elif isinstance(out, Reply):
-                    self.link.write(out.data)
-                else:
-                    self._unparsed(out, now)
+            self._handle(self.engine.feed(data, now), now)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._pipeline_lock:
+            self._handle(self.engine.expire(now), now)
+
+    def _handle(self, outputs: list[Message | Unparsed | Reply], now: float) -> None:
+        frames = self.engine.stats["frames"]
+        if frames != self._frames_seen:
+            self._frames_seen = frames
+            self._last_frame_at = now
+        for out in outputs:
+            if isinstance(out, Message):
+                self.handle_message(out, now)
+            elif isinstance(out, Reply):
+                self.link.write(out.data)
+            else:
+                self._unparsed(out, now)
 
     def handle_message(self, message: Message, now: float) -> None:
         """Aggregate, fold repeats, label and emit one recognised message."""
@@ -309,9 +334,12 @@ class SerialDialectDriver(Driver):
 
     def _on_link(self, change: LinkChange) -> None:
         payload = {"port": change.port, "resolved": change.resolved}
-        self._silent = False
+        self._silent = ""
         self._poll_sent = False
+        self._last_frame_at = time.monotonic()
         if change.online:
+            with self._pipeline_lock:  # what the device reports now is news again
+                self.engine.forget_states()
             self.emit("device.online", payload)
         else:
             self.emit("device.offline", {**payload, "reason": change.reason})
@@ -325,24 +353,36 @@ class SerialDialectDriver(Driver):
         if self._poll_sent:
             self._polls_unanswered = 0 if answered else self._polls_unanswered + 1
             limit = self.dialect.poll.offline_after
-            if self._polls_unanswered >= limit and not self._silent:
-                self._silent = True
-                self.emit(
-                    "device.offline",
-                    {
-                        "port": self.config.port,
-                        "resolved": self.link.resolved,
-                        "reason": f"no answer to {limit} polls in a row",
-                    },
-                )
-            elif answered and self._silent:
-                self._silent = False
-                self.emit(
-                    "device.online",
-                    {
-                        "port": self.config.port,
-                        "resolved": self.link.resolved,
-                        "reason": "answering polls again",
-                    },
-                )
+            if self._polls_unanswered >= limit:
+                self._went_silent(f"no answer to {limit} polls in a row")
+            elif answered:
+                self._spoke_again("answering polls again")
         self._poll_sent = self.link.write(self._poll_request)
+
+    def supervise(self) -> None:
+        """Keep-alive supervision of a push device: silent too long -> device.offline."""
+        if not self.link.online:
+            return  # the link reports its own offline/online
+        quiet = time.monotonic() - self._last_frame_at
+        if quiet >= self._silent_after:
+            self._went_silent(f"no valid frame for {self._silent_after:g}s")
+        else:
+            self._spoke_again("sending valid frames again")
+
+    def _went_silent(self, reason: str) -> None:
+        if self._silent:
+            return
+        self._silent = reason
+        self.emit(
+            "device.offline",
+            {"port": self.config.port, "resolved": self.link.resolved, "reason": reason},
+        )
+
+    def _spoke_again(self, reason: str) -> None:
+        if not self._silent:
+            return
+        self._silent = ""
+        self.emit(
+            "device.online",
+            {"port": self.config.port, "resolved": self.link.resolved, "reason": reason},
+        )

@@ -17,21 +17,26 @@ import re
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
-from drivers.serial_common.dialect import Dialect, Rule, text_to_bytes
-from drivers.serial_common.framing import Frame, Unparsed, make_framer
+from drivers.serial_common.dialect import DEVICE_TIME, Dialect, Rule, text_to_bytes
+from drivers.serial_common.framing import Frame, Rejected, Unparsed, make_framer
+from drivers.serial_common.layout import BodyReader
+from drivers.serial_common.limits import message_key
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A frame a rule recognised: an event kind and its fields."""
+class Message(NamedTuple):
+    """A frame a rule recognised: an event kind and its fields (a named tuple: one
+    is made per frame, and a tuple is the cheapest immutable record)."""
 
     kind: str
     fields: dict[str, Any]
     raw: bytes
     #: The rule's priority override ("" = the driver's default for this kind).
     priority: str = ""
+    #: With ``explain``: how the frame was cut and checked and each field read.
+    trace: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +70,11 @@ CONVERSIONS: dict[str, Callable[[str], Any]] = {
     "int_list": _int_list,
     "bits": _bits,
     "bool": lambda v: v.strip().lower() in _TRUE_WORDS,
+    "id": lambda v: v.strip(" \t\x00"),
 }
+
+#: The trace of a message when not explaining: always empty, never appended to.
+_NO_TRACE: list[str] = []
 
 
 @dataclass
@@ -74,6 +83,8 @@ class _CompiledRule:
     pattern: re.Pattern[str]
     reply: bytes = b""
     converters: dict[str, Callable[[str], Any]] = field(default_factory=dict)
+    #: Has checks, layout fields or a device time (more than regex groups).
+    derived: bool = False
 
 
 class DialectEngine:
@@ -81,11 +92,14 @@ class DialectEngine:
 
     ``feed(data, now)`` returns what the new bytes completed, in order.
     ``stats`` counts frames, messages and every kind of trouble by code
-    (``bad_checksum``, ``overlong``, ``garbage``, ``no_rule``, ``duplicate`` ...).
+    (``bad_checksum``, ``bad_parity``, ``overlong``, ``garbage``, ``no_rule``,
+    ``duplicate`` ...). With ``explain`` every message carries a trace of its
+    framing, checksum and fields (``serial-replay --explain``; slower).
     """
 
-    def __init__(self, dialect: Dialect):
+    def __init__(self, dialect: Dialect, explain: bool = False):
         self.dialect = dialect
+        self.explain = explain
         self.framer = make_framer(dialect.framing)
         self.stats: Counter[str] = Counter()
         self._rules = [
@@ -94,6 +108,7 @@ class DialectEngine:
                 re.compile(rule.match),
                 self.framer.encode(text_to_bytes(rule.reply)) if rule.reply else b"",
                 {name: CONVERSIONS[conv] for name, conv in rule.fields.items()},
+                bool(rule.layout or rule.checks or rule.time_format),
             )
             for rule in dialect.rules
         ]
@@ -104,6 +119,10 @@ class DialectEngine:
         self._counters: dict[int, dict[str, int]] = {}
         self._hex = dialect.framing.decode == "hex"
         self._encoding = dialect.framing.encoding
+        self._hex_digits = dialect.framing.bytes_from == "hex_digits"
+        #: state name -> (key, fields) of the condition in force, None once cleared
+        #: (see ``Rule.state``).
+        self._states: dict[str, tuple[tuple[str, str], dict[str, Any]] | None] = {}
 
     @property
     def buffered(self) -> int:
@@ -117,8 +136,20 @@ class DialectEngine:
 
     def feed(self, data: bytes, now: float) -> list[Output]:
         self.stats["bytes"] += len(data)
+        return self._outputs(self.framer.feed(data, now))
+
+    def flush(self) -> list[Output]:
+        """Report whatever unfinished bytes are buffered, and forget them."""
+        return self._outputs(self.framer.flush())
+
+    def expire(self, now: float) -> list[Output]:
+        """What a partial frame older than the gap timeout becomes, without new bytes
+        (the driver asks on a timer, so a frame behind a false start is not kept waiting)."""
+        return self._outputs(self.framer.expire(now))
+
+    def _outputs(self, items: list[Frame | Unparsed]) -> list[Output]:
         out: list[Output] = []
-        for item in self.framer.feed(data, now):
+        for item in items:
             if isinstance(item, Frame):
                 self.stats["frames"] += 1
                 self._decode(item, out)
@@ -126,13 +157,6 @@ class DialectEngine:
                 self.stats[item.code] += 1
                 out.append(item)
         return out
-
-    def flush(self) -> list[Output]:
-        """Report whatever unfinished bytes are buffered, and forget them."""
-        leftovers = self.framer.flush()
-        for item in leftovers:
-            self.stats[item.code] += 1
-        return list(leftovers)
 
     def _decode(self, frame: Frame, out: list[Output]) -> None:
         text = (
@@ -172,27 +196,23 @@ class DialectEngine:
         out: list[Output],
     ) -> None:
         rule = compiled.rule
-        if compiled.reply:
-            out.append(Reply(compiled.reply))
         if rule.ignore:
+            if compiled.reply:
+                out.append(Reply(compiled.reply))
             self.stats["ignored"] += 1
             return
-        fields: dict[str, Any] = {}
-        for name, value in match.groupdict().items():
-            if value is None:
-                continue
-            convert = compiled.converters.get(name, str)
-            try:
-                fields[name] = convert(value)
-            except ValueError:
-                self.stats["bad_field"] += 1
-                conversion = rule.fields.get(name, "str")
-                out.append(
-                    Unparsed.of(
-                        "bad_field", f"field {name!r}: {value!r} is not {conversion}", frame.raw
-                    )
-                )
-                return
+        # Without explain the shared empty list is never appended to (hot path).
+        trace = [self._describe(frame)] if self.explain else _NO_TRACE
+        try:
+            fields = self._group_fields(compiled, match)
+            if compiled.derived or trace:
+                self._derived_fields(compiled, match, frame, fields, trace)
+        except Rejected as exc:  # a frame failing a check is never acknowledged
+            self.stats[exc.code] += 1
+            out.append(Unparsed.of(exc.code, exc.reason, frame.raw))
+            return
+        if compiled.reply:
+            out.append(Reply(compiled.reply))
         fields.update(rule.constants)
         if number is not None:
             fields["msgno"] = number
@@ -203,8 +223,110 @@ class DialectEngine:
         if rule.counters:
             self._diff_counters(index, rule, fields, frame, out)
             return
+        if rule.state and not self._state_changed(rule, fields):
+            self.stats["unchanged"] += 1
+            return
         self.stats["messages"] += 1
-        out.append(Message(rule.kind, fields, frame.raw, rule.priority))
+        out.append(
+            Message(rule.kind, fields, frame.raw, rule.priority, tuple(trace) if trace else ())
+        )
+
+    def _group_fields(self, compiled: _CompiledRule, match: re.Match[str]) -> dict[str, Any]:
+        """The regex groups, converted; raises :class:`Rejected` for one that will not."""
+        fields: dict[str, Any] = {}
+        converters = compiled.converters
+        for name, value in match.groupdict().items():
+            if value is None:
+                continue
+            try:
+                fields[name] = converters.get(name, str)(value)
+            except ValueError:
+                conversion = compiled.rule.fields.get(name, "str")
+                raise Rejected("bad_field", f"field {name!r}: {value!r} is not {conversion}") from None
+        return fields
+
+    def _derived_fields(
+        self,
+        compiled: _CompiledRule,
+        match: re.Match[str],
+        frame: Frame,
+        fields: dict[str, Any],
+        trace: list[str],
+    ) -> None:
+        """Checks, layout fields and the device's time (and with explain, a trace line
+        for every field); raises :class:`Rejected` for a failed check or a field that
+        cannot be read."""
+        rule = compiled.rule
+        if trace:
+            for name, value in match.groupdict().items():
+                if value is not None:
+                    conversion = rule.fields.get(name, "str")
+                    trace.append(f"{name}: text {value!r} ({conversion}) -> {fields[name]!r}")
+        if rule.layout or rule.checks:
+            reader = BodyReader(self._payload(frame))
+            for check in rule.checks:
+                try:
+                    verdict = reader.verify(check)
+                except ValueError as exc:  # the frame is too short for the check
+                    raise Rejected("bad_field", f"{check.type}: {exc}") from None
+                if trace:
+                    trace.append(f"check {verdict}")
+            for spec in rule.layout:
+                try:
+                    fields[spec.name], where = reader.field(spec)
+                except ValueError as exc:
+                    raise Rejected("bad_field", f"field {spec.name!r}: {exc}") from None
+                if trace:
+                    trace.append(f"{spec.name}: {where} ({spec.type}) -> {fields[spec.name]!r}")
+        if rule.time_format and DEVICE_TIME in fields:
+            text = str(fields[DEVICE_TIME])
+            try:
+                fields[DEVICE_TIME] = datetime.strptime(text, rule.time_format).isoformat()
+            except ValueError:
+                raise Rejected(
+                    "bad_field", f"{DEVICE_TIME}: {text!r} does not fit {rule.time_format!r}"
+                ) from None
+            if trace:
+                trace.append(f"{DEVICE_TIME}: {text!r} ({rule.time_format}) -> {fields[DEVICE_TIME]}")
+
+    def _payload(self, frame: Frame) -> bytes:
+        """The bytes layout fields read: the body, or what its hex digits spell."""
+        if not self._hex_digits:
+            return frame.body
+        digits = frame.body.strip(b" \t")
+        try:
+            return bytes.fromhex(("0" if len(digits) % 2 else "") + digits.decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            raise Rejected("bad_field", "the frame is not hex digits") from None
+
+    def _describe(self, frame: Frame) -> str:
+        framing = self.dialect.framing
+        text = (
+            f"frame: {framing.type}, {len(frame.raw)} bytes on the wire, body {len(frame.body)}"
+            f" bytes {frame.body.hex(' ')}"
+        )
+        if frame.check:
+            text += f"; checksum {framing.checksum} {frame.check.hex(' ')} verified"
+        return text
+
+    def _state_changed(self, rule: Rule, fields: dict[str, Any]) -> bool:
+        """Record a stateful message; False if it repeats the state (or clears a clear one)."""
+        current = self._states.get(rule.state)
+        if rule.clears:
+            if current is None:
+                return False
+            self._states[rule.state] = None
+            fields["previous"] = current[1]
+            return True
+        key = message_key(rule.kind, fields)
+        if current is not None and current[0] == key:
+            return False
+        self._states[rule.state] = (key, dict(fields))
+        return True
+
+    def forget_states(self) -> None:
+        """Forget every ``state`` (the device was away): its next answer is news again."""
+        self._states.clear()
 
     def _diff_counters(
         self, index: int, rule: Rule, fields: dict[str, Any], frame: Frame, out: list[Output]

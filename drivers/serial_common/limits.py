@@ -13,10 +13,14 @@ from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from typing import Any
 
+#: Fields that differ between repeats of the same message.
+VOLATILE_FIELDS = frozenset({"msgno", "device_time"})
+
 
 def message_key(kind: str, fields: Mapping[str, Any]) -> tuple[str, str]:
-    """What makes two messages "the same alarm again" (the message number does not)."""
-    rest = {k: v for k, v in fields.items() if k != "msgno"}
+    """What makes two messages "the same alarm again" (the message number and the
+    device's own clock do not)."""
+    rest = {k: v for k, v in fields.items() if k not in VOLATILE_FIELDS}
     return kind, json.dumps(rest, sort_keys=True, default=str)
 
 

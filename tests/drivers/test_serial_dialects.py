@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError
-from drivers.serial_common.checksums import ALGORITHMS
+from drivers.serial_common.checksums import CRC_ALIASES, CRC_CATALOGUE, find_checksum
 from drivers.serial_common.dialect import builtin_dialects, load_dialect
 from drivers.serial_common.engine import DialectEngine, Reply
 from drivers.serial_common.framing import Unparsed
@@ -22,17 +22,32 @@ def unparsed(outputs: list[object]) -> list[str]:
     return [o.code for o in outputs if isinstance(o, Unparsed)]
 
 
-# Published check values for b"123456789" (CRC RevEng catalogue).
+# Published check values for b"123456789" (CRC RevEng catalogue), under the
+# catalogue's names, its aliases and the short names older dialects use.
 @pytest.mark.parametrize(
     ("name", "check"),
     [
-        ("xor", 0x31), ("sum8", 0xDD), ("lrc", 0x23), ("crc8", 0xF4), ("crc8-maxim", 0xA1),
-        ("crc16-modbus", 0x4B37), ("crc16-arc", 0xBB3D), ("crc16-ccitt-false", 0x29B1),
-        ("crc16-xmodem", 0x31C3), ("crc16-kermit", 0x2189), ("crc16-x25", 0x906E),
+        ("xor", 0x31), ("sum8", 0xDD), ("sum16", 0x01DD), ("lrc", 0x23),
+        ("crc8", 0xF4), ("crc8-maxim", 0xA1), ("CRC-8/CDMA2000", 0xDA),
+        ("crc16-modbus", 0x4B37), ("CRC-16/MODBUS", 0x4B37), ("crc16-arc", 0xBB3D),
+        ("crc16-ccitt-false", 0x29B1), ("CRC-16/CCITT-FALSE", 0x29B1), ("CRC-16/IBM-3740", 0x29B1),
+        ("crc16-xmodem", 0x31C3), ("CRC-16/XMODEM", 0x31C3), ("crc16-kermit", 0x2189),
+        ("CRC-16/KERMIT", 0x2189), ("crc16-x25", 0x906E), ("CRC-16/X-25", 0x906E),
+        ("CRC-16/UMTS", 0xFEE8), ("CRC-16/BUYPASS", 0xFEE8), ("CRC-16/MAXIM-DOW", 0x44C2),
+        ("CRC-16/USB", 0xB4C8), ("CRC-16/GENIBUS", 0xD64E), ("CRC-16/MCRF4XX", 0x6F91),
+        ("CRC-16/AUG-CCITT", 0xE5CC), ("CRC-16/DNP", 0xEA82), ("CRC-16/EN-13757", 0xC2B7),
+        ("CRC-16/CDMA2000", 0x4C06), ("CRC-32", 0xCBF43926), ("crc_16 modbus", 0x4B37),
     ],
 )
 def test_checksum_check_values(name: str, check: int) -> None:
-    assert ALGORITHMS[name].compute(b"123456789") == check
+    algorithm = find_checksum(name)
+    assert algorithm is not None
+    assert algorithm.compute(b"123456789") == check
+
+
+def test_every_catalogue_name_is_known() -> None:
+    for name in (*CRC_CATALOGUE, *CRC_ALIASES):
+        assert find_checksum(name) is not None, name
 
 
 def test_all_builtins_load_and_are_documented() -> None:
@@ -42,6 +57,15 @@ def test_all_builtins_load_and_are_documented() -> None:
     for name in names:
         assert load_dialect(name).rules
         assert f"`{name}`" in readme, f"dialect {name} is not documented with example bytes"
+
+
+@pytest.mark.parametrize(
+    "name", ["nmea-gate", "hdlc-panel", "xray-binary", "wiegand34-hex", "polled-zones"]
+)
+def test_cookbook_shows_each_worked_dialect_as_shipped(name: str) -> None:
+    folder = Path(__file__).parents[2] / "drivers/serial_common"
+    text = (folder / "dialects" / f"{name}.toml").read_text()
+    assert f"```toml\n{text}```" in (folder / "README.md").read_text()
 
 
 # -- RDM6300: the published fob frames ------------------------------------------------

@@ -24,18 +24,6 @@ Starter = Callable[..., Any]
 
 
 @pytest.fixture
-def device(tmp_path: Path) -> Iterator[PtyDevice]:
-    dev = PtyDevice(tmp_path / "ttyDEVICE")
-    yield dev
-    dev.close()
-
-
-@pytest.fixture
-def ctx(tmp_path: Path) -> RecordingContext:
-    return RecordingContext(tmp_path, name="gate1")
-
-
-@pytest.fixture
 def start(ctx: RecordingContext, device: PtyDevice) -> Iterator[Starter]:
     """Start a driver on the pty; every driver started is stopped afterwards."""
     started: list[Driver] = []

@@ -13,7 +13,7 @@ from gpiozero.pins.mock import MockFactory
 
 from tests.drivers.serial_frames import rdm6300
 from tests.drivers.serial_pty import PtyDevice
-from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder
+from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
 from tests.support.broker import Broker
 
 FAST = {"reconnect_min": 0.05, "reconnect_max": 0.2, "read_timeout": 0.05}
@@ -86,8 +86,13 @@ def test_dry_contact_alarm_reaches_the_subscriber(tmp_path: Path, broker: Broker
     }
     rec, harness = run(tmp_path, broker, {"relays": relays})
     try:
-        Device.pin_factory.pin(17).drive_low()  # the relay's NC contact is wired and closed
         rec.wait_events("gate.alarm")  # an open input at start is reported (fail-safe)
+        Device.pin_factory.pin(17).drive_low()  # the relay's NC contact is wired and closed
+        agent = harness.agent
+        assert agent is not None
+        # The driver must have seen the contact close before it can open again.
+        wait_until(lambda: "gate relay: rest" in agent.driver("relays").health().detail,
+                   timeout=30, what="the contact at rest")
         Device.pin_factory.pin(17).drive_high()  # alarm: the relay opens
         alarm = rec.wait_events("gate.alarm", 2)[-1]
         assert alarm["priority"] == "high" and alarm["payload"]["input"] == "gate relay"

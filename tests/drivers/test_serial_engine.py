@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent.config import parse_section
-from drivers.serial_common.checksums import ALGORITHMS
+from drivers.serial_common.checksums import find_checksum
 from drivers.serial_common.dialect import Dialect
 from drivers.serial_common.engine import DialectEngine
 from drivers.serial_common.framing import SAMPLE_BYTES, Unparsed
@@ -56,7 +56,7 @@ def test_software_odd_parity_checks_and_strips_bit_7() -> None:
 
 def test_stx_etx_crc16_modbus_raw_little_endian_after_etx() -> None:
     body = b"ALARM 3"
-    crc = ALGORITHMS["crc16-modbus"].compute(body).to_bytes(2, "little")
+    crc = find_checksum("crc16-modbus").compute(body).to_bytes(2, "little")
     e = make({"type": "stx_etx", "checksum": "crc16-modbus", "checksum_byteorder": "little"})
     frame = b"\x02" + body + b"\x03" + crc
     out = e.feed(frame + frame[:-1] + bytes([frame[-1] ^ 1]), 0.0)
@@ -67,7 +67,7 @@ def test_stx_etx_crc16_modbus_raw_little_endian_after_etx() -> None:
 
 def test_stx_etx_checksum_covering_framing_bytes() -> None:
     body = b"T1"
-    value = ALGORITHMS["xor"].compute(b"\x02" + body + b"\x03")
+    value = find_checksum("xor").compute(b"\x02" + body + b"\x03")
     e = make({"type": "stx_etx", "checksum": "xor", "checksum_covers": "all"})
     assert messages(e.feed(b"\x02" + body + b"\x03" + bytes([value]), 0.0)) == [("test.line", {"text": "T1"})]
 
@@ -108,7 +108,7 @@ def test_fixed_frames_without_sync_slide_until_the_checksum_agrees() -> None:
     word = [{"match": "^(?P<word>[0-9A-F]{8})$", "kind": "test.word"}]
     e = make({"type": "fixed", "length": 5, "checksum": "crc8", "decode": "hex"}, word)
     body = b"\x10\x20\x30\x40"
-    frame = body + bytes([ALGORITHMS["crc8"].compute(body)])
+    frame = body + bytes([find_checksum("crc8").compute(body)])
     out = e.feed(b"\x99" + frame + frame, 0.0)
     assert messages(out) == [("test.word", {"word": "10203040"})] * 2
     assert codes(out) == ["garbage"]
@@ -176,3 +176,56 @@ def test_stx_etx_raw_crc16_before_etx_even_when_it_contains_stx_or_etx() -> None
     assert messages(out) == messages(whole)
     bad = frames[0][:-2] + bytes([frames[0][-2] ^ 0x40]) + b"\x03"
     assert codes(e.feed(bad + frames[1], 0.0)) == ["bad_checksum"]
+
+
+def test_fixed_frames_without_sync_report_a_bad_checksum_right_after_a_good_frame() -> None:
+    word = [{"match": "^(?P<word>[0-9A-F]{8})$", "kind": "test.word"}]
+    e = make({"type": "fixed", "length": 5, "checksum": "crc8", "decode": "hex"}, word)
+    good = e.framer.encode(b"\x10\x20\x30\x40")
+    bad = bytearray(good)
+    bad[1] ^= 0x08  # one flipped bit: reported as what it is, not as garbage
+    out = e.feed(good + bytes(bad) + good, 0.0)
+    assert messages(out)[0] == ("test.word", {"word": "10203040"})
+    assert codes(out)[0] == "bad_checksum"
+    assert messages(out)[-1] == ("test.word", {"word": "10203040"})
+
+
+def test_stx_etx_trailer_after_the_checksum_is_part_of_the_frame() -> None:
+    e = make({"type": "stx_etx", "checksum": "xor", "checksum_encoding": "hex", "trailer": "0D0A"})
+    frame = e.framer.encode(b"T1")
+    assert frame == b"\x02T1\x03" + b"%02X" % (ord("T") ^ ord("1")) + b"\r\n"
+    out = e.feed(frame + frame[:-1] + b"X" + frame, 0.0)
+    assert messages(out) == [("test.line", {"text": "T1"})] * 2
+    assert codes(out) == ["bad_trailer"]
+    # A frame missing its trailer never costs the frame after it.
+    out = e.feed(frame[:-2] + frame, 0.0)
+    assert messages(out) == [("test.line", {"text": "T1"})]
+    assert codes(out) == ["bad_trailer"]
+
+
+def test_fields_and_checks_beyond_a_short_frame_are_bad_fields_not_exceptions() -> None:
+    rules = [
+        {
+            "kind": "test.bits",
+            "checks": [{"type": "odd_parity", "bits": [1, 16], "against": [0, 0]}],
+            "layout": [{"name": "when", "offset": 0, "size": 8, "type": "unix_time"}],
+        }
+    ]
+    e = make({"type": "fixed", "sync": "AA", "length": 9, "decode": "hex"}, rules)
+    short = make({"decode": "text"}, rules)
+    assert codes(short.feed(b"A\r\n", 0.0)) == ["bad_field"]  # 8 bits, the check needs 17
+    frame = b"\xaa" + b"\x00" + b"\xff" * 7  # parity holds (9 ones); the time is out of range
+    out = e.feed(frame, 0.0)
+    assert codes(out) == ["bad_field"]
+    assert "is not a time" in out[0].reason
+
+
+def test_checksum_over_a_byte_range_of_the_body() -> None:
+    # "ID" and the last byte are outside the checksum (as a manual may say: "sum of bytes 2..n-1").
+    e = make({"checksum": "sum8", "checksum_encoding": "hex", "checksum_start": 2, "checksum_stop": -1})
+    body = b"IDabc!"
+    line = body + b"%02X" % (sum(b"abc") & 0xFF) + b"\r\n"
+    assert e.framer.frame(body) == line
+    assert messages(e.feed(line, 0.0)) == [("test.line", {"text": "IDabc!"})]
+    assert messages(e.feed(b"IXabc?" + line[6:], 0.0)) == [("test.line", {"text": "IXabc?"})]
+    assert codes(e.feed(b"IDabd!" + line[6:], 0.0)) == ["bad_checksum"]

@@ -3,6 +3,8 @@ and how bytes are split across reads never changes what comes out."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -10,14 +12,16 @@ from hypothesis import strategies as st
 from agent.config import parse_section
 from drivers.serial_common.dialect import Dialect, builtin_dialects, load_dialect
 from drivers.serial_common.engine import DialectEngine, Message, Reply
-from drivers.serial_common.framing import SAMPLE_BYTES, Unparsed
+from drivers.serial_common.framing import SAMPLE_BYTES, Rejected, Unparsed
+from drivers.serial_common.layout import BodyReader
 from tests.drivers.serial_frames import messages, multizone, rdm6300
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Bytes biased towards what the framers care about.
 interesting = st.sampled_from(
-    [b"\x02", b"\x03", b"\r", b"\n", b"\r\n", b"\xaa\x55", b"ALARM Z3 I9", b"M0001 ", b"0"]
+    [b"\x02", b"\x03", b"\r", b"\n", b"\r\n", b"\xaa\x55", b"ALARM Z3 I9", b"M0001 ", b"0",
+     b"~", b"}", b"\x10", b"\xa5", b"$", b"*"]
 )
 noisy = st.lists(st.one_of(st.binary(max_size=64), interesting), max_size=40).map(b"".join)
 
@@ -44,6 +48,35 @@ EXTRA_DIALECTS = {
         }
     },
     "line-odd-parity": {"framing": {"type": "line", "parity": "odd", "max_length": 64}},
+    "flag-escaped-crc16": {
+        "framing": {"type": "flag", "escape": "7D", "checksum": "CRC-16/X-25", "max_length": 64}
+    },
+    "stx-dle-escaped": {
+        "framing": {"type": "stx_etx", "escape": "10", "escape_xor": 0, "max_length": 64}
+    },
+    "length-escaped-crc16": {
+        "framing": {
+            "type": "length",
+            "sync": "A5",
+            "escape": "7D",
+            "checksum": "CRC-16/MODBUS",
+            "decode": "hex",
+            "max_length": 64,
+        }
+    },
+    "length-nosync-crc8": {
+        "framing": {"type": "length", "length_counts": "data", "checksum": "CRC-8", "max_length": 64}
+    },
+    "line-start-checksum": {
+        "framing": {
+            "type": "line",
+            "start": "$",
+            "checksum": "xor",
+            "checksum_separator": "*",
+            "checksum_encoding": "hex",
+            "max_length": 64,
+        }
+    },
     "stx-raw-before-etx": {
         "framing": {
             "type": "stx_etx",
@@ -55,14 +88,47 @@ EXTRA_DIALECTS = {
 }
 
 
+# Every layout type and check over frames of any length (no checksum guards them).
+LAYOUT_RULE = {
+    "kind": "test.layout",
+    "checks": [
+        {"type": "even_parity", "bits": [1, 12], "against": [0, 0]},
+        {"type": "sum", "bits": [0, 15], "against": [16, 23], "bit_order": "lsb0"},
+    ],
+    "layout": [
+        {"name": "u", "offset": 0, "size": 2},
+        {"name": "i", "offset": 1, "size": 2, "type": "int", "byteorder": "little"},
+        {"name": "b", "offset": 2, "size": 2, "type": "bcd", "digits": 4},
+        {"name": "d", "offset": 3, "size": 3, "type": "ascii_dec"},
+        {"name": "h", "offset": 4, "size": 2, "type": "ascii_hex"},
+        {"name": "t", "offset": -4, "size": 3, "type": "text"},
+        {"name": "x", "offset": 5, "size": 0, "type": "hex"},
+        {"name": "z", "bits": [3, 20], "type": "bits_set", "bit_order": "lsb0"},
+        {"name": "f", "bits": [7, 7], "type": "bool"},
+        {"name": "ts", "offset": 0, "size": 8, "type": "unix_time"},
+        {"name": "l", "bits": [0, 3], "lookup": {"1": "one"}},
+    ],
+}
+LAYOUT_DIALECTS = {
+    "line-layout-all-types": {"framing": {"type": "line", "max_length": 64}},
+    "line-hex-digits-layout": {
+        "framing": {"type": "line", "max_length": 64, "bytes_from": "hex_digits"}
+    },
+}
+
+
 def dialect(name: str) -> Dialect:
+    if name in LAYOUT_DIALECTS:
+        return parse_section(
+            Dialect, {"name": name, "rules": [LAYOUT_RULE], **LAYOUT_DIALECTS[name]}
+        )
     if name in EXTRA_DIALECTS:
         rules = [{"match": "^(?P<body>.*)$", "kind": "test.frame"}]
         return parse_section(Dialect, {"name": name, "rules": rules, **EXTRA_DIALECTS[name]})
     return load_dialect(name)
 
 
-@pytest.mark.parametrize("name", [*builtin_dialects(), *EXTRA_DIALECTS])
+@pytest.mark.parametrize("name", [*builtin_dialects(), *EXTRA_DIALECTS, *LAYOUT_DIALECTS])
 @FUZZ
 @given(chunks=st.lists(noisy, max_size=20), gaps=st.lists(st.floats(0, 2), max_size=20))
 def test_no_exception_and_bounded_memory(name: str, chunks: list[bytes], gaps: list[float]) -> None:
@@ -120,3 +186,18 @@ def test_splitting_across_reads_never_changes_the_result(
     split = [m for piece in pieces for m in messages(engine.feed(piece, 0.0))]
     assert split == whole
     assert engine.buffered == 0
+
+
+@FUZZ
+@given(body=st.binary(max_size=40))
+def test_layout_fields_read_any_body_or_say_why(body: bytes) -> None:
+    """Whatever a frame holds, a field is read or fails with ValueError (which the
+    engine reports as bad_field), and a check passes or is Rejected."""
+    rule = dialect("line-layout-all-types").rules[0]
+    reader = BodyReader(body)
+    for spec in rule.layout:
+        with contextlib.suppress(ValueError):
+            reader.field(spec)
+    for layout_check in rule.checks:
+        with contextlib.suppress(Rejected, ValueError):
+            reader.verify(layout_check)
