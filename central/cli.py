@@ -45,11 +45,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
     _setup_logging(config.log_level)
     receiver = Receiver(config).start()
+    console = None
+    if config.console.enabled:
+        from central.console.cli import start_console
+
+        console = start_console(config, receiver.commander())
+        receiver.on_committed(console.console.live.wake)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     log.info("receiver running (store %s)", receiver.store.engine)
     done.wait(args.duration)
+    if console is not None:
+        console.stop()
     receiver.stop()
     log.info("receiver stopped: %s", receiver.stats)
     return 0
