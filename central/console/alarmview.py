@@ -8,6 +8,7 @@ A row's device confirmation comes from the ``commands`` table (``ack``,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,10 +21,8 @@ PRIORITY_RANK = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 FACE_MATCH = "face.watchlist_match"
 ESCALATED = "alarm.escalated"
 
-_ALARM_COLUMNS = (
-    "a.id, a.site, a.device, a.kind, a.priority, a.origin, a.test, a.raised_at, a.state,"
-    " a.acknowledged_by, a.acknowledged_at, a.resolved_by, a.resolved_at, a.note"
-)
+_ALARM_FIELDS = [f.name for f in dataclasses.fields(Alarm)]
+_ALARM_COLUMNS = ", ".join(f"a.{name}" for name in _ALARM_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +36,17 @@ class Confirmation:
     result: dict[str, Any]
 
     @property
-    def label(self) -> str:
+    def state(self) -> str:
+        """sent, confirmed or refused (the words of ``Alarm.device_state``)."""
         if self.ok is None:
             return "sent"
-        return "confirmed by device" if self.ok else "refused by device"
+        return "confirmed" if self.ok else "refused"
+
+    @property
+    def label(self) -> str:
+        return {"sent": "sent", "confirmed": "confirmed by device", "refused": "refused by device"}[
+            self.state
+        ]
 
 
 @dataclass
@@ -73,7 +79,7 @@ def summary(kind: str, payload: dict[str, Any]) -> str:
     if kind == FACE_MATCH:
         return f"{payload.get('name', '?')} ({payload.get('list', '?')})"
     parts = [
-        str(payload[key])
+        f"zone {payload[key]}" if key == "zone" else str(payload[key])
         for key in ("location", "place", "zone", "threat", "class", "camera", "reason")
         if key in payload and payload[key] not in (None, "")
     ]
@@ -100,12 +106,13 @@ class AlarmView:
             " WHERE a.state <> 'resolved' ORDER BY a.raised_at, a.id"
         )
         folds: dict[tuple[str, str, str], QueueRow] = {}
+        width = len(_ALARM_FIELDS)
         for r in rows:
-            alarm = Alarm.from_row(r[:14])
+            alarm = Alarm.from_row(r[:width])
             key = (alarm.site, alarm.device, alarm.kind)
             row = folds.get(key)
             if row is None:
-                row = folds[key] = QueueRow(alarm, summary(alarm.kind, _payload(r[14])))
+                row = folds[key] = QueueRow(alarm, summary(alarm.kind, _payload(r[width])))
                 row.state = alarm.state
             row.members.append(alarm.id)
             row.last_raised = alarm.raised_at
@@ -196,7 +203,7 @@ class AlarmView:
                 }
             )
             if c.result_at is not None:
-                error = c.result.get("error", "")
+                error = c.result.get("error") or ""
                 entries.append(
                     {
                         "at": c.result_at,

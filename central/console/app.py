@@ -284,7 +284,7 @@ class Console:
                 )
         elif action == "silence":
             self._command(
-                operator, alarm.site, alarm.device, "silence", alarm=alarm, args={"event": alarm.id}
+                operator, alarm.site, alarm.device, "silence", alarm=alarm, args={"alarm": alarm.id}
             )
         elif action == "note":
             if not note:

@@ -43,12 +43,18 @@ class Centre:
     devices: list[SimulatedDevice] = field(default_factory=list)
 
     @property
+    def prefix(self) -> str:
+        return self.receiver.config.mqtt.topic_prefix
+
+    @property
     def url(self) -> str:
         return self.server.url
 
     def device(self, name: str, **options: Any) -> SimulatedDevice:
         options.setdefault("answer_commands", True)
-        device = SimulatedDevice(self.broker.host, self.broker.port, "er", name, **options).start()
+        device = SimulatedDevice(
+            self.broker.host, self.broker.port, "er", name, prefix=self.prefix, **options
+        ).start()
         self.devices.append(device)
         return device
 
@@ -59,6 +65,8 @@ def centre_config(broker: Broker, tmp_path: Path, **console: Any) -> dict[str, A
             "host": broker.host,
             "port": broker.port,
             "client_id": f"receiver-{uuid.uuid4().hex[:8]}",
+            # Each test's own topics: retained statuses of other tests' devices stay away.
+            "topic_prefix": f"wp{uuid.uuid4().hex[:8]}",
         },
         "store": {"url": f"sqlite:///{tmp_path / 'central.db'}"},
         "supervision": {"check_every": 0.2, "lost_after": 3.0},

@@ -53,9 +53,9 @@ def test_panic_press_ack_confirmation_resolve_and_audit(
     page.keyboard.press("a")  # the first row is selected: one key acknowledges it
     page.locator(f'tr.alarm[data-id="{alarm_id}"] .state.acknowledged').wait_for()
     confirmation = page.locator(f'tr.alarm[data-id="{alarm_id}"] [data-command="ack"]')
-    confirmation.filter(has_text="confirmed by device").wait_for()
-    assert [c for c in device.commands if c[0] == "ack"][0][1]["args"] == {
-        "event": alarm_id,
+    confirmation.filter(has_text="ack confirmed by device").wait_for()
+    assert next(c for c in device.commands if c[0] == "ack")[1]["args"] == {
+        "alarm": alarm_id,
         "by": "olga",
     }
     page.screenshot(path=screenshots / "queue-acknowledged.png")
@@ -98,7 +98,9 @@ def test_face_match_card_with_crop_and_signed_reject(
     make_centre: Any, browser: Any, screenshots: Path, tmp_path: Path
 ) -> None:
     generate_keypair(tmp_path / "centre.key", tmp_path / "centre.pub")
-    centre: Centre = make_centre(sections={"commands": {"signing_key": str(tmp_path / "centre.key")}})
+    centre: Centre = make_centre(
+        sections={"commands": {"signing_key": str(tmp_path / "centre.key")}}
+    )
     camera = centre.device("er-cam-2", heartbeat_interval=1.0)
     page = login(browser, centre, "olga")
     alarm_id = camera.event(
