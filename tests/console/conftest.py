@@ -139,3 +139,7 @@ def login(browser: Any, centre: Centre, name: str, *, width: int = 1920, height:
     page.click("button[type=submit]")
     page.wait_for_selector("#operator")
     return page
+
+
+# Both store engines for the table tests, as the receiver's own tests use them.
+from tests.central.conftest import make_config, store, store_section  # noqa: E402, F401

@@ -222,3 +222,25 @@ def test_refusals_wrong_password_expired_session_csrf_and_roles(
     entries = centre.server.console.tables.audit_log()
     assert {"login failed", "logged in", "refused"} <= {e.action for e in entries}
     assert json.dumps([e.operator for e in entries if e.action == "refused"]).count("olga") >= 3
+
+
+def test_unacknowledged_alarm_escalates_visibly_and_audibly(
+    make_centre: Any, browser: Any, screenshots: Path
+) -> None:
+    centre: Centre = make_centre(escalate_after=1.0)
+    device = centre.device("er-desk-3", heartbeat_interval=1.0)
+    page = login(browser, centre, "olga")
+    alarm_id = device.event("duress.pressed", "critical", {"location": "pharmacy"})
+    page.locator(f'tr.alarm.escalated[data-id="{alarm_id}"]').wait_for()
+    page.wait_for_selector("#escalation-banner")
+    page.wait_for_selector('body[data-tone="on"]')
+    page.screenshot(path=screenshots / "queue-escalated.png")
+    escalated = wait_for(
+        lambda: centre.receiver.store.events(kind="alarm.escalated"), "alarm.escalated event"
+    )
+    assert escalated[0].payload["alarm"] == alarm_id
+    page.keyboard.press("m")  # mute: the row still blinks, the tone stops
+    page.wait_for_selector('body[data-tone="off"]')
+    page.keyboard.press("a")
+    page.locator(f'tr.alarm[data-id="{alarm_id}"] .state.acknowledged').wait_for()
+    assert page.locator("#escalation-banner").count() == 0

@@ -49,6 +49,7 @@
     const loud = escalated.filter((id) => !muted.has(id));
     if (loud.length && !toneTimer) { tone(); toneTimer = setInterval(tone, 2000); }
     if (!loud.length && toneTimer) { clearInterval(toneTimer); toneTimer = null; }
+    document.body.dataset.tone = toneTimer ? "on" : "off";
     document.body.dataset.rendered = String(Date.now());
   }
 

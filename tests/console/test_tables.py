@@ -1,0 +1,136 @@
+"""The console's tables on SQLite and PostgreSQL: durable, append-only audit, escalation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from central.config import ReceiverConfig
+from central.console.app import Console
+from central.console.tables import ConsoleTables
+from central.store import Alarm, Batch, Store, StoredEvent, open_store
+
+
+def _alarm(store: Store, kind: str = "panic.pressed", raised_at: float | None = None) -> Alarm:
+    from agent.event import uuid7
+
+    at = time.time() if raised_at is None else raised_at
+    alarm_id = uuid7()
+    event = StoredEvent(
+        alarm_id, "er", "desk-1", "panic", kind, "critical", 1, False, at, at, "device", "{}"
+    )
+    alarm = Alarm(alarm_id, "er", "desk-1", kind, "critical", "device", False, at)
+    store.write(Batch(events=[event], alarms=[alarm]))
+    return alarm
+
+
+def test_sessions_notes_audit_survive_a_restart(
+    make_config: Callable[..., ReceiverConfig],
+) -> None:
+    config = make_config()
+    store = open_store(config.store)
+    console = Console(config, store, None)
+    console.add_operator("olga", "operator", "correct horse battery")
+    alarm = _alarm(store)
+    console.act("olga", alarm.id, "acknowledge", "on my way")
+    console.act("olga", alarm.id, "note", "guard 7 at the door")
+    token, csrf = console.tables.open_session("olga", time.time())
+    store.close()
+
+    reopened = open_store(config.store)  # a receiver restart: the same database, new connection
+    try:
+        tables = ConsoleTables(reopened)
+        session = tables.session(token, time.time(), 60, 3600)
+        assert session is not None and session.operator.name == "olga" and session.csrf == csrf
+        assert [n.text for n in tables.notes(alarm.id)] == ["guard 7 at the door"]
+        actions = [(e.operator, e.action) for e in tables.audit_log(alarm_id=alarm.id)]
+        assert ("olga", "acknowledged") in actions and ("olga", "note") in actions
+        moved = reopened.alarm(alarm.id)
+        assert moved is not None and moved.state == "acknowledged"
+        assert moved.acknowledged_by == "olga"
+    finally:
+        reopened.close()
+
+
+def test_audit_log_is_append_only(store: Store) -> None:
+    tables = ConsoleTables(store)
+    tables.audit("olga", "acknowledged", {"note": "x"})
+    for statement in ("UPDATE console_audit SET operator = 'mallory'", "DELETE FROM console_audit"):
+        with pytest.raises(Exception, match="append-only"), store.transaction():
+            store.execute(statement)
+    store.reconnect()
+    assert [e.operator for e in tables.audit_log()] == ["olga"]
+
+
+def test_wrong_password_expired_and_disabled_sessions(
+    make_config: Callable[..., ReceiverConfig], store: Store
+) -> None:
+    console = Console(make_config(), store, None)
+    console.add_operator("olga", "operator", "correct horse battery")
+    assert console.check_password("olga", "correct horse battery")
+    assert not console.check_password("olga", "correct horse batter")
+    assert not console.check_password("nobody", "correct horse battery")
+    with pytest.raises(ValueError, match="8 characters"):
+        console.add_operator("short", "operator", "1234567")
+    with pytest.raises(ValueError, match="role"):
+        console.tables.add_operator("x", "root", "hash")
+    now = time.time()
+    token, _ = console.tables.open_session("olga", now)
+    assert console.tables.session(token, now + 5, idle=10, longest=100) is not None
+    assert console.tables.session(token, now + 16, idle=10, longest=100) is None  # idle
+    token, _ = console.tables.open_session("olga", now)
+    assert console.tables.session(token, now + 101, idle=1000, longest=100) is None  # too long
+    token, _ = console.tables.open_session("olga", now)
+    console.tables.set_active("olga", False)
+    assert console.tables.session(token, now, idle=10, longest=100) is None
+    assert not console.check_password("olga", "correct horse battery")
+
+
+def test_escalation_raises_one_event_per_alarm_and_can_forward(
+    make_config: Callable[..., ReceiverConfig], store: Store
+) -> None:
+    config = make_config(
+        console={"escalate_after": 30.0, "escalation_forward": True},
+        dc09={"enabled": True, "map": {"alarm.escalated": {"code": 139}}},
+    )
+    console = Console(config, store, None)
+    console.add_operator("olga", "operator", "correct horse battery")
+    now = time.time()
+    old = _alarm(store, raised_at=now - 60)
+    acknowledged = _alarm(store, kind="duress.pressed", raised_at=now - 60)
+    console.act("olga", acknowledged.id, "acknowledge", "")
+    fresh = _alarm(store, kind="device.tamper", raised_at=now - 5)
+
+    assert console.escalate(now) == 1
+    assert console.escalate(now + 1) == 0  # once per alarm
+    assert set(console.tables.escalated()) == {old.id}
+    events = store.events(kind="alarm.escalated")
+    assert [e.id for e in events] == [f"esc-{old.id}"]
+    assert events[0].payload["alarm"] == old.id and events[0].priority == "critical"
+    assert store.forward_state(f"esc-{old.id}") is not None  # queued for the ARC
+    assert console.escalate(now + 40) == 1  # the fresh one's turn
+    assert fresh.id in console.tables.escalated()
+
+
+def test_operator_actions_refused_with_reasons(
+    make_config: Callable[..., ReceiverConfig], store: Store
+) -> None:
+    from central.alarms import AlarmError
+
+    console = Console(make_config(), store, None)
+    alarm = _alarm(store)
+    cases: list[tuple[str, str, Any]] = [
+        ("resolve", "", "needs a note"),
+        ("note", " ", "empty"),
+        ("face-reject", "", "not a face match"),
+        ("dance", "", "unknown action"),
+        ("silence", "", "no connection to the devices"),
+    ]
+    for action, note, message in cases:
+        with pytest.raises(AlarmError, match=message):
+            console.act("olga", alarm.id, action, note)
+    with pytest.raises(AlarmError, match="no alarm"):
+        console.act("olga", "nope", "acknowledge", "")
