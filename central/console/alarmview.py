@@ -66,6 +66,16 @@ class QueueRow:
         return len(self.members)
 
     @property
+    def version(self) -> str:
+        """Changes whenever the row would render differently (the page keeps unchanged rows)."""
+        a = self.alarm
+        commands = ",".join(f"{n}:{c.state}" for n, c in sorted(self.confirmations.items()))
+        return (
+            f"{self.state}|{self.count}|{self.escalated_at is not None}|{a.acknowledged_by}"
+            f"|{a.device_state}:{a.device_attempts}|{commands}"
+        )
+
+    @property
     def sort_key(self) -> tuple[int, int, float]:
         return (
             0 if self.state == "new" else 1,

@@ -498,17 +498,24 @@ class Console:
     # --- alarms ---
     def _queue_context(self) -> dict[str, Any]:
         rows = self.view.queue()
-        devices = self.store.devices()
+        device_count, lost_count = self.store.query("SELECT count(*), sum(lost) FROM devices")[0]
         return {
             "rows": rows,
             "new_count": sum(1 for r in rows if r.state == "new"),
             "escalated_count": sum(1 for r in rows if r.escalated_at is not None),
-            "lost_count": sum(1 for d in devices if d.lost),
-            "device_count": len(devices),
+            "lost_count": int(lost_count or 0),
+            "device_count": int(device_count),
         }
 
     def _queue_page(self, request: Request, session: Session, form: FormData | None) -> Response:
-        return self.render("queue.html", session=session, page="queue", **self._queue_context())
+        # The page refreshing itself gets only its live part: less to send and to parse.
+        live = request.headers.get("x-live") == "1"
+        return self.render(
+            "_queue.html" if live else "queue.html",
+            session=session,
+            page="queue",
+            **self._queue_context(),
+        )
 
     def _alarm_page(self, request: Request, session: Session, form: FormData | None) -> Response:
         alarm = self.store.alarm(request.path_params["alarm_id"])

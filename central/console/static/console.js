@@ -26,9 +26,37 @@
     const page = new DOMParser().parseFromString(await response.text(), "text/html");
     parts.forEach((part) => {
       const fresh = page.getElementById(part.id);
-      if (fresh) part.replaceWith(fresh);
+      if (!fresh) return;
+      if ("keyed" in part.dataset) mergeRows(part, fresh); else part.replaceWith(fresh);
     });
     afterRender();
+  }
+
+  // Keep the rows that did not change (same data-id and data-v): with hundreds of open
+  // alarms, a new one costs one row of work, not a whole table.
+  function mergeRows(list, fresh) {
+    const mine = new Map(Array.from(list.children).map((row) => [row.dataset.id, row]));
+    const wanted = Array.from(fresh.children).map((row) => {
+      const kept = mine.get(row.dataset.id);
+      return kept && kept.dataset.v === row.dataset.v ? kept : row;
+    });
+    wanted.forEach((row, i) => { if (list.children[i] !== row) list.insertBefore(row, list.children[i] || null); });
+    while (list.children.length > wanted.length) list.lastElementChild.remove();
+  }
+
+  function age(seconds) {
+    seconds = Math.max(0, Math.floor(seconds));
+    if (seconds < 120) return `${seconds} s`;
+    if (seconds < 7200) return `${Math.floor(seconds / 60)} min`;
+    return `${Math.floor(seconds / 3600)} h ${String(Math.floor((seconds % 3600) / 60)).padStart(2, "0")}`;
+  }
+
+  function tickAges() {
+    const now = Date.now() / 1000;
+    document.querySelectorAll("td.age[data-since]").forEach((cell) => {
+      const text = age(now - Number(cell.dataset.since));
+      if (cell.textContent !== text) cell.textContent = text;
+    });
   }
 
   function rows() { return Array.from(document.querySelectorAll("tr.alarm")); }
@@ -163,7 +191,5 @@
     };
   }
 
-  if (csrf) { afterRender(); listen(); }
-  // Alarms folded while this page was open keep refreshing their ages once a minute.
-  setInterval(() => { if (csrf) refresh("alarms"); }, 60000);
+  if (csrf) { afterRender(); listen(); setInterval(tickAges, 5000); }
 })();
