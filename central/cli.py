@@ -243,21 +243,23 @@ def cmd_dc09_listen(args: argparse.Namespace) -> int:
     return 0
 
 
+def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--config`` (the centre's central.toml) on a sub-command."""
+    p.add_argument(
+        "--config",
+        dest="central_config",
+        default=str(DEFAULT_CENTRAL_CONFIG),
+        help=f"centre config (default {DEFAULT_CENTRAL_CONFIG})",
+    )
+    return p
+
+
 def add_cli(subparsers: Any) -> None:
     """Add ``receiver`` and its sub-commands to the ``wardpost`` parser."""
     parser = subparsers.add_parser(
         "receiver", help="the centre: store events from devices, receipts, supervision"
     )
     sub = parser.add_subparsers(dest="receiver_command", required=True, metavar="COMMAND")
-
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "--config",
-            dest="central_config",
-            default=str(DEFAULT_CENTRAL_CONFIG),
-            help=f"receiver config (default {DEFAULT_CENTRAL_CONFIG})",
-        )
-        return p
 
     p = with_config(sub.add_parser("run", help="run the receiver service"))
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")

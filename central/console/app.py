@@ -261,27 +261,13 @@ class Console:
                 raise AlarmError(f"alarm {alarm_id} is already {alarm.state}")
             for a in moved:
                 self.desk.acknowledge(a.id, operator, note or None)
-                self.tables.audit(
-                    operator,
-                    "acknowledged",
-                    {"note": note},
-                    alarm_id=a.id,
-                    site=a.site,
-                    device=a.device,
-                )
+                self._audit_alarm(operator, "acknowledged", a, note)
         elif action == "resolve":
             if not note:
                 raise AlarmError("say what happened: resolving needs a note")
             for a in folded:
                 self.desk.resolve(a.id, operator, note)
-                self.tables.audit(
-                    operator,
-                    "resolved",
-                    {"note": note},
-                    alarm_id=a.id,
-                    site=a.site,
-                    device=a.device,
-                )
+                self._audit_alarm(operator, "resolved", a, note)
         elif action == "silence":
             self._command(
                 operator, alarm.site, alarm.device, "silence", alarm=alarm, args={"alarm": alarm.id}
@@ -290,24 +276,10 @@ class Console:
             if not note:
                 raise AlarmError("the note is empty")
             self.tables.add_note(alarm.id, operator, note, time.time())
-            self.tables.audit(
-                operator,
-                "note",
-                {"note": note},
-                alarm_id=alarm.id,
-                site=alarm.site,
-                device=alarm.device,
-            )
+            self._audit_alarm(operator, "note", alarm, note)
         elif action == "face-confirm":
             self._face(alarm)
-            self.tables.audit(
-                operator,
-                "face confirmed",
-                {"note": note},
-                alarm_id=alarm.id,
-                site=alarm.site,
-                device=alarm.device,
-            )
+            self._audit_alarm(operator, "face confirmed", alarm, note)
             if alarm.state == "new":
                 self.desk.acknowledge(alarm.id, operator, note or "match confirmed")
         elif action == "face-reject":
@@ -322,17 +294,20 @@ class Console:
             )
             if alarm.state != "resolved":
                 self.desk.resolve(alarm.id, operator, note or "not this person")
-                self.tables.audit(
-                    operator,
-                    "resolved",
-                    {"note": note or "not this person"},
-                    alarm_id=alarm.id,
-                    site=alarm.site,
-                    device=alarm.device,
-                )
+                self._audit_alarm(operator, "resolved", alarm, note or "not this person")
         else:
             raise AlarmError(f"unknown action {action!r}")
         self.live.wake()
+
+    def _audit_alarm(self, operator: str, action: str, alarm: Alarm, note: str) -> None:
+        self.tables.audit(
+            operator,
+            action,
+            {"note": note},
+            alarm_id=alarm.id,
+            site=alarm.site,
+            device=alarm.device,
+        )
 
     @staticmethod
     def _face(alarm: Alarm) -> None:

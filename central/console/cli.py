@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from central.config import DEFAULT_CENTRAL_CONFIG, ReceiverConfig, load_receiver_config
+from central.config import ReceiverConfig, load_receiver_config
 
 log = logging.getLogger("wardpost.console")
 
@@ -104,19 +104,11 @@ def cmd_operators(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: Any) -> None:
     """Add ``console`` and its sub-commands to the ``wardpost`` parser."""
+    from central.cli import with_config
     from central.console.tables import ROLES
 
     parser = subparsers.add_parser("console", help="the centre's web console for operators")
     sub = parser.add_subparsers(dest="console_command", required=True, metavar="COMMAND")
-
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "--config",
-            dest="central_config",
-            default=str(DEFAULT_CENTRAL_CONFIG),
-            help=f"centre config (default {DEFAULT_CENTRAL_CONFIG})",
-        )
-        return p
 
     p = with_config(sub.add_parser("run", help="serve the console (beside a running receiver)"))
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")

@@ -18,19 +18,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from agent.security import generate_keypair, signed_bytes
+from tests.central.test_receiver import wait_until
 from tests.console.conftest import PASSWORD, PLAN, Centre, login
 
 FACES = Path(__file__).parents[2].parent / "shared" / "faces"
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_panic_press_ack_confirmation_resolve_and_audit(
@@ -128,8 +119,8 @@ def test_face_match_card_with_crop_and_signed_reject(
 
     page.click("#face-reject")
     page.locator("#alarm-state", has_text="resolved").wait_for()
-    reject = wait_for(
-        lambda: [body for name, body in camera.commands if name == "face.reject"], "face.reject"
+    reject = wait_until(
+        lambda: [body for name, body in camera.commands if name == "face.reject"], 30, "face.reject"
     )[0]
     assert reject["args"] == {"event_id": alarm_id, "by": "olga"}
     key = load_pem_private_key((tmp_path / "centre.key").read_bytes(), None)
@@ -235,8 +226,8 @@ def test_unacknowledged_alarm_escalates_visibly_and_audibly(
     page.wait_for_selector("#escalation-banner")
     page.wait_for_selector('body[data-tone="on"]')
     page.screenshot(path=screenshots / "queue-escalated.png")
-    escalated = wait_for(
-        lambda: centre.receiver.store.events(kind="alarm.escalated"), "alarm.escalated event"
+    escalated = wait_until(
+        lambda: centre.receiver.store.events(kind="alarm.escalated"), 30, "alarm.escalated event"
     )
     assert escalated[0].payload["alarm"] == alarm_id
     page.keyboard.press("m")  # mute: the row still blinks, the tone stops

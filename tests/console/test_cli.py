@@ -36,12 +36,18 @@ def test_operators_from_the_command_line_and_console_in_the_receiver(
         f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
         f'client_id = "rx-{uuid.uuid4().hex[:6]}"\ntopic_prefix = "c{uuid.uuid4().hex[:6]}"\n'
         f'[store]\nurl = "sqlite:///{tmp_path / "central.db"}"\n'
-        f'[console]\nenabled = true\nport = {port}\n'
+        f"[console]\nenabled = true\nport = {port}\n"
     )
     short = wardpost("console", "add-operator", "ada", "--config", str(config), stdin="short\n")
     assert short.returncode == 1 and "at least 8 characters" in short.stderr
     added = wardpost(
-        "console", "add-operator", "ada", "--role", "admin", "--config", str(config),
+        "console",
+        "add-operator",
+        "ada",
+        "--role",
+        "admin",
+        "--config",
+        str(config),
         stdin="a long enough password\n",
     )
     assert added.returncode == 0, added.stderr
