@@ -1,12 +1,15 @@
-"""``wardpost receiver ...``: run the receiver, print its report, handle alarms, test DC-09.
+"""The centre's verbs: ``wardpost receiver ...`` (run the receiver, its report, alarms,
+DC-09), ``wardpost monitor`` (the operator console) and ``wardpost command``.
 
-Plugged into the ``wardpost`` command through the ``wardpost.cli`` entry point
-(:func:`add_cli`); also runnable as ``python -m central ...``.
+Plugged into the ``wardpost`` command through the ``wardpost.cli`` entry points
+(:func:`add_cli`, :func:`add_monitor_cli`, :func:`add_command_cli`); the receiver's
+verbs are also runnable as ``python -m central ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import signal
@@ -19,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.config import ConfigError
+from agent.control import ControlError
 from central.config import DEFAULT_CENTRAL_CONFIG, ReceiverConfig, load_receiver_config
 
 log = logging.getLogger("wardpost.central")
@@ -93,6 +97,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         now = time.time()
         days, windows = gather(store, now, args.days, args.windows)
         devices = store.devices()
+        quarantine = store.quarantine_summary()
     finally:
         store.close()
     if args.json:
@@ -112,6 +117,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                         }
                         for d in devices
                     ],
+                    "quarantine": [asdict(q) for q in quarantine],
                 },
                 indent=2,
             )
@@ -157,6 +163,15 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"{d.heartbeat_interval:g}" if d.heartbeat_interval else "-",
         )
     console.print(table)
+    if quarantine:
+        table = Table(title="Quarantined messages (kept aside, acknowledged, not stored as events)")
+        for column in ("site", "device", "messages", "last", "last reason"):
+            table.add_column(column)
+        for q in quarantine:
+            table.add_row(
+                q.site or "-", q.device or "-", str(q.count), _when(q.last_at), q.last_reason
+            )
+        console.print(table)
     return 0
 
 
@@ -172,14 +187,21 @@ def cmd_alarms(args: argparse.Namespace) -> int:
             f"{a.id}  {_when(a.raised_at)}  {a.priority:8} {a.state:12}{who:14}"
             f" {a.site}/{a.device} {a.kind}"
             f"{' [test]' if a.test else ''}"
+            f"{f'  ({a.at_device})' if a.at_device else ''}"
         )
     return 0
 
 
+#: Exit status of ``receiver ack/resolve`` when the device has not confirmed within ``--wait``.
+NOT_CONFIRMED_YET = 3
+
+
 def cmd_transition(args: argparse.Namespace) -> int:
+    """Move the alarm on, then wait for the device to confirm (the receiver stores its answer)."""
     from central.alarms import AlarmDesk, AlarmError, MqttCommander
     from central.receiver import command_signer, connect, make_client
     from central.store import open_store
+    from contract.commands import ContractError
 
     config = _config(args)
     store = open_store(config.store)
@@ -188,14 +210,31 @@ def cmd_transition(args: argparse.Namespace) -> int:
         mq, f"{mq.client_id}-desk-{int(time.time())}", persistent=False, password=config.password()
     )
     connect(client, mq, persistent=False)
+    verb = f"wardpost receiver {args.command_name}"
     try:
         desk = AlarmDesk(store, MqttCommander(client, mq.topic_prefix, command_signer(config)))
         move = desk.acknowledge if args.command_name == "ack" else desk.resolve
         alarm = move(args.alarm, args.by, args.note)
-        print(f"{alarm.id}: {alarm.state} by {args.by}")
-        return 0
-    except AlarmError as exc:
-        print(f"wardpost receiver {args.command_name}: {exc}", file=sys.stderr)
+        print(f"{alarm.id}: {alarm.state} by {args.by}", flush=True)
+        deadline = time.monotonic() + args.wait
+        while alarm.device_state == "sent" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alarm = store.alarm(alarm.id) or alarm
+        if alarm.device_state is None:
+            return 0  # raised by the centre itself: no device to tell
+        print(f"{alarm.id}: {alarm.at_device}")
+        if alarm.device_state == "confirmed":
+            return 0
+        if alarm.device_state == "sent":
+            print(
+                f"{verb}: not confirmed within {args.wait:g} s; the receiver keeps sending it"
+                f" for {config.commands.confirm_within:g} s (is `wardpost receiver run` running?)",
+                file=sys.stderr,
+            )
+            return NOT_CONFIRMED_YET
+        return 1
+    except (AlarmError, ContractError) as exc:
+        print(f"{verb}: {exc}", file=sys.stderr)
         return 1
     finally:
         time.sleep(0.2)  # let the command leave before disconnecting
@@ -285,6 +324,13 @@ def add_cli(subparsers: Any) -> None:
         p.add_argument("alarm", help="alarm id (the id of the event that raised it)")
         p.add_argument("--by", required=True, help="operator name")
         p.add_argument("--note", default=None)
+        p.add_argument(
+            "--wait",
+            type=float,
+            default=15.0,
+            help="seconds to wait for the device's confirmation (exit 0 confirmed,"
+            f" 1 refused or failed, {NOT_CONFIRMED_YET} not confirmed yet)",
+        )
         p.set_defaults(func=cmd_transition, command_name=name)
     p = sub.add_parser(
         "dc09-listen", help="a minimal SIA DC-09 receiver that validates and ACKs (for tests)"
@@ -296,6 +342,141 @@ def add_cli(subparsers: Any) -> None:
     )
     p.add_argument("--duration", type=float, default=None)
     p.set_defaults(func=cmd_dc09_listen)
+
+
+# ------------------------------------------------------- the console and single commands
+
+
+def _broker_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--username", default="")
+    p.add_argument("--password-file", default="")
+    p.add_argument(
+        "--ca-file", default="", help="CA certificate to verify the broker (enables TLS)"
+    )
+    p.add_argument("--cert-file", default="", help="this console's certificate (TLS)")
+    p.add_argument("--key-file", default="", help="this console's private key (TLS)")
+    p.add_argument("--prefix", default="wardpost", help="topic prefix")
+    p.add_argument(
+        "--key", default="", help="the centre's Ed25519 private key: signs the commands"
+    )
+
+
+def _broker_options(args: argparse.Namespace) -> Any:
+    from central.monitor import BrokerOptions
+
+    return BrokerOptions(
+        host=args.host,
+        port=args.port,
+        username=args.username,
+        password_file=args.password_file,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        prefix=args.prefix,
+    )
+
+
+def _signer(args: argparse.Namespace) -> Any:
+    from agent.security import Signer
+
+    return Signer.from_file(args.key) if args.key else None
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from central.monitor import Monitor, TerminalView
+    from central.store import open_store
+
+    store = open_store(load_receiver_config(args.receiver_config).store)
+    monitor = Monitor(
+        _broker_options(args),
+        store,
+        args.site,
+        signer=_signer(args),
+        operator=args.operator,
+        view=TerminalView(as_json=args.json),
+    )
+    lines = None if args.no_input else sys.stdin
+    try:
+        return monitor.run(duration=args.duration, table_every=args.table_every, lines=lines)
+    except (OSError, ConnectionError) as exc:
+        raise ControlError(f"cannot watch {args.host}:{args.port}: {exc}") from None
+    finally:
+        store.close()
+
+
+def cmd_command(args: argparse.Namespace) -> int:
+    from central.monitor import send_command
+    from contract.commands import ContractError
+
+    try:
+        cmd_args = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise ControlError(f"--args is not JSON: {exc}") from None
+    if not isinstance(cmd_args, dict):
+        raise ControlError("--args must be a JSON object")
+    site, _, device = args.device.partition("/")
+    if not site or not device:
+        raise ControlError("device must be given as SITE/DEVICE")
+    try:
+        result = send_command(
+            _broker_options(args),
+            site,
+            device,
+            args.name,
+            args=cmd_args,
+            target=args.target,
+            timeout=args.timeout,
+            signer=_signer(args),
+        )
+    except ContractError as exc:
+        raise ControlError(str(exc)) from None
+    except OSError as exc:
+        raise ControlError(f"cannot reach {args.host}:{args.port}: {exc}") from None
+    print(json.dumps(result, indent=2))
+    return 0 if result.get("ok") else 1
+
+
+def add_monitor_cli(subparsers: Any) -> None:
+    """Add ``monitor``, the operator console, to the ``wardpost`` parser."""
+    p = subparsers.add_parser(
+        "monitor", help="the operator console: alarms from the receiver's store, live traffic"
+    )
+    _broker_arguments(p)
+    p.add_argument(
+        "--receiver-config",
+        default=str(DEFAULT_CENTRAL_CONFIG),
+        help=f"the receiver's config, for its store of alarms (default {DEFAULT_CENTRAL_CONFIG})",
+    )
+    p.add_argument("--site", default="+", help="site to watch (default all)")
+    p.add_argument(
+        "--operator",
+        default=getpass.getuser(),
+        help="who acknowledges and resolves (default: login name)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line, for scripts")
+    p.add_argument("--no-input", action="store_true", help="do not read commands from stdin")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument(
+        "--table-every",
+        type=float,
+        default=30.0,
+        help="print the device and alarm tables this often",
+    )
+    p.set_defaults(func=cmd_monitor)
+
+
+def add_command_cli(subparsers: Any) -> None:
+    """Add ``command``: send one command (from the contract's vocabulary) and print its result."""
+    p = subparsers.add_parser("command", help="send a command to a device and print its result")
+    _broker_arguments(p)
+    p.add_argument("device", help="SITE/DEVICE")
+    p.add_argument("name", help="ack, resolve, silence, test, reload, ping, ... (contract/)")
+    p.add_argument("--args", default="{}", help="JSON object")
+    p.add_argument("--target", default=None, help="driver instance name")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -183,8 +183,11 @@ class Dc09Config:
             lambda v: bool(re.fullmatch(r"[0-9A-F]{3,16}", v)), "must be 3-16 hex digits (0-9, A-F)"
         ),
     )
+    #: The "R" field. Receivers answer with the frame's own; pysiaalarm (Home Assistant) writes
+    #: "None" into its ACK when the frame has none, so the default names receiver 0.
+    #: "" leaves the field out.
     receiver: str = field(
-        default="",
+        default="0",
         metadata=check(
             lambda v: bool(re.fullmatch(r"[0-9A-F]{0,6}", v)), "must be up to 6 hex digits"
         ),

@@ -144,6 +144,8 @@ class Receiver:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        # Connected means subscribed: a message published before the SUBACK would be missed.
+        self.client.on_subscribe = lambda *_: self.connected.set()
         self.bridge: Any = None
         if config.dc09.enabled:
             from central.bridge import Dc09Bridge
@@ -203,7 +205,6 @@ class Receiver:
                 return
             self.stats.connects += 1
             client.subscribe([(f, 1) for f in self._filters()])
-            self.connected.set()
             log.info(
                 "connected to %s:%d, subscribed to %s",
                 self.config.mqtt.host,
