@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from jsonschema import Draft7Validator
 
 from central.config import ReceiverConfig
 from central.console.app import Console
 from central.console.tables import ConsoleTables
 from central.store import Alarm, Batch, Store, StoredEvent, open_store
+from tests.contract.test_contract import SCHEMAS
 
 
 def _alarm(store: Store, kind: str = "panic.pressed", raised_at: float | None = None) -> Alarm:
@@ -110,6 +113,8 @@ def test_escalation_raises_one_event_per_alarm_and_can_forward(
     events = store.events(kind="alarm.escalated")
     assert [e.id for e in events] == [f"esc-{old.id}"]
     assert events[0].payload["alarm"] == old.id and events[0].priority == "critical"
+    contract = json.loads((SCHEMAS / "payloads" / "centre.json").read_text())["definitions"]
+    assert not list(Draft7Validator(contract["alarm.escalated"]).iter_errors(events[0].payload))
     assert store.forward_state(f"esc-{old.id}") is not None  # queued for the ARC
     assert console.escalate(now + 40) == 1  # the fresh one's turn
     assert fresh.id in console.tables.escalated()
