@@ -165,9 +165,12 @@ class AlarmView:
     def folded_with(self, alarm: Alarm) -> list[Alarm]:
         """The open alarms folded into the same queue row as ``alarm`` (itself included)."""
         folded = [
-            a
-            for a in self.store.alarms(site=alarm.site)
-            if a.device == alarm.device and a.kind == alarm.kind and a.state != "resolved"
+            Alarm.from_row(r)
+            for r in self.store.query(
+                f"SELECT {_ALARM_COLUMNS} FROM alarms a WHERE a.site = ? AND a.device = ?"  # noqa: S608
+                " AND a.kind = ? AND a.state <> 'resolved' ORDER BY a.raised_at, a.id",
+                (alarm.site, alarm.device, alarm.kind),
+            )
         ]
         return folded or [alarm]
 

@@ -49,6 +49,13 @@ def test_panic_press_ack_confirmation_resolve_and_audit(
         "alarm": alarm_id,
         "by": "olga",
     }
+    page.keyboard.press("s")  # silence the sirens of the selected alarm
+    silenced = page.locator(f'tr.alarm[data-id="{alarm_id}"] [data-command="silence"]')
+    silenced.filter(has_text="silence confirmed by device").wait_for()
+    assert next(c for c in device.commands if c[0] == "silence")[1]["args"] == {
+        "alarm": alarm_id,
+        "by": "olga",
+    }
     page.screenshot(path=screenshots / "queue-acknowledged.png")
 
     page.keyboard.press("Enter")
@@ -235,3 +242,31 @@ def test_unacknowledged_alarm_escalates_visibly_and_audibly(
     page.keyboard.press("a")
     page.locator(f'tr.alarm[data-id="{alarm_id}"] .state.acknowledged').wait_for()
     assert page.locator("#escalation-banner").count() == 0
+
+
+def test_supervisor_pings_a_device_and_admin_adds_an_operator(
+    make_centre: Any, browser: Any, screenshots: Path
+) -> None:
+    centre: Centre = make_centre()
+    device = centre.device("er-desk-5", heartbeat_interval=1.0)
+    supervisor = login(browser, centre, "sam")
+    supervisor.goto(f"{centre.url}/devices")
+    supervisor.locator("#device-er-er-desk-5 button", has_text="ping").click()
+    ping = wait_until(lambda: [b for n, b in device.commands if n == "ping"], 30, "ping")[0]
+    assert ping["args"] == {"by": "sam"}
+    assert "command ping" in {e.action for e in centre.server.console.tables.audit_log()}
+
+    admin = login(browser, centre, "ada")
+    admin.goto(f"{centre.url}/admin/operators")
+    admin.fill('#add-operator input[name="name"]', "ben")
+    admin.select_option('select[name="role"]', "operator")
+    admin.fill('#add-operator input[name="password"]', "ben's long password")
+    admin.click("#add-operator button")
+    admin.locator("#operators", has_text="ben").wait_for()
+    admin.screenshot(path=screenshots / "operators.png")
+    ben = browser.new_context().new_page()
+    ben.goto(f"{centre.url}/login")
+    ben.fill("#name", "ben")
+    ben.fill("#password", "ben's long password")
+    ben.click("button[type=submit]")
+    assert ben.inner_text("#operator") == "ben · operator"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -139,3 +140,58 @@ def test_operator_actions_refused_with_reasons(
             console.act("olga", alarm.id, action, note)
     with pytest.raises(AlarmError, match="no alarm"):
         console.act("olga", "nope", "acknowledge", "")
+
+
+def test_tls_listener_and_secure_cookies(
+    make_config: Callable[..., ReceiverConfig], tmp_path: Path
+) -> None:
+    import http.client
+    import ssl
+
+    from central.console.server import ConsoleServer
+    from tests.support.tls import TestPKI
+
+    pki = TestPKI(tmp_path / "pki")
+    server_identity = pki.issue("localhost", server=True)
+    config = make_config(
+        console={
+            "port": 0,
+            "tls_cert_file": str(server_identity.cert_file),
+            "tls_key_file": str(server_identity.key_file),
+        }
+    )
+    server = ConsoleServer(config, None).start()
+    try:
+        assert server.url.startswith("https://")
+        context = ssl.create_default_context(cafile=str(pki.ca_file))
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=30)
+        conn.request("GET", "/login")
+        response = conn.getresponse()
+        assert response.status == 200 and b"Wardpost console" in response.read()
+        cookie = response.getheader("set-cookie") or ""
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        conn.close()
+    finally:
+        server.stop()
+
+
+def test_repeats_fold_into_one_row_and_act_together(
+    make_config: Callable[..., ReceiverConfig], store: Store
+) -> None:
+    console = Console(make_config(), store, None)
+    now = time.time()
+    first = _alarm(store, raised_at=now - 10)
+    repeat = _alarm(store, raised_at=now - 5)
+    other = _alarm(store, kind="duress.pressed", raised_at=now - 1)
+    rows = console.view.queue()
+    assert [(r.alarm.id, r.count) for r in rows] == [(first.id, 2), (other.id, 1)]
+    console.act("olga", first.id, "acknowledge", "")
+    assert {a.id: a.state for a in store.alarms()} == {
+        first.id: "acknowledged",
+        repeat.id: "acknowledged",
+        other.id: "new",
+    }
+    rows = console.view.queue()
+    assert rows[0].alarm.id == other.id  # new before acknowledged
+    console.act("olga", repeat.id, "resolve", "handled")
+    assert [r.alarm.id for r in console.view.queue()] == [other.id]
