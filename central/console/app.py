@@ -105,7 +105,6 @@ class Console:
         commander: Commander | None,
         *,
         live_interval: float = 0.5,
-        hasher: PasswordHasher | None = None,
     ):
         self.config = config
         self.settings = config.console
@@ -114,7 +113,7 @@ class Console:
         self.view = AlarmView(store, self.tables)
         self.commander = commander
         self.desk = AlarmDesk(store, commander)
-        self.hasher = hasher or PasswordHasher()
+        self.hasher = PasswordHasher()
         self._dummy_hash = self.hasher.hash(secrets.token_urlsafe(16))
         self.live = Live(lambda: fingerprints(store), live_interval)
         self._stop = threading.Event()
@@ -129,6 +128,18 @@ class Console:
         self.templates.filters.update(when=when, clock=clock, age=age)
         self.templates.globals.update(title="Wardpost", roles=ROLES)
         self.app = self._build()
+        if self.settings.escalation_forward and not self._forward_escalations():
+            log.warning(
+                "[console] escalation_forward is on but alarm.escalated will not reach the ARC:"
+                ' it needs [dc09] enabled = true and a [dc09.map."alarm.escalated"] entry'
+            )
+
+    def _forward_escalations(self) -> bool:
+        return (
+            self.settings.escalation_forward
+            and self.config.dc09.enabled
+            and ESCALATED in self.config.dc09.map
+        )
 
     # --- lifecycle ---
     def start(self) -> Console:
@@ -176,11 +187,7 @@ class Console:
     def escalate(self, now: float) -> int:
         """Raise ``alarm.escalated`` for every alarm new for longer than ``escalate_after``."""
         count = 0
-        forward = (
-            self.settings.escalation_forward
-            and self.config.dc09.enabled
-            and ESCALATED in self.config.dc09.map
-        )
+        forward = self._forward_escalations()
         for alarm_id in self.tables.due_for_escalation(now - self.settings.escalate_after):
             alarm = self.store.alarm(alarm_id)
             if alarm is None:
@@ -282,6 +289,7 @@ class Console:
             self._audit_alarm(operator, "face confirmed", alarm, note)
             if alarm.state == "new":
                 self.desk.acknowledge(alarm.id, operator, note or "match confirmed")
+                self._audit_alarm(operator, "acknowledged", alarm, note or "match confirmed")
         elif action == "face-reject":
             self._face(alarm)
             self._command(

@@ -16,8 +16,21 @@
     setTimeout(() => { box.style.display = "none"; }, 5000);
   }
 
-  // Re-fetch this page and swap every element marked data-live for the topic that changed.
+  // One refresh per topic at a time; changes meanwhile make one more, so an older answer
+  // never lands after a newer one.
+  const busy = {};
+  const again = {};
   async function refresh(topic) {
+    if (busy[topic]) { again[topic] = true; return; }
+    busy[topic] = true;
+    try { await load(topic); } finally {
+      busy[topic] = false;
+      if (again[topic]) { again[topic] = false; refresh(topic); }
+    }
+  }
+
+  // Re-fetch this page and swap every element marked data-live for the topic that changed.
+  async function load(topic) {
     const parts = document.querySelectorAll(`[data-live~="${topic}"]`);
     if (!parts.length) return;
     const response = await fetch(location.pathname + location.search, { headers: { "X-Live": "1" } });
