@@ -49,11 +49,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
     _setup_logging(config.log_level)
     receiver = Receiver(config).start()
+    console = None
+    if config.console.enabled:
+        from central.console.cli import start_console
+
+        console = start_console(config, receiver.commander())
+        receiver.on_committed(console.console.live.wake)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     log.info("receiver running (store %s)", receiver.store.engine)
     done.wait(args.duration)
+    if console is not None:
+        console.stop()
     receiver.stop()
     log.info("receiver stopped: %s", receiver.stats)
     return 0
@@ -274,21 +282,23 @@ def cmd_dc09_listen(args: argparse.Namespace) -> int:
     return 0
 
 
+def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--config`` (the centre's central.toml) on a sub-command."""
+    p.add_argument(
+        "--config",
+        dest="central_config",
+        default=str(DEFAULT_CENTRAL_CONFIG),
+        help=f"centre config (default {DEFAULT_CENTRAL_CONFIG})",
+    )
+    return p
+
+
 def add_cli(subparsers: Any) -> None:
     """Add ``receiver`` and its sub-commands to the ``wardpost`` parser."""
     parser = subparsers.add_parser(
         "receiver", help="the centre: store events from devices, receipts, supervision"
     )
     sub = parser.add_subparsers(dest="receiver_command", required=True, metavar="COMMAND")
-
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "--config",
-            dest="central_config",
-            default=str(DEFAULT_CENTRAL_CONFIG),
-            help=f"receiver config (default {DEFAULT_CENTRAL_CONFIG})",
-        )
-        return p
 
     p = with_config(sub.add_parser("run", help="run the receiver service"))
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")

@@ -27,6 +27,7 @@ from agent.config import (
     read_toml,
 )
 from agent.event import Priority
+from central.console.config import ConsoleConfig
 from central.dc09 import ContactId, parse_key
 
 DEFAULT_CENTRAL_CONFIG = Path("/etc/wardpost/central.toml")
@@ -244,6 +245,7 @@ class ReceiverConfig:
     alarms: AlarmsConfig = field(default_factory=AlarmsConfig)
     dc09: Dc09Config = field(default_factory=Dc09Config)
     commands: CentreCommandsConfig = field(default_factory=CentreCommandsConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: str = "<memory>"
     digest: str = ""

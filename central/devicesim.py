@@ -37,6 +37,7 @@ class SimulatedDevice:
         resend_after: float = 2.0,
         heartbeat_interval: float | None = None,
         clock: Callable[[], float] = time.time,
+        answer_commands: bool = False,
     ):
         self.site, self.device, self.boot = site, device, boot
         self.base = f"{prefix}/{site}/{device}"
@@ -44,6 +45,7 @@ class SimulatedDevice:
         self.resend_after = resend_after
         self.heartbeat_interval = heartbeat_interval
         self.clock = clock
+        self.answer_commands = answer_commands  # publish an ok cmd_result, as the agent does
         self.connection = 0
         self.seq = 0
         self.pending: dict[str, tuple[str, str, float]] = {}  # id -> (topic, body, last sent)
@@ -122,7 +124,19 @@ class SimulatedDevice:
                             self.receipt_times[event_id] = now
                         self.receipted.add(event_id)
             else:
-                self.commands.append((msg.topic.rsplit("/", 1)[1], body))
+                name = msg.topic.rsplit("/", 1)[1]
+                self.commands.append((name, body))
+                if self.answer_commands:
+                    result = {
+                        "id": body["id"],
+                        "name": name,
+                        "ok": True,
+                        "result": {"simulated": True},
+                        "error": None,
+                        "handled_by": ["sim"],
+                        "time": utc_iso(self.clock()),
+                    }
+                    client.publish(f"{self.base}/cmd_result/{body['id']}", json.dumps(result), qos=1)
         except Exception:  # a bad message must not kill paho's thread
             return
 

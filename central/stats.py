@@ -77,8 +77,10 @@ def transmission_by_day(samples: Iterable[tuple[str, str, float, float]]) -> lis
     return rows
 
 
-def availability(history: Iterable[LinkChange], now: float, windows: int = 4) -> list[Availability]:
-    """Per device, the last ``windows`` 7-day windows ending at ``now``, newest first."""
+def availability(
+    history: Iterable[LinkChange], now: float, windows: int = 4, window: float = WEEK
+) -> list[Availability]:
+    """Per device, the last ``windows`` windows (7 days unless ``window``) to ``now``, newest first."""
     by_device: dict[tuple[str, str], list[LinkChange]] = defaultdict(list)
     for change in history:
         by_device[(change.site, change.device)].append(change)
@@ -90,7 +92,7 @@ def availability(history: Iterable[LinkChange], now: float, windows: int = 4) ->
             for c, nxt in zip(changes, [*changes[1:], None], strict=True)
         ]
         for k in range(windows):
-            end, start = now - k * WEEK, now - (k + 1) * WEEK
+            end, start = now - k * window, now - (k + 1) * window
             known = up = 0.0
             for seg_start, seg_end, is_up in segments:
                 overlap = min(seg_end, end) - max(seg_start, start)

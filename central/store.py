@@ -451,6 +451,16 @@ class Store(abc.ABC):
             cur.execute(self._sql(sql), tuple(params))
             return [tuple(r) for r in cur.fetchall()]
 
+    # --- for modules keeping their own tables in this store (the web console) ---
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement (inside :meth:`transaction` when it must be atomic with others)."""
+        with self._lock:
+            return self._exec(sql, params)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one query; ``?`` placeholders on either engine."""
+        return self._rows(sql, params)
+
     def _before_migration(self) -> None:  # noqa: B027 - optional hook
         """Runs first inside the migration transaction (PostgreSQL serialises migrations here)."""
 

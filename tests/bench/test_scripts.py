@@ -54,3 +54,16 @@ def test_other_benchmark_scripts_import_and_explain_themselves(script: str) -> N
                           timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
+
+
+def test_console_benchmark_reports_press_to_browser_beside_mqtt(tmp_path: Path) -> None:
+    out, rows = run_script(
+        tmp_path, "scripts/bench-console", "--presses", "5", "--open", "40", "--devices", "20",
+        "--loaded-presses", "3",
+    )
+    assert "versions: starlette" in out
+    metrics = {r["metric"]: r for r in rows}
+    p99 = metrics["press → visible p99 (5 presses)"]
+    assert p99["baseline_name"] == "MQTT publish → plain subscriber"
+    assert p99["value"] >= p99["baseline"] > 0 and p99["target"] == "p99 <= 1000 ms"
+    assert "queue page load, 40 rows (40 alarms)" in metrics
