@@ -23,7 +23,15 @@ from typing import Any
 
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from agent.control import ControlError, ControlServer, request
+from agent.control import (
+    MAX_PAYLOAD_BYTES,
+    ControlError,
+    ControlServer,
+    check_kind,
+    check_payload,
+    request,
+    strict_json,
+)
 from agent.registry import available_drivers, validate_drivers
 
 log = logging.getLogger("wardpost")
@@ -217,15 +225,22 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
-    try:
-        payload = json.loads(args.payload)
-    except json.JSONDecodeError as exc:
-        raise ControlError(f"--payload is not JSON: {exc}") from None
+    kind = check_kind(args.kind)
+    if args.payload_file:
+        text = _read_payload_file(args.payload_file)
+        where = "stdin" if args.payload_file == "-" else args.payload_file
+    else:
+        text, where = args.payload, "--payload"
+    if len(text) > MAX_PAYLOAD_BYTES * 2:  # whitespace aside, it cannot fit
+        raise ControlError(
+            f"{where}: payload too large (at most {MAX_PAYLOAD_BYTES} bytes as JSON)"
+        )
+    payload = check_payload(strict_json(text, where))
     reply = _control(
         args,
         {
             "op": "emit",
-            "kind": args.kind,
+            "kind": kind,
             "payload": payload,
             "priority": args.priority,
             "test": args.test,
@@ -233,6 +248,18 @@ def cmd_emit(args: argparse.Namespace) -> int:
     )
     print(f"accepted {reply['id']} (seq {reply['seq']})")
     return 0
+
+
+def _read_payload_file(name: str) -> bytes:
+    """The payload file's bytes (``-`` is stdin), reading no more than the limit allows."""
+    limit = MAX_PAYLOAD_BYTES * 2 + 1
+    try:
+        if name == "-":
+            return sys.stdin.buffer.read(limit)
+        with open(name, "rb") as f:
+            return f.read(limit)
+    except OSError as exc:
+        raise ControlError(f"cannot read --payload-file {name}: {exc.strerror}") from None
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -450,7 +477,11 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("emit", help="inject a test event into the running agent")
     p.add_argument("kind")
-    p.add_argument("--payload", default="{}", help="JSON object")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--payload", default="{}", help="JSON object")
+    source.add_argument(
+        "--payload-file", metavar="FILE", help="read the JSON object from FILE (- for stdin)"
+    )
     p.add_argument("--priority", default="normal", choices=["critical", "high", "normal", "low"])
     p.add_argument("--test", action="store_true", help="mark the event as a test")
     p.set_defaults(func=cmd_emit)

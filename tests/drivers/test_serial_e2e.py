@@ -13,7 +13,7 @@ from gpiozero.pins.mock import MockFactory
 
 from tests.drivers.serial_frames import rdm6300
 from tests.drivers.serial_pty import PtyDevice
-from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder
+from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
 from tests.support.broker import Broker
 
 FAST = {"reconnect_min": 0.05, "reconnect_max": 0.2, "read_timeout": 0.05}
@@ -76,6 +76,11 @@ def test_patrol_checkpoint_reaches_the_subscriber(tmp_path: Path, broker: Broker
         rec.stop()
 
 
+def relays_at_rest(harness: AgentHarness) -> bool:
+    assert harness.agent is not None
+    return harness.agent.drivers_health()["relays"]["detail"] == "gate relay: rest"
+
+
 def test_dry_contact_alarm_reaches_the_subscriber(tmp_path: Path, broker: Broker) -> None:
     Device.pin_factory = MockFactory()
     relays = {
@@ -88,6 +93,9 @@ def test_dry_contact_alarm_reaches_the_subscriber(tmp_path: Path, broker: Broker
     try:
         Device.pin_factory.pin(17).drive_low()  # the relay's NC contact is wired and closed
         rec.wait_events("gate.alarm")  # an open input at start is reported (fail-safe)
+        # The closing counts only once it has held for the 10 ms debounce: wait until the
+        # driver reports the contact at rest, or the opening below would be a mere bounce.
+        wait_until(lambda: relays_at_rest(harness), 30, "the relay contact at rest")
         Device.pin_factory.pin(17).drive_high()  # alarm: the relay opens
         alarm = rec.wait_events("gate.alarm", 2)[-1]
         assert alarm["priority"] == "high" and alarm["payload"]["input"] == "gate relay"

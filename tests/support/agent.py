@@ -18,6 +18,10 @@ from agent.runtime import Agent
 from tests.support.broker import Broker
 from tests.support.toml_writer import dumps
 
+#: How long a test waits for something that should happen: generous, because CI runs on a
+#: loaded 2-core machine; a passing test returns as soon as the condition holds.
+DEADLINE = 30.0
+
 SITE = "test-site"
 DEVICE = "test-device"
 
@@ -70,7 +74,7 @@ class AgentHarness:
         self.config_path = write_config(tmp_path / "wardpost.toml", self.doc)
         self.agent: Agent | None = None
 
-    def start(self, wait_connected: bool = True, timeout: float = 10.0) -> Agent:
+    def start(self, wait_connected: bool = True, timeout: float = DEADLINE) -> Agent:
         self.agent = Agent(load_config(self.config_path))
         self.agent.start()
         if wait_connected:
@@ -99,7 +103,7 @@ class AgentHarness:
 
 
 def wait_until(
-    predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
+    predicate: Callable[[], bool], timeout: float = DEADLINE, what: str = "condition"
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -152,7 +156,7 @@ class Recorder:
     def start(self) -> Recorder:
         self.client.connect(self.broker.host, self.broker.port, 10)
         self.client.loop_start()
-        if not self._connected.wait(5):
+        if not self._connected.wait(DEADLINE):
             raise AssertionError("recorder did not subscribe")
         return self
 
@@ -188,7 +192,7 @@ class Recorder:
     def wait_for(
         self,
         predicate: Callable[[list[Message]], bool],
-        timeout: float = 10.0,
+        timeout: float = DEADLINE,
         what: str = "messages",
     ) -> None:
         # Poll a snapshot: evaluating the predicate under the lock on every arrival
@@ -205,7 +209,9 @@ class Recorder:
                 )
             time.sleep(0.01)
 
-    def wait_events(self, kind: str, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
+    def wait_events(
+        self, kind: str, count: int = 1, timeout: float = DEADLINE
+    ) -> list[dict[str, Any]]:
         self.wait_for(
             lambda msgs: sum(1 for m in msgs if m.topic.endswith(f"/events/{kind}")) >= count,
             timeout,
