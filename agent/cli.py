@@ -63,6 +63,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"wardpost: refusing to start: {exc}", file=sys.stderr)
         return 2
+    # Warnings are logged once the agent starts; files anyone may change stop it here.
+    errors, _ = _permission_problems(config, args.allow_insecure)
+    for error in errors:
+        print(f"wardpost: refusing to start: {error}", file=sys.stderr)
+    if errors:
+        return 2
     setup_logging(args.log_level or config.agent.log_level)
     if (password := config.password()) is not None:
         register_secret(password)
@@ -142,11 +148,32 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    errors, warnings = _permission_problems(config, args.allow_insecure)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if errors:
+        return 2
     enabled = [f"{s.name} ({s.type})" for s in config.drivers if s.enabled]
     print(
         f"{path}: ok — site {config.agent.site}, device {config.agent.device}, broker {config.mqtt.host}:{config.mqtt.port}, drivers: {', '.join(enabled) or 'none'}"
     )
     return 0
+
+
+def _permission_problems(config: Config, allow_insecure: bool) -> tuple[list[str], list[str]]:
+    """The config's files and folders that other users could read or change: (errors that
+    refuse the config, warnings). ``allow_insecure`` turns the errors into warnings."""
+    from agent.security import check_permissions
+
+    errors, warnings = [], []
+    for problem in check_permissions(config):
+        if problem.refused and not allow_insecure:
+            errors.append(f"{problem} (--allow-insecure accepts it)")
+        else:
+            warnings.append(str(problem))
+    return errors, warnings
 
 
 def cmd_drivers(args: argparse.Namespace) -> int:
@@ -400,6 +427,14 @@ def _broker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default="wardpost", help="topic prefix")
 
 
+def _allow_insecure_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        help="accept a config or trusted key that every user may change (a warning, not an error)",
+    )
+
+
 def _common_options(default: Any) -> argparse.ArgumentParser:
     """--config/--socket, accepted before or after the sub-command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -455,10 +490,12 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the agent (the systemd service)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    _allow_insecure_argument(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check-config", help="validate a config file and exit non-zero if it is bad")
     p.add_argument("path", nargs="?")
+    _allow_insecure_argument(p)
     p.set_defaults(func=cmd_check_config)
 
     sub.add_parser("drivers", help="list installed driver types").set_defaults(func=cmd_drivers)

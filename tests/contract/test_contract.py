@@ -14,6 +14,7 @@ from jsonschema import Draft7Validator, FormatChecker
 from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
 
+from agent.event import KIND_PATTERN, MAX_KIND_LENGTH
 from agent.monitor import command_message
 from agent.security import Signer, generate_keypair
 from tests.support.agent import DEVICE, SITE, AgentHarness, Message, Recorder, wait_until
@@ -84,6 +85,12 @@ def test_every_reference_in_the_schemas_resolves(contract: Contract) -> None:
         resolver = contract.registry.resolver(base_uri=schema["$id"])
         for ref in refs:
             assert resolver.lookup(ref).contents, f"{name}: {ref}"
+
+
+def test_the_agent_checks_kinds_with_the_contracts_own_pattern() -> None:
+    schema = json.loads((SCHEMAS / "event.json").read_text())["properties"]["kind"]
+    assert f"^{KIND_PATTERN.pattern}$" == schema["pattern"]
+    assert MAX_KIND_LENGTH == schema["maxLength"]
 
 
 def test_asyncapi_names_every_schema_and_topic() -> None:
