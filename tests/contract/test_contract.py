@@ -90,7 +90,7 @@ def test_every_reference_in_the_schemas_resolves(contract: Contract) -> None:
 def test_the_agent_checks_kinds_with_the_contracts_own_pattern() -> None:
     schema = json.loads((SCHEMAS / "event.json").read_text())["properties"]["kind"]
     assert f"^{KIND_PATTERN.pattern}$" == schema["pattern"]
-    assert MAX_KIND_LENGTH == schema["maxLength"]
+    assert schema["maxLength"] == MAX_KIND_LENGTH
 
 
 def test_asyncapi_names_every_schema_and_topic() -> None:

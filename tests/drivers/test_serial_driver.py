@@ -230,16 +230,3 @@ def test_dialect_file_from_config(tmp_path: Path, ctx: RecordingContext, device:
     start(SerialGateDriver, dialect=str(dialect))
     device.write(b"BEEP4;")
     assert ctx.wait_for("gate.alarm")[0].payload["zone"] == 4
-
-
-@pytest.mark.parametrize("folder", ["serial_gate", "xray", "rfid_patrol", "contact_input"])
-def test_sample_config_fragments_are_valid(folder: str) -> None:
-    import tomllib
-
-    from agent.registry import driver_class
-
-    sample = Path(__file__).parents[2] / "drivers" / folder / "sample.toml"
-    drivers = tomllib.loads(sample.read_text())["drivers"]
-    for name, table in drivers.items():
-        options = {k: v for k, v in table.items() if k != "type"}
-        parse_section(driver_class(table["type"]).config_class, options, f"drivers.{name}")
