@@ -298,6 +298,7 @@ class PanicButtonDriver(Driver):
             if pressed:
                 self._on_press(now)
                 return
+            self._counters["releases"] += 1
             held = round(now - self._pressed_at, 3)
             if self._release_alarm is not None:
                 self._emit("panic.released", alarm=self._release_alarm, held=held)
