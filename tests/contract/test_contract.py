@@ -17,7 +17,7 @@ from referencing import Registry, Resource
 from agent.event import KIND_PATTERN, MAX_KIND_LENGTH
 from agent.monitor import command_message
 from agent.security import Signer, generate_keypair
-from tests.support.agent import DEVICE, SITE, AgentHarness, Message, Recorder, wait_until
+from tests.support.agent import DEADLINE, DEVICE, SITE, AgentHarness, Message, Recorder, wait_until
 from tests.support.broker import Broker
 
 MALFORMED = b"{not json"  # sent on purpose; not part of any contract
@@ -177,10 +177,10 @@ def traffic(tmp_path: Path, broker: Broker) -> Iterator[list[Message]]:
         command("launch")
         command("ping", signed=False)
         rec.publish(f"{BASE}/cmd/ping", MALFORMED)
-        rec.wait_for(lambda msgs: any(m.topic.endswith("/cmd_result/_invalid") for m in msgs), 10)
+        rec.wait_for(lambda msgs: any(m.topic.endswith("/cmd_result/_invalid") for m in msgs), DEADLINE)
         command("reload")
-        rec.wait_for(lambda msgs: any(m.topic.endswith("/heartbeat") for m in msgs), 5)
-        wait_until(lambda: agent.outbox.backlog()[0] == 0, 10, "every event confirmed")
+        rec.wait_for(lambda msgs: any(m.topic.endswith("/heartbeat") for m in msgs), DEADLINE)
+        wait_until(lambda: agent.outbox.backlog()[0] == 0, DEADLINE, "every event confirmed")
         harness.stop()
         rec.wait_for(lambda msgs: any(m.topic.endswith("/status") and m.json()["state"] ==
                                       "stopped" for m in msgs), 5, "the stopped status")

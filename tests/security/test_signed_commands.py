@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.monitor import Monitor, TerminalView, command_message
 from agent.security import Signer
 from tests.security.conftest import TLSSetup
-from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
+from tests.support.agent import DEADLINE, DEVICE, SITE, AgentHarness, Recorder, wait_until
 
 pytest.importorskip("drivers.panic_button")
 
@@ -46,6 +46,10 @@ def signer(tls: TLSSetup) -> Signer:
     return Signer.from_file(str(tls.centre_key))
 
 
+def online_statuses(centre: Recorder) -> list[Any]:
+    return [m for m in centre.on_topic(f"{OWN}/status") if m.json()["state"] == "online"]
+
+
 def send(centre: Recorder, name: str, message: dict[str, Any] | bytes) -> dict[str, Any]:
     """Publish a command as the centre and return the device's result."""
     raw = message if isinstance(message, bytes) else json.dumps(message).encode()
@@ -53,7 +57,7 @@ def send(centre: Recorder, name: str, message: dict[str, Any] | bytes) -> dict[s
     topic = f"{OWN}/cmd_result/{command_id}"
     before = len(centre.on_topic(topic))
     centre.publish(f"{OWN}/cmd/{name}", raw)
-    centre.wait_for(lambda msgs: sum(m.topic == topic for m in msgs) > before, 10,
+    centre.wait_for(lambda msgs: sum(m.topic == topic for m in msgs) > before, DEADLINE,
                     f"the result of {command_id}")
     result: dict[str, Any] = centre.on_topic(topic)[-1].json()
     return result
@@ -113,7 +117,11 @@ def test_a_replay_is_refused_even_after_a_restart(harness: AgentHarness, centre:
     again = send(centre, "ping", raw)
     assert again["ok"] is False and "replayed" in again["error"]
     harness.stop()
+    online = len(online_statuses(centre))
     harness.start()
+    # The agent subscribes to its commands before it publishes "online": once the centre sees
+    # that status, a command cannot arrive before the subscription (and be dropped).
+    centre.wait_for(lambda _: len(online_statuses(centre)) > online, DEADLINE, "online again")
     after_restart = send(centre, "ping", raw)
     assert after_restart["ok"] is False and "replayed" in after_restart["error"]
     assert rejection_for(centre, json.loads(raw)["id"])["payload"]["reason"].startswith("replayed")
@@ -130,17 +138,17 @@ def test_the_consoles_signed_ack_and_resolve_are_applied(harness: AgentHarness,
     try:
         assert harness.agent is not None
         harness.agent.driver("panic").simulate("press", {})
-        wait_until(lambda: len(monitor.state.alarms) == 1, 10, "the alarm at the console")
+        wait_until(lambda: len(monitor.state.alarms) == 1, DEADLINE, "the alarm at the console")
         alarm = next(iter(monitor.state.alarms.values()))
         assert (alarm.state, alarm.kind, alarm.priority) == ("new", "panic.pressed", "critical")
         assert alarm.where == f"{SITE}/{DEVICE} ward 3B, room 12"
 
         reply = monitor.execute("ack")
         assert reply.ok, reply.text
-        wait_until(lambda: alarm.state == "acknowledged", 10, "the device's acknowledgement")
+        wait_until(lambda: alarm.state == "acknowledged", DEADLINE, "the device's acknowledgement")
         assert alarm.by == "desk-2"
         monitor.execute("resolve 1")
-        wait_until(lambda: alarm.state == "resolved", 10, "the device's resolution")
+        wait_until(lambda: alarm.state == "resolved", DEADLINE, "the device's resolution")
 
         records = [json.loads(line) for line in out.getvalue().splitlines()]
         results = [r for r in records if r["type"] == "cmd_result"]
@@ -161,11 +169,11 @@ def test_an_unsigned_console_cannot_acknowledge(harness: AgentHarness, centre: R
     try:
         assert harness.agent is not None
         harness.agent.driver("panic").simulate("press", {})
-        wait_until(lambda: len(monitor.state.alarms) == 1, 10, "the alarm at the console")
+        wait_until(lambda: len(monitor.state.alarms) == 1, DEADLINE, "the alarm at the console")
         reply = monitor.execute("ack 1")
         command_id = reply.record["id"]
         assert rejection_for(centre, command_id)["payload"]["reason"] == "unsigned command"
-        wait_until(lambda: not monitor.state.pending, 10, "the result at the console")
+        wait_until(lambda: not monitor.state.pending, DEADLINE, "the result at the console")
         assert next(iter(monitor.state.alarms.values())).state == "new"
     finally:
         monitor.stop()
