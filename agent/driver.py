@@ -37,12 +37,15 @@ from __future__ import annotations
 import abc
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from agent.event import Event, Priority
+
+if TYPE_CHECKING:
+    from agent.homeassistant import Entity
 
 HealthState = Literal["starting", "ok", "degraded", "failed", "stopped"]
 
@@ -214,6 +217,13 @@ class Driver(abc.ABC):
 
     def health(self) -> Health:
         return Health("ok")
+
+    @classmethod
+    def home_assistant_entities(cls, config: Any) -> Sequence[Entity]:
+        """What Home Assistant shows of an instance with ``config`` (its validated options)
+        when ``[homeassistant]`` discovery is on: entities fed by the driver's events. The
+        core adds availability, the device and a problem sensor from the heartbeat."""
+        return ()
 
     def simulate(self, action: str, args: Mapping[str, Any]) -> Mapping[str, Any]:
         """Act as the hardware would (``wardpost simulate <driver> <action>``, the demo)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from gpiozero.pins.mock import MockPin
 from agent.config import ConfigError, check
 from agent.driver import Command, CommandError, Driver, DriverContext, Emission, Health
 from agent.event import Priority
+from agent.homeassistant import Entity
 from drivers.gpio_common import (
     PIN_MESSAGE,
     Debouncer,
@@ -155,6 +156,25 @@ class PanicButtonDriver(Driver):
 
     config_class = PanicButtonConfig
     summary = "a duress button on a GPIO pin, with an LED showing the alarm's journey"
+
+    @classmethod
+    def home_assistant_entities(cls, config: Any) -> Sequence[Entity]:
+        return (
+            Entity(
+                "event",
+                "alarm",
+                "alarm",
+                "panic.pressed",
+                "'pressed'",
+                attributes=("location", "mode", "presses"),
+                options={
+                    "event_types": ["pressed"],
+                    "device_class": "button",
+                    "icon": "mdi:alarm-light",
+                },
+            ),
+        )
+
     config: PanicButtonConfig
 
     def __init__(self, ctx: DriverContext, config: PanicButtonConfig):
