@@ -218,6 +218,17 @@ def _int(value: Any, name: str, lo: int, hi: int) -> int:
     return value
 
 
+def read_answer(s: socket.socket) -> bytes:
+    """One answer line from the agent (all that came if the connection closed first)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def request(path: Path, body: Mapping[str, Any], timeout: float = 15.0) -> dict[str, Any]:
     """Send one request to a running agent's control socket."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -235,12 +246,7 @@ def request(path: Path, body: Mapping[str, Any], timeout: float = 15.0) -> dict[
                 f"permission denied on {path}: run as the wardpost user or a member of its group"
             ) from None
         s.sendall(json.dumps(body).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_answer(s)
     if not data:
         raise ControlError("the agent closed the connection without answering")
     reply: dict[str, Any] = json.loads(data)

@@ -204,6 +204,8 @@ class Driver(abc.ABC):
     config_class: ClassVar[type[Any]]
     #: One line for ``wardpost drivers``.
     summary: ClassVar[str] = ""
+    #: The Home Assistant entities of every instance (see :meth:`home_assistant_entities`).
+    home_assistant: ClassVar[Sequence[Entity]] = ()
 
     def __init__(self, ctx: DriverContext, config: Any):
         self.ctx = ctx
@@ -222,8 +224,10 @@ class Driver(abc.ABC):
     def home_assistant_entities(cls, config: Any) -> Sequence[Entity]:
         """What Home Assistant shows of an instance with ``config`` (its validated options)
         when ``[homeassistant]`` discovery is on: entities fed by the driver's events. The
-        core adds availability, the device and a problem sensor from the heartbeat."""
-        return ()
+        core adds availability, the device and a problem sensor from the heartbeat. By
+        default :attr:`home_assistant`; a driver whose entities depend on its options
+        overrides this."""
+        return cls.home_assistant
 
     def simulate(self, action: str, args: Mapping[str, Any]) -> Mapping[str, Any]:
         """Act as the hardware would (``wardpost simulate <driver> <action>``, the demo)."""

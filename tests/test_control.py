@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.control import MAX_REQUEST
+from agent.control import MAX_REQUEST, read_answer
 from tests.support.agent import DEADLINE, AgentHarness, Recorder
 from tests.support.broker import Broker
 
@@ -166,19 +166,11 @@ def test_emit_reads_the_payload_from_a_file_or_stdin(
 ) -> None:
     _, config = agent_with_socket
     big = {"note": "z" * 60_000, "nested": {"list": [1, 2.5, None, True]}}
-    (tmp_path / "payload.json").write_text(json.dumps(big))
+    payload_file = tmp_path / "payload.json"
+    payload_file.write_text(json.dumps(big))
     with Recorder(broker) as rec:
         assert (
-            main(
-                [
-                    "--config",
-                    config,
-                    "emit",
-                    "file.event",
-                    "--payload-file",
-                    str(tmp_path / "payload.json"),
-                ]
-            )
+            main(["--config", config, "emit", "file.event", "--payload-file", str(payload_file)])
             == 0
         )
         monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b'{"from": "stdin"}')))
@@ -203,13 +195,7 @@ def raw_request(path: Path, data: bytes) -> dict[str, object]:
         s.connect(str(path))
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             s.sendall(data)
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    return json.loads(answer)
+        return json.loads(read_answer(s))
 
 
 def test_a_line_over_the_limit_is_refused_without_waiting_for_its_end(agent_with_socket) -> None:

@@ -13,7 +13,7 @@ import base64
 import binascii
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import cv2
@@ -84,19 +84,17 @@ class CameraFaceDriver(Driver):
     config_class = CameraFaceConfig
     summary = "camera with on-device face matching against a watchlist"
 
-    @classmethod
-    def home_assistant_entities(cls, config: Any) -> Sequence[Entity]:
-        return (
-            Entity(
-                "event",
-                "match",
-                "watchlist match",
-                "face.watchlist_match",
-                "'match'",
-                attributes=("person_id", "name", "list", "score", "camera"),
-                options={"event_types": ["match"], "icon": "mdi:face-recognition"},
-            ),
-        )
+    home_assistant = (
+        Entity(
+            "event",
+            "match",
+            "watchlist match",
+            "face.watchlist_match",
+            "'match'",
+            attributes=("person_id", "name", "list", "score", "camera"),
+            options={"event_types": ["match"], "icon": "mdi:face-recognition"},
+        ),
+    )
 
     config: CameraFaceConfig
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -157,23 +157,21 @@ class PanicButtonDriver(Driver):
     config_class = PanicButtonConfig
     summary = "a duress button on a GPIO pin, with an LED showing the alarm's journey"
 
-    @classmethod
-    def home_assistant_entities(cls, config: Any) -> Sequence[Entity]:
-        return (
-            Entity(
-                "event",
-                "alarm",
-                "alarm",
-                "panic.pressed",
-                "'pressed'",
-                attributes=("location", "mode", "presses"),
-                options={
-                    "event_types": ["pressed"],
-                    "device_class": "button",
-                    "icon": "mdi:alarm-light",
-                },
-            ),
-        )
+    home_assistant = (
+        Entity(
+            "event",
+            "alarm",
+            "alarm",
+            "panic.pressed",
+            "'pressed'",
+            attributes=("location", "mode", "presses"),
+            options={
+                "event_types": ["pressed"],
+                "device_class": "button",
+                "icon": "mdi:alarm-light",
+            },
+        ),
+    )
 
     config: PanicButtonConfig
 

@@ -10,7 +10,7 @@ the fob (``"0013477100"``, leading zeros optional).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -85,27 +85,25 @@ class RfidPatrolDriver(SerialDialectDriver):
     config_class = RfidPatrolConfig
     summary = "guard-patrol RFID reader on a serial port: checkpoints and missed rounds"
 
-    @classmethod
-    def home_assistant_entities(cls, config: Any) -> Sequence[Entity]:
-        return (
-            Entity(
-                "sensor",
-                "checkpoint",
-                "last checkpoint",
-                "patrol.checkpoint",
-                "value_json.payload.checkpoint",
-                options={"icon": "mdi:map-marker-check"},
-            ),
-            Entity(
-                "event",
-                "missed",
-                "missed checkpoint",
-                "patrol.missed",
-                "'missed'",
-                attributes=("checkpoint",),
-                options={"event_types": ["missed"], "icon": "mdi:map-marker-alert"},
-            ),
-        )
+    home_assistant = (
+        Entity(
+            "sensor",
+            "checkpoint",
+            "last checkpoint",
+            "patrol.checkpoint",
+            "value_json.payload.checkpoint",
+            options={"icon": "mdi:map-marker-check"},
+        ),
+        Entity(
+            "event",
+            "missed",
+            "missed checkpoint",
+            "patrol.missed",
+            "'missed'",
+            attributes=("checkpoint",),
+            options={"event_types": ["missed"], "icon": "mdi:map-marker-alert"},
+        ),
+    )
 
     config: RfidPatrolConfig
     #: Wall clock for schedules (local time); tests replace it.

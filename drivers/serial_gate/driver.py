@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from agent.homeassistant import Entity
 from drivers.serial_common import SerialDialectDriver, SerialDriverConfig
@@ -26,16 +24,14 @@ class SerialGateDriver(SerialDialectDriver):
     config_class = SerialGateConfig
     summary = "walk-through metal-detector gate on a serial port (dialect file)"
 
-    @classmethod
-    def home_assistant_entities(cls, config: Any) -> Sequence[Entity]:
-        # A gate alarm is a moment: the sensor shows it for half a minute.
-        return (
-            Entity(
-                "binary_sensor",
-                "alarm",
-                "metal detected",
-                "gate.alarm",
-                "'ON'",
-                options={"device_class": "safety", "off_delay": 30},
-            ),
-        )
+    # A gate alarm is a moment: the sensor shows it for half a minute.
+    home_assistant = (
+        Entity(
+            "binary_sensor",
+            "alarm",
+            "metal detected",
+            "gate.alarm",
+            "'ON'",
+            options={"device_class": "safety", "off_delay": 30},
+        ),
+    )

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from agent.homeassistant import Entity
 from drivers.serial_common import SerialDialectDriver, SerialDriverConfig
@@ -25,16 +23,14 @@ class XrayDriver(SerialDialectDriver):
     config_class = XrayConfig
     summary = "X-ray baggage scanner alert line on a serial port (dialect file)"
 
-    @classmethod
-    def home_assistant_entities(cls, config: Any) -> Sequence[Entity]:
-        return (
-            Entity(
-                "event",
-                "alert",
-                "alert",
-                "xray.alert",
-                "'alert'",
-                attributes=("class", "threat", "bag", "operator"),
-                options={"event_types": ["alert"], "icon": "mdi:bag-suitcase-outline"},
-            ),
-        )
+    home_assistant = (
+        Entity(
+            "event",
+            "alert",
+            "alert",
+            "xray.alert",
+            "'alert'",
+            attributes=("class", "threat", "bag", "operator"),
+            options={"event_types": ["alert"], "icon": "mdi:bag-suitcase-outline"},
+        ),
+    )
