@@ -70,7 +70,9 @@ def test_status_heartbeat_and_stop(tmp_path: Path, broker: Broker) -> None:
     with Recorder(broker, f"{BASE}/#") as rec:
         h = AgentHarness(tmp_path, broker, drivers={"sim": {"type": "simulated", "rate": 0.0}})
         h.start()
-        rec.wait_for(lambda m: any(x.topic.endswith("/heartbeat") for x in m), DEADLINE, "a heartbeat")
+        rec.wait_for(
+            lambda m: any(x.topic.endswith("/heartbeat") for x in m), DEADLINE, "a heartbeat"
+        )
         h.stop()
         rec.wait_for(
             lambda m: any(
