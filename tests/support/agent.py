@@ -70,24 +70,44 @@ class AgentHarness:
         **sections: Any,
     ):
         self.tmp_path = tmp_path
+        self.broker = broker
         self.doc = agent_config(tmp_path, broker, drivers, **sections)
         self.config_path = write_config(tmp_path / "wardpost.toml", self.doc)
         self.agent: Agent | None = None
 
     def start(self, wait_connected: bool = True, timeout: float = DEADLINE) -> Agent:
-        self.agent = Agent(load_config(self.config_path))
-        self.agent.start()
+        """Start the agent; with ``wait_connected``, return once it is connected and (on a
+        plain link) has announced itself online, so what a test sends it next is received."""
+        agent = self.agent = Agent(load_config(self.config_path))
+        agent.start()
         if wait_connected:
             wait_until(
-                lambda: (
-                    self.agent is not None
-                    and self.agent.publisher is not None
-                    and self.agent.publisher.connected
-                ),
+                lambda: agent.publisher is not None and agent.publisher.connected,
                 timeout,
                 "agent connected",
             )
-        return self.agent
+            if not agent.config.mqtt.tls.enabled:  # TLS tests connect their own clients
+                self._wait_online(agent, timeout)
+        return agent
+
+    def _wait_online(self, agent: Agent, timeout: float) -> None:
+        """Wait for this connection's "online" status at the broker. The agent subscribes to
+        its commands and receipts before it publishes that status on the same connection,
+        so once the broker has it, a command sent to the agent is never dropped for want of
+        a subscription."""
+        assert agent.publisher is not None
+        connection = agent.publisher.connection
+        with Recorder(self.broker, agent.publisher.topics.status) as rec:
+            rec.wait_for(
+                lambda msgs: any(
+                    m.payload
+                    and m.json().get("state") == "online"
+                    and m.json().get("connection") == connection
+                    for m in msgs
+                ),
+                timeout,
+                f"the agent online (connection {connection})",
+            )
 
     def stop(self) -> None:
         if self.agent is not None:
