@@ -36,8 +36,11 @@ def harness(tmp_path: Path, tls: TLSSetup) -> Iterator[AgentHarness]:
 
 
 @pytest.fixture
-def centre(tls: TLSSetup) -> Iterator[Recorder]:
+def centre(tls: TLSSetup, harness: AgentHarness) -> Iterator[Recorder]:
     with tls.recorder(f"{OWN}/#") as rec:
+        # Commands sent before the agent has subscribed would be dropped: it publishes
+        # "online" (replacing the last test's "stopped") only after subscribing.
+        rec.wait_for(lambda _: bool(online_statuses(rec)), DEADLINE, "the agent online")
         yield rec
 
 
