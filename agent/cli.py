@@ -29,7 +29,15 @@ from agent.config import (
     ConfigError,
     load_config,
 )
-from agent.control import ControlError, ControlServer, request
+from agent.control import (
+    MAX_PAYLOAD_BYTES,
+    ControlError,
+    ControlServer,
+    check_kind,
+    check_payload,
+    request,
+    strict_json,
+)
 from agent.registry import available_drivers, missing_extra, validate_drivers
 
 log = logging.getLogger("wardpost")
@@ -60,6 +68,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = _load(args.config)
     except ConfigError as exc:
         print(f"wardpost: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    # Warnings are logged once the agent starts; files anyone may change stop it here.
+    errors, _ = _permission_problems(config, args.allow_insecure)
+    for error in errors:
+        print(f"wardpost: refusing to start: {error}", file=sys.stderr)
+    if errors:
         return 2
     setup_logging(args.log_level or config.agent.log_level)
     if (password := config.password()) is not None:
@@ -144,6 +158,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    errors, warnings = _permission_problems(config, args.allow_insecure)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if errors:
+        return 2
     enabled = [f"{s.name} ({s.type})" for s in config.drivers if s.enabled]
     print(
         f"{path}: ok — site {config.agent.site}, device {config.agent.device}, broker {config.mqtt.host}:{config.mqtt.port}, drivers: {', '.join(enabled) or 'none'}"
@@ -152,6 +173,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for note in unchecked:
         print(f"note: {note}")
     return 0
+
+
+def _permission_problems(config: Config, allow_insecure: bool) -> tuple[list[str], list[str]]:
+    """The config's files and folders that other users could read or change: (errors that
+    refuse the config, warnings). ``allow_insecure`` turns the errors into warnings."""
+    from agent.security import check_permissions
+
+    errors, warnings = [], []
+    for problem in check_permissions(config):
+        if problem.refused and not allow_insecure:
+            errors.append(f"{problem} (--allow-insecure accepts it)")
+        else:
+            warnings.append(str(problem))
+    return errors, warnings
 
 
 def cmd_drivers(args: argparse.Namespace) -> int:
@@ -234,15 +269,22 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
-    try:
-        payload = json.loads(args.payload)
-    except json.JSONDecodeError as exc:
-        raise ControlError(f"--payload is not JSON: {exc}") from None
+    kind = check_kind(args.kind)
+    if args.payload_file:
+        text = _read_payload_file(args.payload_file)
+        where = "stdin" if args.payload_file == "-" else args.payload_file
+    else:
+        text, where = args.payload, "--payload"
+    if len(text) > MAX_PAYLOAD_BYTES * 2:  # whitespace aside, it cannot fit
+        raise ControlError(
+            f"{where}: payload too large (at most {MAX_PAYLOAD_BYTES} bytes as JSON)"
+        )
+    payload = check_payload(strict_json(text, where))
     reply = _control(
         args,
         {
             "op": "emit",
-            "kind": args.kind,
+            "kind": kind,
             "payload": payload,
             "priority": args.priority,
             "test": args.test,
@@ -266,6 +308,18 @@ def _report_fate(reply: dict[str, Any]) -> int:
         f"({why}); it is delivered while the agent runs, lost if the agent stops first"
     )
     return EXIT_HELD_IN_MEMORY
+
+
+def _read_payload_file(name: str) -> bytes:
+    """The payload file's bytes (``-`` is stdin), reading no more than the limit allows."""
+    limit = MAX_PAYLOAD_BYTES * 2 + 1
+    try:
+        if name == "-":
+            return sys.stdin.buffer.read(limit)
+        with open(name, "rb") as f:
+            return f.read(limit)
+    except OSError as exc:
+        raise ControlError(f"cannot read --payload-file {name}: {exc.strerror}") from None
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -325,6 +379,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 
+def _allow_insecure_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        help="accept a config or trusted key that every user may change (a warning, not an error)",
+    )
+
 def _common_options(default: Any) -> argparse.ArgumentParser:
     """--config/--socket, accepted before or after the sub-command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -378,10 +439,12 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the agent (the systemd service)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    _allow_insecure_argument(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check-config", help="validate a config file and exit non-zero if it is bad")
     p.add_argument("path", nargs="?")
+    _allow_insecure_argument(p)
     p.set_defaults(func=cmd_check_config)
 
     sub.add_parser("drivers", help="list installed driver types").set_defaults(func=cmd_drivers)
@@ -402,7 +465,11 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
         "emit", help="inject a test event into the running agent (exit 3: held in memory only)"
     )
     p.add_argument("kind")
-    p.add_argument("--payload", default="{}", help="JSON object")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--payload", default="{}", help="JSON object")
+    source.add_argument(
+        "--payload-file", metavar="FILE", help="read the JSON object from FILE (- for stdin)"
+    )
     p.add_argument("--priority", default="normal", choices=["critical", "high", "normal", "low"])
     p.add_argument("--test", action="store_true", help="mark the event as a test")
     p.set_defaults(func=cmd_emit)

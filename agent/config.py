@@ -363,6 +363,18 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HomeAssistantConfig:
+    """``[homeassistant]``: announce the device and its drivers to Home Assistant through
+    MQTT discovery (see agent/homeassistant.py). Switching it off removes them again."""
+
+    enabled: bool = False
+    #: Home Assistant's discovery prefix (its MQTT integration's setting).
+    discovery_prefix: str = field(default="homeassistant", metadata=TOPIC_WORD)
+    #: The device's name in Home Assistant (default: "Wardpost <site>/<device>").
+    device_name: str = ""
+
+
+@dataclass(frozen=True)
 class DriverSection:
     """One ``[drivers.<name>]`` table before its driver validates the rest."""
 
@@ -396,6 +408,11 @@ class Config:
             Path(self.outbox.path) if self.outbox.path else Path(self.agent.state_dir) / "outbox.db"
         )
 
+    @property
+    def homeassistant(self) -> HomeAssistantConfig:
+        section: HomeAssistantConfig = self.sections.get("homeassistant", HomeAssistantConfig())
+        return section
+
     def password(self) -> str | None:
         if not self.mqtt.password_file:
             return None
@@ -404,8 +421,8 @@ class Config:
 
 KNOWN_SECTIONS = ("agent", "mqtt", "outbox", "commands", "metrics", "drivers")
 
-#: Extra top-level sections registered by optional core features (e.g. metrics).
-EXTRA_SECTIONS: dict[str, type[Any]] = {}
+#: Extra top-level sections of optional core features, kept in ``Config.sections``.
+EXTRA_SECTIONS: dict[str, type[Any]] = {"homeassistant": HomeAssistantConfig}
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<memory>", digest: str = "") -> Config:

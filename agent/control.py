@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import socketserver
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.driver import CommandError
-from agent.event import valid_kind
+from agent.event import KIND_PATTERN, MAX_KIND_LENGTH, valid_kind
 
 if TYPE_CHECKING:
     from agent.runtime import Agent
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("wardpost.control")
 
 MAX_REQUEST = 1024 * 1024
+#: Limits of an event payload injected with ``wardpost emit`` (as compact JSON).
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_PAYLOAD_DEPTH = 32
 CONTROL_SOURCE = "control"
 
 
@@ -40,12 +44,19 @@ class _Handler(socketserver.StreamRequestHandler):
     server: ControlServer
 
     def handle(self) -> None:
-        for line in self.rfile:
+        while True:
+            # Bounded: a line longer than the limit is refused after MAX_REQUEST + 1 bytes,
+            # never read whole into memory.
+            line = self.rfile.readline(MAX_REQUEST + 1)
+            if not line:
+                return
             if len(line) > MAX_REQUEST:
-                self._reply({"ok": False, "error": "request too large"})
+                self._reply(
+                    {"ok": False, "error": f"request too large (limit {MAX_REQUEST} bytes)"}
+                )
                 return
             try:
-                request = json.loads(line)
+                request = strict_json(line, "request")
                 if not isinstance(request, dict):
                     raise ControlError("request must be a JSON object")
                 reply = self.server.dispatch(request)
@@ -96,14 +107,8 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 "events": agent.outbox.recent(limit, bool(request.get("pending", False))),
             }
         if op == "emit":
-            kind = request.get("kind")
-            if not isinstance(kind, str) or not valid_kind(kind):
-                raise ControlError(
-                    f"invalid event kind {kind!r}: use dotted lowercase words like 'gate.alarm'"
-                )
-            payload = request.get("payload") or {}
-            if not isinstance(payload, dict):
-                raise ControlError("payload must be a JSON object")
+            kind = check_kind(request.get("kind"))
+            payload = check_payload(request.get("payload") or {})
             emission = agent.emit(
                 CONTROL_SOURCE,
                 kind,
@@ -141,10 +146,88 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         raise ControlError(f"unknown op {op!r} (status, events, emit, simulate, reload)")
 
 
+def strict_json(text: str | bytes, what: str) -> Any:
+    """Parse JSON as the standard defines it: NaN, Infinity and numbers too large for a
+    float (which Python would read as infinity) are refused, as is runaway nesting."""
+
+    def no_constant(name: str) -> Any:
+        raise ControlError(f"{what}: {name} is not valid JSON (use null or a string)")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ControlError(f"{what}: the number {text} is too large")
+        return value
+
+    try:
+        return json.loads(text, parse_constant=no_constant, parse_float=finite)
+    except RecursionError:
+        raise ControlError(f"{what} is nested more than {MAX_PAYLOAD_DEPTH} levels deep") from None
+    except json.JSONDecodeError as exc:
+        raise ControlError(f"{what} is not JSON: {exc}") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise ControlError(f"{what} is not usable JSON: {exc}") from None
+
+
+def check_kind(kind: Any) -> str:
+    """``kind`` if it matches the contract's pattern for event kinds, else a clear error."""
+    if not isinstance(kind, str) or not valid_kind(kind):
+        raise ControlError(
+            f"invalid event kind {kind!r}: use dotted lowercase words of a-z, 0-9 and _, "
+            f"like 'gate.alarm' (pattern {KIND_PATTERN.pattern}, at most {MAX_KIND_LENGTH} "
+            "characters)"
+        )
+    return kind
+
+
+def check_payload(payload: Any) -> dict[str, Any]:
+    """An event payload for ``emit``: a JSON object, at most :data:`MAX_PAYLOAD_DEPTH`
+    levels deep and :data:`MAX_PAYLOAD_BYTES` long as compact JSON."""
+    if not isinstance(payload, dict):
+        raise ControlError(f"payload must be a JSON object, got {type(payload).__name__}")
+    if _too_deep(payload):
+        raise ControlError(f"payload is nested more than {MAX_PAYLOAD_DEPTH} levels deep")
+    try:
+        size = len(json.dumps(payload, separators=(",", ":"), allow_nan=False).encode())
+    except ValueError:
+        raise ControlError("payload contains NaN or Infinity, which JSON does not allow") from None
+    if size > MAX_PAYLOAD_BYTES:
+        raise ControlError(f"payload is {size} bytes as JSON (at most {MAX_PAYLOAD_BYTES} bytes)")
+    return payload
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether a parsed JSON value nests more than :data:`MAX_PAYLOAD_DEPTH` objects or
+    arrays (``{}`` is one level), found without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        )
+        if children is None:
+            continue
+        if level > MAX_PAYLOAD_DEPTH:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
+
+
 def _int(value: Any, name: str, lo: int, hi: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise ControlError(f"{name} must be an integer from {lo} to {hi}")
     return value
+
+
+def read_answer(s: socket.socket) -> bytes:
+    """One answer line from the agent (all that came if the connection closed first)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def request(path: Path, body: Mapping[str, Any], timeout: float = 15.0) -> dict[str, Any]:
@@ -164,12 +247,7 @@ def request(path: Path, body: Mapping[str, Any], timeout: float = 15.0) -> dict[
                 f"permission denied on {path}: run as the wardpost user or a member of its group"
             ) from None
         s.sendall(json.dumps(body).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_answer(s)
     if not data:
         raise ControlError("the agent closed the connection without answering")
     reply: dict[str, Any] = json.loads(data)

@@ -38,12 +38,15 @@ import abc
 import enum
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from agent.event import Event, Priority
+
+if TYPE_CHECKING:
+    from agent.homeassistant import Entity
 
 HealthState = Literal["starting", "ok", "degraded", "failed", "stopped"]
 
@@ -243,6 +246,8 @@ class Driver(abc.ABC):
     config_class: ClassVar[type[Any]]
     #: One line for ``wardpost drivers``.
     summary: ClassVar[str] = ""
+    #: The Home Assistant entities of every instance (see :meth:`home_assistant_entities`).
+    home_assistant: ClassVar[Sequence[Entity]] = ()
 
     def __init__(self, ctx: DriverContext, config: Any):
         self.ctx = ctx
@@ -256,6 +261,15 @@ class Driver(abc.ABC):
 
     def health(self) -> Health:
         return Health("ok")
+
+    @classmethod
+    def home_assistant_entities(cls, config: Any) -> Sequence[Entity]:
+        """What Home Assistant shows of an instance with ``config`` (its validated options)
+        when ``[homeassistant]`` discovery is on: entities fed by the driver's events. The
+        core adds availability, the device and a problem sensor from the heartbeat. By
+        default :attr:`home_assistant`; a driver whose entities depend on its options
+        overrides this."""
+        return cls.home_assistant
 
     def simulate(self, action: str, args: Mapping[str, Any]) -> Mapping[str, Any]:
         """Act as the hardware would (``wardpost simulate <driver> <action>``, the demo)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -160,15 +161,21 @@ class Event:
         return cls.from_dict(json.loads(text))
 
 
+#: Event kinds: dotted words of ASCII lowercase letters, digits and ``_`` (one MQTT topic
+#: level); the same pattern as ``kind`` in contract/schemas/event.json.
+KIND_PATTERN = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)*")
+MAX_KIND_LENGTH = 64
+
+
 def valid_kind(kind: str) -> bool:
     """Kinds are dotted lowercase words, usable as one MQTT topic level."""
-    if not kind or len(kind) > 64 or kind.startswith(".") or kind.endswith("."):
-        return False
-    return all(c.islower() or c.isdigit() or c in "._" for c in kind)
+    return len(kind) <= MAX_KIND_LENGTH and KIND_PATTERN.fullmatch(kind) is not None
 
 
 __all__ = [
     "BOOT_ID",
+    "KIND_PATTERN",
+    "MAX_KIND_LENGTH",
     "SCHEMA_VERSION",
     "Event",
     "Priority",

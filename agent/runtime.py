@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agent import __version__
+from agent import __version__, homeassistant
 from agent.commands import Dispatcher, Verifier
 from agent.config import (
     CORE_SECTIONS,
@@ -532,6 +532,7 @@ class Agent:
             "config": new.digest,
         }
         log.info("reloaded %s: %s", source, result)
+        self._announce_to_home_assistant()
         self.emit(CORE, "agent.reloaded", result, Priority.NORMAL)
         return result
 
@@ -555,6 +556,20 @@ class Agent:
 
     def _on_link_change(self, up: bool) -> None:
         log.info("broker link %s", "up" if up else "down")
+        if up:
+            self._announce_to_home_assistant()
+
+    def _announce_to_home_assistant(self) -> None:
+        publisher = self.publisher
+        if publisher is None or not publisher.connected:
+            return  # announced on the next connect
+        try:
+            homeassistant.announce(
+                self.config,
+                lambda topic, body: publisher.client.publish(topic, body, qos=1, retain=True),
+            )
+        except Exception:  # discovery is a convenience: it must never disturb the data path
+            log.exception("Home Assistant discovery failed")
 
     def _publish_command_result(self, command_id: str, body: Mapping[str, Any]) -> None:
         if self.publisher is not None:

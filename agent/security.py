@@ -248,12 +248,25 @@ class Exposure:
     forbidden: int
     risk: str
     fix: str
+    #: Bits that make it an error rather than a warning: ``wardpost run`` and
+    #: ``check-config`` refuse such a file unless given ``--allow-insecure``.
+    refused: int = 0
 
 
 #: Private keys and passwords: other users must not read them, the group must not change them.
 SECRET = Exposure(0o027, "a secret that other users can read or change", "chmod 600 (or 640)")
-#: Trust anchors (centre public keys, CA certificate): nobody else may replace them.
-TRUST = Exposure(0o022, "trusted by the agent but writable by other users", "chmod 644")
+#: Trust anchors (centre public keys, CA certificate): nobody else may replace them; anyone
+#: could if every user may write them.
+TRUST = Exposure(
+    0o022, "trusted by the agent but writable by other users", "chmod 644", refused=0o002
+)
+#: The config can turn signature checks off: writable by every user is refused.
+CONFIG = Exposure(
+    0o022,
+    "the config, writable by other users (who could turn signature checks off)",
+    "chmod 644",
+    refused=0o002,
+)
 #: The state directory (outbox, replay store): private to the agent and its group.
 STATE = Exposure(0o027, "open to other users", "chmod 750")
 
@@ -263,6 +276,10 @@ class PermissionProblem:
     path: str
     mode: int
     exposure: Exposure
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.mode & self.exposure.refused)
 
     def __str__(self) -> str:
         return (
@@ -291,6 +308,7 @@ def check_permissions(config: Config) -> list[PermissionProblem]:
     secrets = [mqtt.password_file] + ([mqtt.tls.key_file] if mqtt.tls.enabled else [])
     trust = list(config.commands.public_keys) + ([mqtt.tls.ca_file] if mqtt.tls.enabled else [])
     return [
+        *check_paths([config.source], CONFIG),
         *check_paths([config.agent.state_dir], STATE),
         *check_paths([p for p in secrets if p], SECRET),
         *check_paths([p for p in trust if p], TRUST),

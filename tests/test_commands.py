@@ -19,13 +19,13 @@ from agent.commands import (
     RejectionReporter,
 )
 from agent.driver import Command, CommandError
-from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder
+from tests.support.agent import DEADLINE, DEVICE, SITE, AgentHarness, Recorder
 from tests.support.broker import Broker
 
 BASE = f"wardpost/{SITE}/{DEVICE}"
 
 
-def result_for(rec: Recorder, command_id: str, timeout: float = 5.0) -> dict[str, Any]:
+def result_for(rec: Recorder, command_id: str, timeout: float = DEADLINE) -> dict[str, Any]:
     rec.wait_for(
         lambda m: any(x.topic == f"{BASE}/cmd_result/{command_id}" for x in m),
         timeout,

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import socket
 from pathlib import Path
 
 import pytest
 
 from agent.cli import main
-from tests.support.agent import AgentHarness, Recorder
+from agent.control import MAX_REQUEST, read_answer
+from tests.support.agent import DEADLINE, AgentHarness, Recorder
 from tests.support.broker import Broker
 
 
@@ -163,3 +167,116 @@ def test_the_examples_deliver_end_to_end() -> None:
     for name in ("wardpost.example.toml", "demo.toml"):
         text = (root / name).read_text().replace("@PORT@", "1883")
         assert tomllib.loads(text)["mqtt"]["delivery"] == "receipt", name
+
+
+# -- emit: strict JSON, the contract's kinds, limits --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ('{"level": NaN}', "NaN is not valid JSON"),
+        ('{"level": -Infinity}', "-Infinity is not valid JSON"),
+        ('{"level": 1e999}', "the number 1e999 is too large"),
+        ("[1, 2]", "payload must be a JSON object, got list"),
+        ('{"a": ', "--payload is not JSON"),
+        ('{"a": ' * 40 + "1" + "}" * 40, "payload is nested more than 32 levels deep"),
+        ("[" * 200_000 + "]" * 200_000, "too large"),
+        ('{"x": "' + "y" * 70_000 + '"}', "payload is 70008 bytes as JSON (at most 65536 bytes)"),
+    ],
+)
+def test_emit_refuses_what_json_or_the_limits_do_not_allow(
+    agent_with_socket, payload: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, config = agent_with_socket
+    assert main(["--config", config, "emit", "test.event", "--payload", payload]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_emit_refuses_nesting_too_deep_for_the_parser(agent_with_socket, capsys) -> None:
+    _, config = agent_with_socket
+    payload = "[" * 20_000 + "]" * 20_000  # under the size limit, deeper than Python parses
+    assert main(["--config", config, "emit", "test.event", "--payload", payload]) == 1
+    assert "--payload is nested more than 32 levels deep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kind", ["gate..alarm", ".gate", "gate.", "Gate.alarm", "café.open", "a" * 65, "gate alarm"]
+)
+def test_emit_refuses_kinds_the_contract_forbids(
+    agent_with_socket, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, config = agent_with_socket
+    assert main(["--config", config, "emit", kind]) == 1
+    err = capsys.readouterr().err
+    assert f"invalid event kind {kind!r}" in err and "[a-z0-9_]+" in err
+
+
+def test_emit_reads_the_payload_from_a_file_or_stdin(
+    agent_with_socket,
+    broker: Broker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, config = agent_with_socket
+    big = {"note": "z" * 60_000, "nested": {"list": [1, 2.5, None, True]}}
+    payload_file = tmp_path / "payload.json"
+    payload_file.write_text(json.dumps(big))
+    with Recorder(broker) as rec:
+        assert (
+            main(["--config", config, "emit", "file.event", "--payload-file", str(payload_file)])
+            == 0
+        )
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b'{"from": "stdin"}')))
+        assert main(["--config", config, "emit", "stdin.event", "--payload-file", "-"]) == 0
+        assert rec.wait_events("file.event")[0]["payload"] == big
+        assert rec.wait_events("stdin.event")[0]["payload"] == {"from": "stdin"}
+    capsys.readouterr()
+    assert (
+        main(["--config", config, "emit", "x.y", "--payload-file", str(tmp_path / "absent.json")])
+        == 1
+    )
+    assert "cannot read --payload-file" in capsys.readouterr().err
+
+
+# -- the control socket itself -----------------------------------------------------------
+
+
+def raw_request(path: Path, data: bytes) -> dict[str, object]:
+    """Send ``data`` as it is (no newline added) and read one answer line."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(DEADLINE)
+        s.connect(str(path))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(data)
+        return json.loads(read_answer(s))
+
+
+def test_a_line_over_the_limit_is_refused_without_waiting_for_its_end(agent_with_socket) -> None:
+    h, _ = agent_with_socket
+    path = h.agent.config.agent.control_socket_path
+    # No newline, and the connection stays open: the agent must answer once the limit is
+    # passed rather than keep reading (a 256 MiB line once grew the agent to 470 MB).
+    reply = raw_request(path, b"x" * (MAX_REQUEST + 4096))
+    assert reply == {"ok": False, "error": f"request too large (limit {MAX_REQUEST} bytes)"}
+    # ... and it still serves the next client.
+    assert raw_request(path, b'{"op": "status"}\n')["ok"] is True
+
+
+def test_the_socket_itself_refuses_non_standard_json(agent_with_socket) -> None:
+    h, _ = agent_with_socket
+    path = h.agent.config.agent.control_socket_path
+    nan = b'{"op": "emit", "kind": "x.y", "payload": {"v": NaN}}\n'
+    assert raw_request(path, nan) == {
+        "ok": False,
+        "error": "request: NaN is not valid JSON (use null or a string)",
+    }
+    deep = b'{"op": "emit", "kind": "x.y", "payload": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+    reply = raw_request(path, deep)
+    assert reply["ok"] is False and "request is nested more than 32 levels deep" in str(
+        reply["error"]
+    )
+    bad_kind = b'{"op": "emit", "kind": "gate..alarm"}\n'
+    assert "invalid event kind 'gate..alarm'" in str(raw_request(path, bad_kind)["error"])

@@ -10,7 +10,7 @@ from pathlib import Path
 from agent.config import MQTTConfig
 from agent.event import boottime
 from agent.runtime import Agent
-from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
+from tests.support.agent import DEADLINE, DEVICE, SITE, AgentHarness, Recorder, wait_until
 from tests.support.broker import Broker
 from tests.support.proxy import TcpProxy
 
@@ -45,7 +45,7 @@ def test_every_event_exactly_once_per_id(tmp_path: Path, broker: Broker) -> None
         rec.wait_for(
             lambda m: {e["id"] for e in rec.events("load.tick")} >= set(ids), 30, "all events"
         )
-        wait_until(lambda: agent.outbox.backlog()[0] == 0, 10, "outbox drained")
+        wait_until(lambda: agent.outbox.backlog()[0] == 0, DEADLINE, "outbox drained")
         got = [e["id"] for e in rec.events("load.tick")]
         assert len(got) == len(set(got)) == 3000
         for key, seqs in first_seen_order(rec.events("load.tick")).items():
@@ -73,7 +73,9 @@ def test_status_heartbeat_and_stop(tmp_path: Path, broker: Broker) -> None:
     with Recorder(broker, f"{BASE}/#") as rec:
         h = AgentHarness(tmp_path, broker, drivers={"sim": {"type": "simulated", "rate": 0.0}})
         h.start()
-        rec.wait_for(lambda m: any(x.topic.endswith("/heartbeat") for x in m), 5, "a heartbeat")
+        rec.wait_for(
+            lambda m: any(x.topic.endswith("/heartbeat") for x in m), DEADLINE, "a heartbeat"
+        )
         h.stop()
         rec.wait_for(
             lambda m: any(
@@ -115,9 +117,9 @@ def test_receipt_mode_holds_events_until_the_centre_confirms(
         assert not emission.is_delivered
         assert agent.outbox.backlog()[0] >= 1
         with Recorder(broker, receipts=True):
-            assert emission.wait_delivered(10)
+            assert emission.wait_delivered(DEADLINE)
             # agent.started waits for its receipt too; it comes round with the next re-send.
-            wait_until(lambda: agent.outbox.backlog()[0] == 0, 10, "released")
+            wait_until(lambda: agent.outbox.backlog()[0] == 0, DEADLINE, "released")
         summary = agent.publisher.stats.summary() if agent.publisher else {}
         assert summary["count"] >= 1 and summary["max"] >= summary["mean"] > 0
         h.stop()
@@ -132,13 +134,13 @@ def test_receipt_releases_even_a_never_acked_event(tmp_path: Path, broker: Broke
         e = agent.emit("t", "x.y", {}, "normal")
         rec.wait_events("x.y")
         rec.publish(f"{BASE}/receipts", {"ids": [e.event.id]})
-        assert e.wait_delivered(5)
+        assert e.wait_delivered(DEADLINE)
         rec.publish(f"{BASE}/receipts", b"not json")  # ignored, logged
         rec.publish(f"{BASE}/receipts", {"ids": "nope"})
         e2 = agent.emit("t", "x.y", {}, "normal")
         rec.wait_events("x.y", 2)
         rec.publish(f"{BASE}/receipts", {"ids": [e2.event.id]})
-        assert e2.wait_delivered(5)
+        assert e2.wait_delivered(DEADLINE)
     h.stop()
 
 
@@ -158,7 +160,7 @@ def test_broker_outage_under_load_loses_nothing_and_keeps_order(
             time.sleep(0.05)
         critical = agent.emit("panic", "panic.pressed", {}, "critical")
         accepted.append(critical.event.id)
-        assert critical.wait_durable(5) and not critical.is_delivered
+        assert critical.wait_durable(DEADLINE) and not critical.is_delivered
         rec.stop()
         broker.start()
     with Recorder(broker) as rec2:
@@ -187,12 +189,13 @@ def test_link_down_at_start_then_up(tmp_path: Path, private_broker: Broker) -> N
     h = AgentHarness(tmp_path, broker)
     agent = h.start(wait_connected=False)
     e = agent.emit("t", "panic.pressed", {}, "critical")
-    assert e.wait_durable(5)
-    time.sleep(0.5)
+    assert e.wait_durable(DEADLINE)
+    publisher = agent.publisher
+    assert publisher is not None
+    wait_until(lambda: "cannot connect" in (publisher.last_error or ""), what="a failed connect")
     assert not e.is_delivered
-    assert agent.publisher is not None and "cannot connect" in (agent.publisher.last_error or "")
     broker.start()
-    assert e.wait_delivered(10)
+    assert e.wait_delivered(DEADLINE)
     h.stop()
 
 
@@ -209,7 +212,7 @@ def test_restart_resends_what_was_not_confirmed(tmp_path: Path, broker: Broker) 
             20,
             "re-sent after restart",
         )
-        wait_until(lambda: agent.outbox.backlog()[0] == 0, 10, "released by receipts")
+        wait_until(lambda: agent.outbox.backlog()[0] == 0, DEADLINE, "released by receipts")
         started = [
             json.loads(m.payload)
             for m in rec.on_topic("/status")

@@ -15,6 +15,7 @@ from agent.driver import Emission, Fate
 from agent.event import Event, Priority
 from agent.outbox import Outbox, StorageReport
 from agent.sequence import BLOCK
+from tests.support.agent import DEADLINE
 
 
 class Box:
@@ -214,7 +215,7 @@ def test_retention_prunes_published_rows_only(tmp_path: Path) -> None:
 def test_group_commit_of_bursts(tmp_path: Path, count: int) -> None:
     box = Box(tmp_path / "o.db")
     emissions = [box.add() for _ in range(count)]
-    assert emissions[-1].wait_durable(10)
+    assert emissions[-1].wait_durable(DEADLINE)
     assert box.outbox.counters["committed"] == count
     assert box.outbox.counters["batches"] <= count
     box.outbox.close()

@@ -21,6 +21,7 @@ import numpy as np
 
 from agent.driver import Command, CommandError, Driver, DriverContext, Health, Timer
 from agent.event import Priority
+from agent.homeassistant import Entity
 from drivers.camera_face.config import CameraFaceConfig
 from drivers.camera_face.decision import Decision, FaceTracker, WatchlistJudge
 from drivers.camera_face.pipeline import FacePipeline, Image, Vector
@@ -82,6 +83,19 @@ class CameraFaceDriver(Driver):
 
     config_class = CameraFaceConfig
     summary = "camera with on-device face matching against a watchlist"
+
+    home_assistant = (
+        Entity(
+            "event",
+            "match",
+            "watchlist match",
+            "face.watchlist_match",
+            "'match'",
+            attributes=("person_id", "name", "list", "score", "camera"),
+            options={"event_types": ["match"], "icon": "mdi:face-recognition"},
+        ),
+    )
+
     config: CameraFaceConfig
 
     def __init__(self, ctx: DriverContext, config: CameraFaceConfig):

@@ -27,6 +27,7 @@ from gpiozero.pins.mock import MockPin
 from agent.config import ConfigError, check
 from agent.driver import Command, CommandError, Driver, DriverContext, Emission, Health
 from agent.event import Priority
+from agent.homeassistant import Entity
 from contract.commands import arg
 from drivers.gpio_common import (
     PIN_MESSAGE,
@@ -159,6 +160,23 @@ class PanicButtonDriver(Driver):
 
     config_class = PanicButtonConfig
     summary = "a duress button on a GPIO pin, with an LED showing the alarm's journey"
+
+    home_assistant = (
+        Entity(
+            "event",
+            "alarm",
+            "alarm",
+            "panic.pressed",
+            "'pressed'",
+            attributes=("location", "mode", "presses"),
+            options={
+                "event_types": ["pressed"],
+                "device_class": "button",
+                "icon": "mdi:alarm-light",
+            },
+        ),
+    )
+
     config: PanicButtonConfig
 
     def __init__(self, ctx: DriverContext, config: PanicButtonConfig):
@@ -302,6 +320,7 @@ class PanicButtonDriver(Driver):
             if pressed:
                 self._on_press(now)
                 return
+            self._counters["releases"] += 1
             held = round(now - self._pressed_at, 3)
             if self._release_alarm is not None:
                 self._emit("panic.released", alarm=self._release_alarm, held=held)

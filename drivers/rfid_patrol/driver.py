@@ -17,6 +17,7 @@ from typing import Any
 
 from agent.config import ConfigError, check
 from agent.driver import DriverContext, Health
+from agent.homeassistant import Entity
 from drivers.rfid_patrol.schedule import PatrolSchedule, RoundConfig
 from drivers.serial_common import Message, SerialDialectDriver, SerialDriverConfig
 
@@ -83,6 +84,27 @@ class RfidPatrolDriver(SerialDialectDriver):
 
     config_class = RfidPatrolConfig
     summary = "guard-patrol RFID reader on a serial port: checkpoints and missed rounds"
+
+    home_assistant = (
+        Entity(
+            "sensor",
+            "checkpoint",
+            "last checkpoint",
+            "patrol.checkpoint",
+            "value_json.payload.checkpoint",
+            options={"icon": "mdi:map-marker-check"},
+        ),
+        Entity(
+            "event",
+            "missed",
+            "missed checkpoint",
+            "patrol.missed",
+            "'missed'",
+            attributes=("checkpoint",),
+            options={"event_types": ["missed"], "icon": "mdi:map-marker-alert"},
+        ),
+    )
+
     config: RfidPatrolConfig
     #: Wall clock for schedules (local time); tests replace it.
     clock: Callable[[], datetime] = staticmethod(local_now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent.homeassistant import Entity
 from drivers.serial_common import SerialDialectDriver, SerialDriverConfig
 
 
@@ -22,3 +23,15 @@ class SerialGateDriver(SerialDialectDriver):
 
     config_class = SerialGateConfig
     summary = "walk-through metal-detector gate on a serial port (dialect file)"
+
+    # A gate alarm is a moment: the sensor shows it for half a minute.
+    home_assistant = (
+        Entity(
+            "binary_sensor",
+            "alarm",
+            "metal detected",
+            "gate.alarm",
+            "'ON'",
+            options={"device_class": "safety", "off_delay": 30},
+        ),
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.homeassistant import Entity
 from drivers.serial_common import SerialDialectDriver, SerialDriverConfig
 
 
@@ -21,3 +22,15 @@ class XrayDriver(SerialDialectDriver):
 
     config_class = XrayConfig
     summary = "X-ray baggage scanner alert line on a serial port (dialect file)"
+
+    home_assistant = (
+        Entity(
+            "event",
+            "alert",
+            "alert",
+            "xray.alert",
+            "'alert'",
+            attributes=("class", "threat", "bag", "operator"),
+            options={"event_types": ["alert"], "icon": "mdi:bag-suitcase-outline"},
+        ),
+    )

@@ -14,9 +14,10 @@ from jsonschema import Draft7Validator, FormatChecker
 from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
 
+from agent.event import KIND_PATTERN, MAX_KIND_LENGTH
 from agent.security import Signer, generate_keypair
 from central.alarms import command_message, unsigned
-from tests.support.agent import DEVICE, SITE, AgentHarness, Message, Recorder, wait_until
+from tests.support.agent import DEADLINE, DEVICE, SITE, AgentHarness, Message, Recorder, wait_until
 from tests.support.broker import Broker
 
 MALFORMED = b"{not json"  # sent on purpose; not part of any contract
@@ -84,6 +85,12 @@ def test_every_reference_in_the_schemas_resolves(contract: Contract) -> None:
         resolver = contract.registry.resolver(base_uri=schema["$id"])
         for ref in refs:
             assert resolver.lookup(ref).contents, f"{name}: {ref}"
+
+
+def test_the_agent_checks_kinds_with_the_contracts_own_pattern() -> None:
+    schema = json.loads((SCHEMAS / "event.json").read_text())["properties"]["kind"]
+    assert f"^{KIND_PATTERN.pattern}$" == schema["pattern"]
+    assert schema["maxLength"] == MAX_KIND_LENGTH
 
 
 def test_asyncapi_names_every_schema_and_topic() -> None:
@@ -170,10 +177,10 @@ def traffic(tmp_path: Path, broker: Broker) -> Iterator[list[Message]]:
         command("launch")
         command("ping", signed=False)
         rec.publish(f"{BASE}/cmd/ping", MALFORMED)
-        rec.wait_for(lambda msgs: any(m.topic.endswith("/cmd_result/_invalid") for m in msgs), 10)
+        rec.wait_for(lambda msgs: any(m.topic.endswith("/cmd_result/_invalid") for m in msgs), DEADLINE)
         command("reload")
-        rec.wait_for(lambda msgs: any(m.topic.endswith("/heartbeat") for m in msgs), 5)
-        wait_until(lambda: agent.outbox.backlog()[0] == 0, 10, "every event confirmed")
+        rec.wait_for(lambda msgs: any(m.topic.endswith("/heartbeat") for m in msgs), DEADLINE)
+        wait_until(lambda: agent.outbox.backlog()[0] == 0, DEADLINE, "every event confirmed")
         harness.stop()
         rec.wait_for(lambda msgs: any(m.topic.endswith("/status") and m.json()["state"] ==
                                       "stopped" for m in msgs), 5, "the stopped status")

@@ -24,6 +24,7 @@ from agent.logs import (
     under_journald,
 )
 from agent.logs import fields as log_fields
+from tests.support.agent import DEADLINE
 
 log = logging.getLogger("wardpost.test")
 
@@ -310,16 +311,17 @@ def test_tracked_windows_are_bounded() -> None:
 
 def test_setup_logging_limits_and_flushes_repeats() -> None:
     stream = io.StringIO()
-    setup_logging("info", stream, journal=True, repeat_limit=2, repeat_window=0.01)
+    # A real 1 s window: the five lines below fit in it even when this thread runs late.
+    setup_logging("info", stream, journal=True, repeat_limit=2, repeat_window=1.0)
     for _ in range(5):
         log.info("same")
     assert lines(stream) == ["<6>wardpost.test: same"] * 2
-    # A real 10 ms window: wait for it to end, then flush.
-    deadline = time.monotonic() + 5
+    # Wait for the window to end, then flush.
+    deadline = time.monotonic() + DEADLINE
     while "suppressed" not in stream.getvalue() and time.monotonic() < deadline:
-        time.sleep(0.005)
+        time.sleep(0.05)
         flush_repeats()
-    assert lines(stream)[2] == "<6>wardpost.test: suppressed 3 repeats of 'same' in 0 s"
+    assert lines(stream)[2] == "<6>wardpost.test: suppressed 3 repeats of 'same' in 1 s"
 
 
 def test_warnings_are_logged() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -46,15 +45,13 @@ from drivers.camera_face.watchlist import (
     encode_embedding,
 )
 from tests.support.context import RecordingContext
+from tests.support.shared import FACES, MODELS, require
 
-SHARED = Path(os.environ.get("WARDPOST_SHARED", Path(__file__).resolve().parents[3] / "shared"))
-MODELS = SHARED / "models"
-FACES = SHARED / "faces" / "lfw_dev"
 
-pytestmark = pytest.mark.skipif(
-    not (MODELS / DEFAULT_EMBEDDER).is_file() or not FACES.is_dir(),
-    reason=f"face models/photos not found in {SHARED} (set WARDPOST_SHARED)",
-)
+@pytest.fixture(autouse=True)
+def _shared_data() -> None:
+    require(MODELS / DEFAULT_EMBEDDER, FACES)
+
 
 ENROLLED = ["Abdullah_Gul", "Adrien_Brody", "Ana_Palacio", "Bill_Gates"]
 STRANGERS = ["Andy_Roddick", "Ann_Veneman", "Ari_Fleischer", "Ben_Affleck"]

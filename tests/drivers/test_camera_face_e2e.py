@@ -10,14 +10,15 @@ import pytest
 from drivers.camera_face.models import DEFAULT_EMBEDDER
 from drivers.camera_face.pipeline import FacePipeline
 from drivers.camera_face.watchlist import FILE_NAME, Watchlist
-from tests.drivers.test_camera_face import FACES, MODELS, SHARED, options, photo, write_video
-from tests.support.agent import AgentHarness, Recorder, wait_until
+from tests.drivers.test_camera_face import options, photo, write_video
+from tests.support.agent import DEADLINE, AgentHarness, Recorder, wait_until
 from tests.support.broker import Broker
+from tests.support.shared import FACES, MODELS, require
 
-pytestmark = pytest.mark.skipif(
-    not (MODELS / DEFAULT_EMBEDDER).is_file() or not FACES.is_dir(),
-    reason=f"face models/photos not found in {SHARED} (set WARDPOST_SHARED)",
-)
+
+@pytest.fixture(autouse=True)
+def _shared_data() -> None:
+    require(MODELS / DEFAULT_EMBEDDER, FACES)
 
 
 def test_enrolled_person_on_video_reaches_the_centre(tmp_path: Path, broker: Broker) -> None:
@@ -63,4 +64,4 @@ def test_enrolled_person_on_video_reaches_the_centre(tmp_path: Path, broker: Bro
                 for b in beats
             )
 
-        wait_until(heartbeat_shows_both, 10, "a heartbeat with lobby failed and door ok")
+        wait_until(heartbeat_shows_both, DEADLINE, "a heartbeat with lobby failed and door ok")

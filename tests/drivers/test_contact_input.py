@@ -14,6 +14,7 @@ from gpiozero.pins.mock import MockFactory
 from agent.config import ConfigError, parse_section
 from agent.driver import CommandError
 from drivers.contact_input import ContactInputDriver, NoGpioError
+from tests.support.agent import wait_until
 from tests.support.context import RecordingContext
 
 Starter = Callable[..., ContactInputDriver]
@@ -52,29 +53,35 @@ def settle(seconds: float = 0.15) -> None:
     time.sleep(seconds)
 
 
+def at_rest(driver: ContactInputDriver) -> None:
+    """Wait until every input has settled closed (at rest), however late the debounce runs."""
+    wait_until(lambda: all(part.endswith(": rest") for part in driver.health().detail.split(", ")), what="inputs at rest")
+
+
 def test_normally_closed_alarm_relay_opens_on_alarm(ctx: RecordingContext, start: Starter) -> None:
-    start([{"pin": 17, "kind": "gate.alarm", "name": "main gate", "payload": {"gate": "main"}}], closed=(17,))
-    settle()
+    driver = start([{"pin": 17, "kind": "gate.alarm", "name": "main gate", "payload": {"gate": "main"}}], closed=(17,))
+    at_rest(driver)
     alarms_at_start = [e for e in ctx.events if e.kind == "gate.alarm"]
     pin(17).drive_high()  # the relay opens: alarm
     alarm = ctx.wait_for("gate.alarm", len(alarms_at_start) + 1)[-1]
     assert alarm.priority.label == "high"
     assert alarm.payload == {"gate": "main", "input": "main gate", "pin": 17, "wiring": "nc"}
     pin(17).drive_low()
-    settle()
+    at_rest(driver)
     assert [e.kind for e in ctx.events].count("gate.alarm") == len(alarms_at_start) + 1
 
 
 def test_bounces_shorter_than_debounce_are_ignored(ctx: RecordingContext, start: Starter) -> None:
-    start([{"pin": 5, "kind": "xray.alert", "debounce": 0.1}], closed=(5,))
-    settle(0.25)
+    # A debounce far longer than the chatter: it stays inside even when this thread runs late.
+    driver = start([{"pin": 5, "kind": "xray.alert", "debounce": 1.0}], closed=(5,))
+    at_rest(driver)
     before = len(ctx.events)
     for _ in range(5):  # contact chatter, 5 ms each
         pin(5).drive_high()
         time.sleep(0.005)
         pin(5).drive_low()
         time.sleep(0.005)
-    settle(0.25)
+    settle(1.2)  # past the debounce
     assert len(ctx.events) == before
     pin(5).drive_high()
     alert = ctx.wait_for("xray.alert")[-1]
@@ -83,7 +90,7 @@ def test_bounces_shorter_than_debounce_are_ignored(ctx: RecordingContext, start:
 
 def test_cut_wire_becomes_a_fault_and_its_repair_is_reported(ctx: RecordingContext, start: Starter) -> None:
     driver = start([{"pin": 22, "kind": "gate.alarm", "fault_after": 0.2, "debounce": 0.01}], closed=(22,))
-    settle()
+    at_rest(driver)
     pin(22).drive_high()  # wire cut: reads as an alarm at once, then as a fault
     ctx.wait_for("gate.alarm")
     [fault] = ctx.wait_for("device.offline")
@@ -115,19 +122,21 @@ def test_door_contact_normally_open_with_restore(ctx: RecordingContext, start: S
 
 def test_missed_edge_is_caught_by_the_periodic_check(ctx: RecordingContext, start: Starter) -> None:
     driver = start([{"pin": 9, "kind": "gate.alarm", "debounce": 0.01}], closed=(9,))
-    settle()
+    at_rest(driver)
+    alarms = len(ctx.wait_for("gate.alarm"))  # the open input at start
     contact = driver._contacts[0]
     contact.device.when_activated = None  # as if the pin library lost the interrupt
     contact.device.when_deactivated = None
     pin(9).drive_high()
-    ctx.wait_for("gate.alarm")
+    ctx.wait_for("gate.alarm", alarms + 1)
 
 
 def test_simulate_drives_the_mock_pins(ctx: RecordingContext, start: Starter) -> None:
     driver = start([{"pin": 17, "kind": "gate.alarm", "name": "gate", "debounce": 0}], closed=(17,))
-    settle()
+    at_rest(driver)
+    alarms = len(ctx.wait_for("gate.alarm"))  # the open input at start
     assert driver.simulate("open", {"name": "gate"}) == {"input": "gate", "circuit": "open"}
-    ctx.wait_for("gate.alarm")
+    ctx.wait_for("gate.alarm", alarms + 1)
     with pytest.raises(CommandError, match="no input named 'nope'"):
         driver.simulate("open", {"name": "nope"})
 

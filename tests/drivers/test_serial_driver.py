@@ -16,6 +16,7 @@ from drivers.serial_gate import SerialGateDriver
 from drivers.xray import XrayDriver
 from tests.drivers.serial_frames import multizone, odd_parity
 from tests.drivers.serial_pty import PtyDevice
+from tests.support.agent import wait_until
 from tests.support.context import RecordingContext
 
 FAST = {"reconnect_min": 0.05, "reconnect_max": 0.2, "read_timeout": 0.05}
@@ -53,9 +54,15 @@ def test_gate_alarm_transits_and_unparsed(ctx: RecordingContext, device: PtyDevi
     assert alarm.priority.label == "high"
     assert alarm.payload["zones"] == [3, 4] and alarm.payload["intensity"] == 85
     assert bytes.fromhex(alarm.payload["raw"]) == b"ALARM ZONE 3,4 LEVEL 85\r\n"
-    [transit] = ctx.wait_for("gate.transit")
-    assert transit.priority.label == "low"
-    assert (transit.payload["in"], transit.payload["out"], transit.payload["messages"]) == (2, 1, 3)
+    # The counts may straddle two aggregation intervals on a slow machine: add them up.
+    wait_until(
+        lambda: sum(t.payload["messages"] for t in events(ctx, "gate.transit")) >= 3,
+        what="three transits counted",
+    )
+    transits = events(ctx, "gate.transit")
+    assert {t.priority.label for t in transits} == {"low"}
+    assert sum(t.payload["in"] for t in transits) == 2
+    assert sum(t.payload["out"] for t in transits) == 1
     [unparsed] = ctx.wait_for("serial.unparsed")
     assert unparsed.priority.label == "low"
     assert unparsed.payload["hex"].startswith("8f 99 67")
@@ -66,15 +73,15 @@ def test_gate_alarm_transits_and_unparsed(ctx: RecordingContext, device: PtyDevi
 
 
 def test_flood_of_repeated_alarms_is_folded_and_counted(ctx: RecordingContext, device: PtyDevice, start: Starter) -> None:
-    gate = start(SerialGateDriver, dedup_window=0.5)
+    # The window must hold all 50 lines even when the reader runs late on a loaded machine.
+    gate = start(SerialGateDriver, dedup_window=2.0)
     device.write(b"ALARM Z3 I85\r\n" * 50)
     ctx.wait_for("gate.alarm")
-    deadline = time.monotonic() + 5
-    while gate.health().counters["messages"] < 50 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    # "messages" counts a read's lines before they are handled: wait for the last one folded.
+    wait_until(lambda: gate.health().counters["flood_suppressed"] >= 49, what="49 alarms folded")
     assert len(events(ctx, "gate.alarm")) == 1
     assert gate.health().counters["flood_suppressed"] == 49
-    time.sleep(0.55)
+    time.sleep(2.1)  # past the window
     device.write(b"ALARM Z3 I85\r\n")
     second = ctx.wait_for("gate.alarm", 2)[1]
     assert second.payload["repeats"] == 49
@@ -159,11 +166,11 @@ def test_poll_mode_counters_and_silence(ctx: RecordingContext, device: PtyDevice
     [transit] = ctx.wait_for("gate.transit")
     assert transit.payload["passages"] == 3
     # The gate stops answering: after offline_after (3) polls it is reported.
-    offline = ctx.wait_for("device.offline", timeout=3)[0]
+    offline = ctx.wait_for("device.offline")[0]
     assert offline.payload["reason"] == "no answer to 3 polls in a row"
     assert gate.health().state == "degraded"
     device.write(b"P=000103 TA=000005\r\n")
-    ctx.wait_for("device.online", 2, timeout=3)
+    ctx.wait_for("device.online", 2)
     assert gate.health().state == "ok"
 
 
@@ -218,16 +225,3 @@ def test_dialect_file_from_config(tmp_path: Path, ctx: RecordingContext, device:
     start(SerialGateDriver, dialect=str(dialect))
     device.write(b"BEEP4;")
     assert ctx.wait_for("gate.alarm")[0].payload["zone"] == 4
-
-
-@pytest.mark.parametrize("folder", ["serial_gate", "xray", "rfid_patrol", "contact_input"])
-def test_sample_config_fragments_are_valid(folder: str) -> None:
-    import tomllib
-
-    from agent.registry import driver_class
-
-    sample = Path(__file__).parents[2] / "drivers" / folder / "sample.toml"
-    drivers = tomllib.loads(sample.read_text())["drivers"]
-    for name, table in drivers.items():
-        options = {k: v for k, v in table.items() if k != "type"}
-        parse_section(driver_class(table["type"]).config_class, options, f"drivers.{name}")

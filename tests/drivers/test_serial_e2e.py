@@ -76,6 +76,11 @@ def test_patrol_checkpoint_reaches_the_subscriber(tmp_path: Path, broker: Broker
         rec.stop()
 
 
+def relays_at_rest(harness: AgentHarness) -> bool:
+    assert harness.agent is not None
+    return harness.agent.drivers_health()["relays"]["detail"] == "gate relay: rest"
+
+
 def test_dry_contact_alarm_reaches_the_subscriber(tmp_path: Path, broker: Broker) -> None:
     Device.pin_factory = MockFactory()
     relays = {
@@ -88,11 +93,9 @@ def test_dry_contact_alarm_reaches_the_subscriber(tmp_path: Path, broker: Broker
     try:
         rec.wait_events("gate.alarm")  # an open input at start is reported (fail-safe)
         Device.pin_factory.pin(17).drive_low()  # the relay's NC contact is wired and closed
-        agent = harness.agent
-        assert agent is not None
-        # The driver must have seen the contact close before it can open again.
-        wait_until(lambda: "gate relay: rest" in agent.driver("relays").health().detail,
-                   timeout=30, what="the contact at rest")
+        # The closing counts only once it has held for the 10 ms debounce: wait until the
+        # driver reports the contact at rest, or the opening below would be a mere bounce.
+        wait_until(lambda: relays_at_rest(harness), 30, "the relay contact at rest")
         Device.pin_factory.pin(17).drive_high()  # alarm: the relay opens
         alarm = rec.wait_events("gate.alarm", 2)[-1]
         assert alarm["priority"] == "high" and alarm["payload"]["input"] == "gate relay"

@@ -18,7 +18,7 @@ from central.config import parse_receiver_config
 from central.monitor import Monitor, TerminalView
 from central.receiver import Receiver
 from tests.security.conftest import TLSSetup
-from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
+from tests.support.agent import DEADLINE, DEVICE, SITE, AgentHarness, Recorder, wait_until
 
 pytest.importorskip("drivers.panic_button")
 
@@ -39,14 +39,21 @@ def harness(tmp_path: Path, tls: TLSSetup) -> Iterator[AgentHarness]:
 
 
 @pytest.fixture
-def centre(tls: TLSSetup) -> Iterator[Recorder]:
+def centre(tls: TLSSetup, harness: AgentHarness) -> Iterator[Recorder]:
     with tls.recorder(f"{OWN}/#") as rec:
+        # Commands sent before the agent has subscribed would be dropped: it publishes
+        # "online" (replacing the last test's "stopped") only after subscribing.
+        rec.wait_for(lambda _: bool(online_statuses(rec)), DEADLINE, "the agent online")
         yield rec
 
 
 @pytest.fixture
 def signer(tls: TLSSetup) -> Signer:
     return Signer.from_file(str(tls.centre_key))
+
+
+def online_statuses(centre: Recorder) -> list[Any]:
+    return [m for m in centre.on_topic(f"{OWN}/status") if m.json()["state"] == "online"]
 
 
 def send(centre: Recorder, name: str, message: dict[str, Any] | bytes) -> dict[str, Any]:
@@ -56,7 +63,7 @@ def send(centre: Recorder, name: str, message: dict[str, Any] | bytes) -> dict[s
     topic = f"{OWN}/cmd_result/{command_id}"
     before = len(centre.on_topic(topic))
     centre.publish(f"{OWN}/cmd/{name}", raw)
-    centre.wait_for(lambda msgs: sum(m.topic == topic for m in msgs) > before, 10,
+    centre.wait_for(lambda msgs: sum(m.topic == topic for m in msgs) > before, DEADLINE,
                     f"the result of {command_id}")
     result: dict[str, Any] = centre.on_topic(topic)[-1].json()
     return result
@@ -116,7 +123,11 @@ def test_a_replay_is_refused_even_after_a_restart(harness: AgentHarness, centre:
     again = send(centre, "ping", raw)
     assert again["ok"] is False and "replayed" in again["error"]
     harness.stop()
+    online = len(online_statuses(centre))
     harness.start()
+    # The agent subscribes to its commands before it publishes "online": once the centre sees
+    # that status, a command cannot arrive before the subscription (and be dropped).
+    centre.wait_for(lambda _: len(online_statuses(centre)) > online, DEADLINE, "online again")
     after_restart = send(centre, "ping", raw)
     assert after_restart["ok"] is False and "replayed" in after_restart["error"]
     assert rejection_for(centre, json.loads(raw)["id"])["payload"]["reason"].startswith("replayed")
@@ -159,19 +170,19 @@ def test_the_consoles_signed_ack_and_resolve_are_confirmed_by_the_device(
     try:
         assert harness.agent is not None
         harness.agent.driver("panic").simulate("press", {})
-        wait_until(lambda: bool(shown_alarms(monitor)), 10, "the alarm at the console")
+        wait_until(lambda: bool(shown_alarms(monitor)), DEADLINE, "the alarm at the console")
         (alarm,) = monitor.board.alarms.values()
         assert (alarm.state, alarm.kind, alarm.priority) == ("new", "panic.pressed", "critical")
         assert monitor.board.where(alarm) == f"{SITE}/{DEVICE} ward 3B, room 12"
 
         reply = monitor.execute("ack")
         assert reply.ok, reply.text
-        wait_until(device_state(receiver, "confirmed"), 10, "the device's confirmation")
+        wait_until(device_state(receiver, "confirmed"), DEADLINE, "the device's confirmation")
         assert receiver.store.alarms()[0].acknowledged_by == "desk-2"
         monitor.tick()
         monitor.execute("resolve 1")
-        wait_until(lambda: receiver.store.alarms()[0].state == "resolved", 10, "resolved")
-        wait_until(device_state(receiver, "confirmed"), 10, "the device's confirmation")
+        wait_until(lambda: receiver.store.alarms()[0].state == "resolved", DEADLINE, "resolved")
+        wait_until(device_state(receiver, "confirmed"), DEADLINE, "the device's confirmation")
         monitor.tick()
 
         records = [json.loads(line) for line in out.getvalue().splitlines()]
@@ -194,9 +205,9 @@ def test_an_unsigned_console_cannot_acknowledge(harness: AgentHarness, centre: R
     try:
         assert harness.agent is not None
         harness.agent.driver("panic").simulate("press", {})
-        wait_until(lambda: bool(shown_alarms(monitor)), 10, "the alarm at the console")
+        wait_until(lambda: bool(shown_alarms(monitor)), DEADLINE, "the alarm at the console")
         assert monitor.execute("ack 1").ok
-        wait_until(device_state(receiver, "refused"), 10, "the device's refusal")
+        wait_until(device_state(receiver, "refused"), DEADLINE, "the device's refusal")
         (refused,) = receiver.store.alarms()
         assert refused.at_device == "ack refused by device: rejected: unsigned command"
         command_id = centre.on_topic("/cmd/ack")[0].json()["id"]

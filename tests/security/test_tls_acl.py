@@ -13,7 +13,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.security.conftest import TLSSetup
-from tests.support.agent import DEVICE, SITE, AgentHarness, wait_until
+from tests.support.agent import DEADLINE, DEVICE, SITE, AgentHarness, wait_until
 from tests.support.tls import Identity, TestPKI
 
 OWN = f"wardpost/{SITE}/{DEVICE}"
@@ -81,10 +81,10 @@ def test_agent_connects_over_tls_with_its_certificate(tmp_path: Path, tls: TLSSe
         agent = harness.start()
         try:
             emission = agent.emit("test", "probe.tick", {"n": 1})
-            assert emission.wait_delivered(10), "the broker acknowledged the event over TLS"
+            assert emission.wait_delivered(DEADLINE), "the broker acknowledged the event over TLS"
             rec.wait_for(lambda msgs: any(m.topic == f"{OWN}/events/probe.tick" for m in msgs),
                           10, "the event at the centre")
-            rec.wait_for(lambda msgs: any(m.topic == f"{OWN}/heartbeat" for m in msgs), 5,
+            rec.wait_for(lambda msgs: any(m.topic == f"{OWN}/heartbeat" for m in msgs), DEADLINE,
                          "a heartbeat")
             statuses = [m.json() for m in rec.on_topic(f"{OWN}/status")]
             assert statuses and statuses[-1]["state"] == "online"
@@ -175,7 +175,7 @@ def test_an_agent_speaking_as_another_device_is_refused_and_counts_it(
             agent.emit("test", "panic.pressed", {"room": "12"}, "critical")
             assert agent.publisher is not None
             publisher = agent.publisher
-            wait_until(lambda: publisher.counters["rejected"] >= 1, 10, "a refused publish")
+            wait_until(lambda: publisher.counters["rejected"] >= 1, DEADLINE, "a refused publish")
             assert agent.outbox.backlog()[0] >= 1, "refused events stay in the outbox"
             assert publisher.counters["disconnects"] == 0, "a refusal is not a reason to drop us"
             time.sleep(0.3)

@@ -18,6 +18,10 @@ from agent.runtime import Agent
 from tests.support.broker import Broker
 from tests.support.toml_writer import dumps
 
+#: How long a test waits for something that should happen: generous, because CI runs on a
+#: loaded 2-core machine; a passing test returns as soon as the condition holds.
+DEADLINE = 30.0
+
 SITE = "test-site"
 DEVICE = "test-device"
 
@@ -66,24 +70,44 @@ class AgentHarness:
         **sections: Any,
     ):
         self.tmp_path = tmp_path
+        self.broker = broker
         self.doc = agent_config(tmp_path, broker, drivers, **sections)
         self.config_path = write_config(tmp_path / "wardpost.toml", self.doc)
         self.agent: Agent | None = None
 
-    def start(self, wait_connected: bool = True, timeout: float = 10.0) -> Agent:
-        self.agent = Agent(load_config(self.config_path))
-        self.agent.start()
+    def start(self, wait_connected: bool = True, timeout: float = DEADLINE) -> Agent:
+        """Start the agent; with ``wait_connected``, return once it is connected and (on a
+        plain link) has announced itself online, so what a test sends it next is received."""
+        agent = self.agent = Agent(load_config(self.config_path))
+        agent.start()
         if wait_connected:
             wait_until(
-                lambda: (
-                    self.agent is not None
-                    and self.agent.publisher is not None
-                    and self.agent.publisher.connected
-                ),
+                lambda: agent.publisher is not None and agent.publisher.connected,
                 timeout,
                 "agent connected",
             )
-        return self.agent
+            if not agent.config.mqtt.tls.enabled:  # TLS tests connect their own clients
+                self._wait_online(agent, timeout)
+        return agent
+
+    def _wait_online(self, agent: Agent, timeout: float) -> None:
+        """Wait for this connection's "online" status at the broker. The agent subscribes to
+        its commands and receipts before it publishes that status on the same connection,
+        so once the broker has it, a command sent to the agent is never dropped for want of
+        a subscription."""
+        assert agent.publisher is not None
+        connection = agent.publisher.connection
+        with Recorder(self.broker, agent.publisher.topics.status) as rec:
+            rec.wait_for(
+                lambda msgs: any(
+                    m.payload
+                    and m.json().get("state") == "online"
+                    and m.json().get("connection") == connection
+                    for m in msgs
+                ),
+                timeout,
+                f"the agent online (connection {connection})",
+            )
 
     def stop(self) -> None:
         if self.agent is not None:
@@ -99,7 +123,7 @@ class AgentHarness:
 
 
 def wait_until(
-    predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
+    predicate: Callable[[], bool], timeout: float = DEADLINE, what: str = "condition"
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -152,7 +176,7 @@ class Recorder:
     def start(self) -> Recorder:
         self.client.connect(self.broker.host, self.broker.port, 10)
         self.client.loop_start()
-        if not self._connected.wait(5):
+        if not self._connected.wait(DEADLINE):
             raise AssertionError("recorder did not subscribe")
         return self
 
@@ -188,7 +212,7 @@ class Recorder:
     def wait_for(
         self,
         predicate: Callable[[list[Message]], bool],
-        timeout: float = 10.0,
+        timeout: float = DEADLINE,
         what: str = "messages",
     ) -> None:
         # Poll a snapshot: evaluating the predicate under the lock on every arrival
@@ -205,7 +229,9 @@ class Recorder:
                 )
             time.sleep(0.01)
 
-    def wait_events(self, kind: str, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
+    def wait_events(
+        self, kind: str, count: int = 1, timeout: float = DEADLINE
+    ) -> list[dict[str, Any]]:
         self.wait_for(
             lambda msgs: sum(1 for m in msgs if m.topic.endswith(f"/events/{kind}")) >= count,
             timeout,

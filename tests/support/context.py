@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from agent.driver import Command, CommandHandler, DriverContext, Emission, Timer
 from agent.event import Event, Priority
+from tests.support.agent import DEADLINE
 
 
 class _Repeating:
@@ -84,7 +85,7 @@ class RecordingContext(DriverContext):
             watcher(event)
         return emission
 
-    def wait_for(self, kind: str, count: int = 1, timeout: float = 5.0) -> list[Event]:
+    def wait_for(self, kind: str, count: int = 1, timeout: float = DEADLINE) -> list[Event]:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
