@@ -281,6 +281,26 @@ class Intake:
         #: Per device: when ``centre.quarantined`` was last raised, and what came since.
         self._quarantine_notes: dict[tuple[str, str], _QuarantineNote] = {}
 
+    # --- device state from the store ---
+    def device_keys(self, messages: Iterable[Inbound]) -> set[tuple[str, str]]:
+        """The (site, device) pairs whose state judging ``messages`` may read or change."""
+        keys = set()
+        for msg in messages:
+            parts = msg.topic.split("/", 3)
+            if len(parts) == 4 and parts[0] == self.prefix and parts[1] and parts[2]:
+                keys.add((parts[1], parts[2]))
+        return keys
+
+    def refresh(
+        self, keys: Iterable[tuple[str, str]], stored: dict[tuple[str, str], DeviceState]
+    ) -> list[DeviceState]:
+        """Take the state of ``keys`` from the store (read under its lock): another receiver
+        may have changed it since. Returns the states of those that exist."""
+        for key in keys:
+            self.devices.pop(key, None)
+        self.devices.update(stored)
+        return list(stored.values())
+
     # --- messages ---
     def process(self, messages: Sequence[Inbound], now: float) -> Outcome:
         out = Outcome()
@@ -622,13 +642,23 @@ class Intake:
         batch.devices[state.key] = state
 
     # --- the passing of time ---
-    def supervise(self, now: float, batch: Batch) -> None:
-        """Mark devices lost whose heartbeat is overdue; report sequence holes open too long."""
-        sup = self.supervision
+    def report_quarantined(self, now: float, batch: Batch) -> None:
+        """Report what was quarantined here since the last ``centre.quarantined`` of its device.
+
+        Each receiver reports the messages it quarantined itself: with several receivers
+        every quarantined message is counted in exactly one report."""
         for key, note in self._quarantine_notes.items():
-            if note.count and now - note.reported_at >= sup.quarantine_report_every:
+            if note.count and now - note.reported_at >= self.supervision.quarantine_report_every:
                 self._report_quarantine(*key, note, now, batch)
-        for state in self.devices.values():
+
+    def supervise(
+        self, now: float, batch: Batch, states: Iterable[DeviceState] | None = None
+    ) -> None:
+        """Mark devices lost whose heartbeat is overdue; report sequence holes open too long.
+
+        ``states``: the devices to judge (read under the store's lock); default all known."""
+        sup = self.supervision
+        for state in self.devices.values() if states is None else states:
             # A device that stopped cleanly said goodbye: its silence is not a loss.
             if not state.lost and state.state != "stopped":
                 interval = state.heartbeat_interval or sup.default_interval

@@ -6,21 +6,30 @@ Threads:
   callback can kill that thread, so nothing else happens there);
 * the **writer** thread takes whatever has queued up (at most ``batch_max``),
   lets :class:`~central.intake.Intake` decide what it means, commits it in one
-  transaction, and only then publishes the receipts (``{"ids": [...]}`` per
+  transaction (holding those devices against other receivers and reading their
+  state from the store), and only then publishes the receipts (``{"ids": [...]}`` per
   device) and acknowledges the MQTT messages (manual PUBACK). A receiver killed
   at any point therefore loses nothing: what was not committed is neither
   receipted nor PUBACKed, so the broker redelivers it on reconnect (persistent
   session) and the device re-sends it after its receipt timeout. Ids make the
   second copy harmless. Supervision runs on the same thread every
-  ``check_every`` seconds, so there is exactly one writer;
-* the optional DC-09 bridge (:mod:`central.bridge`) forwards from the store.
+  ``check_every`` seconds, in the receiver holding the store's ``supervision``
+  lease (one at a time; another takes over when its lease runs out);
+* the optional DC-09 bridge (:mod:`central.bridge`) forwards from the store,
+  claiming each forward so that no other receiver's bridge sends it too.
+
+Several receivers share one PostgreSQL store and the devices' topics through an MQTT 5
+shared subscription (``[mqtt] share_group``): each message reaches one of them. Every
+receiver also gets every ``status`` (retained, for a fresh start) on a plain
+subscription; a copy already applied by another receiver changes nothing.
 
 Every message is judged alone (:mod:`central.intake`): one that cannot be stored for
 a reason of its own is quarantined, committed and acknowledged like any other, so it
 never blocks the messages behind it nor comes back after a restart.
 
-Alarm commands the devices have not confirmed are followed up on the writer thread
-too (:meth:`central.alarms.AlarmDesk.follow_up`), whichever process sent them first.
+Alarm commands the devices have not confirmed are followed up on the supervising
+receiver's writer thread (:meth:`central.alarms.AlarmDesk.follow_up`), whichever
+process sent them first.
 
 If the store fails, the batch is kept and retried; nothing is receipted meanwhile.
 """
@@ -44,11 +53,13 @@ from paho.mqtt.properties import Properties
 from central.alarms import AlarmDesk, MqttCommander, Signing, unsigned
 from central.config import ReceiverConfig, ReceiverMQTTConfig
 from central.intake import Inbound, Intake, Outcome
-from central.store import Store, open_store
+from central.store import Batch, Store, open_store
 
 log = logging.getLogger("wardpost.central.receiver")
 
 RECEIPT_CHUNK = 500  # ids per receipt message
+#: The lease of the one receiver that supervises the devices and follows up alarm commands.
+SUPERVISION_LEASE = "supervision"
 
 
 @dataclass
@@ -62,6 +73,7 @@ class ReceiverStats:
     batches: int = 0
     store_errors: int = 0
     connects: int = 0
+    supervising: bool = False  # holds the supervision lease now
 
 
 def make_client(
@@ -128,6 +140,13 @@ class Receiver:
         self.config = config
         self.store = store if store is not None else open_store(config.store)
         self._own_store = store is None
+        try:
+            self.store.claim_receiver()
+        except Exception:
+            if self._own_store:
+                self.store.close()
+            raise
+        self.name = config.mqtt.client_id  # unique among the broker's clients, so among us
         self.stats = ReceiverStats()
         self.intake = Intake(config, self.store.devices(), self.store.known_ids)
         self.connected = threading.Event()
@@ -150,7 +169,7 @@ class Receiver:
         if config.dc09.enabled:
             from central.bridge import Dc09Bridge
 
-            self.bridge = Dc09Bridge(config, self.store)
+            self.bridge = Dc09Bridge(config, self.store, self.name)
         self.desk = AlarmDesk(self.store, self.commander())
 
     def commander(self) -> MqttCommander:
@@ -178,6 +197,8 @@ class Receiver:
         self._writer.join(timeout=timeout)
         if self.bridge is not None:
             self.bridge.stop()
+        if self.stats.supervising:  # hand supervision over now rather than when the lease ends
+            self.store.release_lease(SUPERVISION_LEASE, self.name)
         self.client.disconnect()
         self.client.loop_stop()
         if self._own_store:
@@ -188,11 +209,11 @@ class Receiver:
 
     # --- paho callbacks: queue only ---
     def _filters(self) -> list[str]:
-        prefix = self.config.mqtt.topic_prefix
-        sites = self.config.mqtt.sites or ["+"]
+        mq = self.config.mqtt
+        shared = f"$share/{mq.share_group}/" if mq.share_group else ""
         return [
-            f"{prefix}/{site}/+/{rest}"
-            for site in sites
+            f"{shared if rest != 'status' else ''}{mq.topic_prefix}/{site}/+/{rest}"
+            for site in mq.sites or ["+"]
             for rest in ("events/#", "status", "heartbeat", "cmd_result/+")
         ]
 
@@ -257,10 +278,7 @@ class Receiver:
 
     def _cycle(self, messages: list[Inbound], supervise: bool) -> None:
         now = time.time()
-        outcome = self.intake.process(messages, now)
-        if supervise:
-            self.intake.supervise(now, outcome.batch)
-        self._commit(outcome)
+        outcome = self._commit(messages, now, report_quarantined=supervise)
         self._receipt(outcome)
         for msg in messages:
             if msg.qos > 0:
@@ -279,7 +297,24 @@ class Receiver:
         if self.bridge is not None and outcome.batch.forwards:
             self.bridge.wake()
         if supervise:  # after the acknowledgements: a failure here must not hold messages back
-            self._follow_up(now)
+            self._supervise(now)
+
+    def _supervise(self, now: float) -> None:
+        """If this receiver holds (or can take) the supervision lease: lost devices, open
+        sequence holes, unconfirmed alarm commands."""
+        sup = self.config.supervision
+        self.stats.supervising = self.store.hold_lease(SUPERVISION_LEASE, self.name, sup.lease)
+        if not self.stats.supervising:
+            return
+        due = self.store.supervision_due(
+            now, sup.lost_after, sup.default_interval, sup.gap_timeout
+        )
+        if due:
+            with self.store.devices_locked(due) as stored:
+                batch = Batch()
+                self.intake.supervise(now, batch, self.intake.refresh(due, stored))
+                self.store.write(batch)
+        self._follow_up(now)
 
     def _follow_up(self, now: float) -> None:
         commands = self.config.commands
@@ -289,12 +324,21 @@ class Receiver:
                 alarm.at_device,
             )
 
-    def _commit(self, outcome: Outcome) -> None:
+    def _commit(self, messages: list[Inbound], now: float, *, report_quarantined: bool) -> Outcome:
+        """Judge ``messages`` against their devices' stored state and commit the outcome,
+        holding those devices against the other receivers meanwhile; retried until it is
+        committed (nothing is receipted before)."""
         delay = 0.1
         while True:
             try:
-                self.store.write(outcome.batch)
-                return
+                keys = self.intake.device_keys(messages)
+                with self.store.devices_locked(keys) as stored:
+                    self.intake.refresh(keys, stored)
+                    outcome = self.intake.process(messages, now)
+                    if report_quarantined:
+                        self.intake.report_quarantined(now, outcome.batch)
+                    self.store.write(outcome.batch)
+                return outcome
             except Exception as exc:
                 self.stats.store_errors += 1
                 log.error(
