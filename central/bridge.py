@@ -64,6 +64,7 @@ class Dc09Bridge:
             line=cfg.line,
             timeout=cfg.timeout,
             attempts=cfg.attempts,
+            sequence=lambda: store.dc09_sequence()[0],
         )
         self.link_up: bool | None = None
         self._link_checked = -LINK_RECHECK
@@ -109,10 +110,10 @@ class Dc09Bridge:
             claimed = self.store.claim_forwards(self.name, self.claim_for, CLAIM_BATCH)
             if not claimed:
                 return sent
-            for index, event in enumerate(claimed):
+            for index, (event, seq) in enumerate(claimed):
                 report = self.config.map[event.kind].report(event.payload)
                 try:
-                    self.sender.send_contact_id(report)
+                    self.sender.send_contact_id(report, seq)
                 except Dc09Rejected as exc:
                     log.error("DC-09 centre rejected event %s (%s): %s", event.id, event.kind, exc)
                     self.store.mark_forward(
@@ -121,7 +122,7 @@ class Dc09Bridge:
                     continue
                 except Dc09Unavailable as exc:
                     retry_at = time.time() + self.config.retry_every
-                    for unsent in claimed[index:]:  # give the claims back, due again later
+                    for unsent, _ in claimed[index:]:  # give the claims back, due again later
                         self.store.mark_forward(unsent.id, False, str(exc), retry_at)
                     self._link(False, str(exc))
                     return sent

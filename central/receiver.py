@@ -157,8 +157,15 @@ class Receiver:
         )
         self._listeners: list[Callable[[Outcome], None]] = []
         mq = config.mqtt
+        # One receiver keeps a persistent session: the broker holds what arrives while it
+        # restarts. A member of a share group must not: the broker would go on handing a
+        # dead member its share of the messages (heartbeats too, so live devices would look
+        # lost). Its session ends with its connection; what it had not acknowledged the
+        # devices send again, since nothing was receipted.
+        self._persistent = not mq.share_group
         self.client = make_client(
-            mq, mq.client_id, persistent=True, manual_ack=True, password=config.password()
+            mq, mq.client_id, persistent=self._persistent, manual_ack=True,
+            password=config.password(),
         )
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -185,7 +192,7 @@ class Receiver:
     # --- lifecycle ---
     def start(self) -> Receiver:
         self._writer.start()
-        connect(self.client, self.config.mqtt, persistent=True)
+        connect(self.client, self.config.mqtt, persistent=self._persistent)
         if self.bridge is not None:
             self.bridge.start()
         return self

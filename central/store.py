@@ -100,6 +100,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: (
         "ALTER TABLE forwards ADD COLUMN claimed_by TEXT",
         "ALTER TABLE forwards ADD COLUMN claimed_until DOUBLE PRECISION",
+        # The DC-09 sequence number a forward went out with: a re-send after a crash between
+        # the ACK and its record is the same message again, as after a lost ACK.
+        "ALTER TABLE forwards ADD COLUMN dc09_seq INTEGER",
         "CREATE INDEX IF NOT EXISTS forwards_due ON forwards (sent_at, queued_at)",
         """CREATE TABLE IF NOT EXISTS leases (
             name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL)""",
@@ -869,26 +872,56 @@ class Store(abc.ABC):
         ]
 
     # --- DC-09 forwarding ---
-    def claim_forwards(self, holder: str, claim_for: float, limit: int = 20) -> list[StoredEvent]:
+    def claim_forwards(
+        self, holder: str, claim_for: float, limit: int = 20
+    ) -> list[tuple[StoredEvent, int]]:
         """Claim up to ``limit`` due forwards for ``holder`` for ``claim_for`` seconds, critical
-        first, then oldest. Another bridge skips claimed rows, so each is sent by one; a claim
-        whose holder died without marking it is taken again once it has expired."""
+        first, then oldest, each with its DC-09 sequence number (given at its first claim).
+        Another bridge skips claimed rows, so each is sent by one; a claim whose holder died
+        without marking it is taken again once it has expired."""
         columns = ", ".join(f"e.{c.strip()}" for c in _EVENT_COLUMNS.split(","))
         with self.transaction():
             now = self.clock()
             rows = self._rows(
-                f"SELECT {columns} FROM forwards f JOIN events e ON e.id = f.event_id"  # noqa: S608
+                f"SELECT {columns}, f.dc09_seq FROM forwards f"  # noqa: S608
+                " JOIN events e ON e.id = f.event_id"
                 " WHERE f.sent_at IS NULL AND (f.attempts = 0 OR f.queued_at <= ?)"
                 " AND (f.claimed_until IS NULL OR f.claimed_until < ?)"
                 " ORDER BY e.priority = 'critical' DESC, f.queued_at, e.id LIMIT ?"
                 + self._skip_locked,
                 (time.time(), now, limit),
             )
+            fresh = iter(self.dc09_sequence(sum(1 for r in rows if r[-1] is None)))
+            claimed = [
+                (StoredEvent.from_row(r[:-1]), r[-1] if r[-1] is not None else next(fresh))
+                for r in rows
+            ]
             self._many(
-                "UPDATE forwards SET claimed_by = ?, claimed_until = ? WHERE event_id = ?",
-                ((holder, now + claim_for, r[0]) for r in rows),
+                "UPDATE forwards SET claimed_by = ?, claimed_until = ?, dc09_seq = ?"
+                " WHERE event_id = ?",
+                ((holder, now + claim_for, seq, event.id) for event, seq in claimed),
             )
-        return [StoredEvent.from_row(r) for r in rows]
+        return claimed
+
+    def dc09_sequence(self, count: int = 1) -> list[int]:
+        """The next ``count`` DC-09 sequence numbers (0001-9999, then 0001 again), one
+        counter for every receiver's bridge: they all send for the same account."""
+        if not count:
+            return []
+        with self.transaction():
+            self._exec(
+                "INSERT INTO centre_states (name, value, changed_at) VALUES ('dc09.seq', '0', ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                (time.time(),),
+            )
+            self._exec("UPDATE centre_states SET value = value WHERE name = 'dc09.seq'")  # lock
+            last = int(self._rows("SELECT value FROM centre_states WHERE name = 'dc09.seq'")[0][0])
+            numbers = [(last + i) % 9999 + 1 for i in range(count)]
+            self._exec(
+                "UPDATE centre_states SET value = ?, changed_at = ? WHERE name = 'dc09.seq'",
+                (str(numbers[-1]), time.time()),
+            )
+        return numbers
 
     def mark_forward(self, event_id: str, ok: bool, error: str = "", retry_at: float = 0.0) -> None:
         """Record an attempt and end its claim. A failed one is retried when ``retry_at`` has

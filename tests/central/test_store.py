@@ -379,7 +379,7 @@ def test_a_version_1_store_is_upgraded_in_place(
         assert upgraded.devices()[0].seq_first is None
         assert upgraded.quarantine_summary() == []
         (queued,) = upgraded.claim_forwards("receiver-1", 60.0)  # a forward queued before 3
-        assert queued.id == "e-1" and upgraded.claim_forwards("receiver-2", 60.0) == []
+        assert queued[0].id == "e-1" and upgraded.claim_forwards("receiver-2", 60.0) == []
         upgraded.migrate()  # opening it again changes nothing
         assert upgraded.schema_version() == SCHEMA_VERSION
     finally:
