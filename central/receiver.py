@@ -31,7 +31,10 @@ Alarm commands the devices have not confirmed are followed up on the supervising
 receiver's writer thread (:meth:`central.alarms.AlarmDesk.follow_up`), whichever
 process sent them first.
 
-If the store fails, the batch is kept and retried; nothing is receipted meanwhile.
+If the store is down, the batch is kept and retried; nothing is receipted meanwhile.
+If the store refuses a batch for what is in it (a value no rule foresaw), the
+messages are judged again one by one from the store's state and the one refused
+is quarantined with the store's reason: only an outage pauses intake.
 """
 
 from __future__ import annotations
@@ -67,11 +70,11 @@ class ReceiverStats:
     messages: int = 0
     stored: int = 0
     duplicates: int = 0
-    rejected: int = 0
     quarantined: int = 0
     receipts: int = 0
     batches: int = 0
     store_errors: int = 0
+    store_refusals: int = 0
     connects: int = 0
     supervising: bool = False  # holds the supervision lease now
 
@@ -156,6 +159,7 @@ class Receiver:
             target=self._write_loop, name="receiver-writer", daemon=True
         )
         self._listeners: list[Callable[[Outcome], None]] = []
+        self._refusal = ""  # why the store last refused a batch
         mq = config.mqtt
         # One receiver keeps a persistent session: the broker holds what arrives while it
         # restarts. A member of a share group must not: the broker would go on handing a
@@ -286,6 +290,8 @@ class Receiver:
     def _cycle(self, messages: list[Inbound], supervise: bool) -> None:
         now = time.time()
         outcome = self._commit(messages, now, report_quarantined=supervise)
+        if outcome is None:
+            outcome = self._one_by_one(messages, now)
         self._receipt(outcome)
         for msg in messages:
             if msg.qos > 0:
@@ -293,7 +299,6 @@ class Receiver:
         self.stats.messages += len(messages)
         self.stats.stored += sum(1 for e in outcome.batch.events if e.origin == "device")
         self.stats.duplicates += outcome.duplicates
-        self.stats.rejected += outcome.rejected
         self.stats.quarantined += len(outcome.batch.quarantined)
         self.stats.batches += 1
         for listener in self._listeners:
@@ -331,22 +336,40 @@ class Receiver:
                 alarm.at_device,
             )
 
-    def _commit(self, messages: list[Inbound], now: float, *, report_quarantined: bool) -> Outcome:
+    def _commit(
+        self,
+        messages: list[Inbound],
+        now: float,
+        *,
+        report_quarantined: bool = False,
+        quarantine_for: str = "",
+    ) -> Outcome | None:
         """Judge ``messages`` against their devices' stored state and commit the outcome,
-        holding those devices against the other receivers meanwhile; retried until it is
-        committed (nothing is receipted before)."""
+        holding those devices against the other receivers meanwhile; retried while the store
+        is down (nothing is receipted before). ``quarantine_for``: quarantine them all with
+        this reason instead. None: the store refused the batch for what is in it."""
         delay = 0.1
         while True:
             try:
                 keys = self.intake.device_keys(messages)
                 with self.store.devices_locked(keys) as stored:
                     self.intake.refresh(keys, stored)
-                    outcome = self.intake.process(messages, now)
+                    if quarantine_for:
+                        outcome = Outcome()
+                        for msg in messages:
+                            outcome.merge(self.intake.quarantined(msg, quarantine_for, now))
+                    else:
+                        outcome = self.intake.process(messages, now)
                     if report_quarantined:
                         self.intake.report_quarantined(now, outcome.batch)
                     self.store.write(outcome.batch)
                 return outcome
             except Exception as exc:
+                if self.store.refuses(exc):
+                    self.stats.store_refusals += 1
+                    self._refusal = f"the store refused it ({type(exc).__name__}: {exc})"
+                    log.error("%s", self._refusal)
+                    return None
                 self.stats.store_errors += 1
                 log.error(
                     "store write failed (%s); nothing receipted, retrying in %.1f s", exc, delay
@@ -359,6 +382,20 @@ class Receiver:
                     self.store.reconnect()
                 except ConnectionError as again:
                     log.error("%s", again)
+
+    def _one_by_one(self, messages: list[Inbound], now: float) -> Outcome:
+        """Each message of a refused batch alone, from the state the store holds; the one the
+        store refuses again is quarantined with its reason."""
+        total = Outcome()
+        for msg in messages:
+            one = self._commit([msg], now)
+            if one is None:
+                one = self._commit([msg], now, quarantine_for=self._refusal)
+            if one is None:  # not even its quarantine row: log it, let it go
+                log.error("dropped a message on %s the store refuses to keep", msg.topic)
+                continue
+            total.merge(one)
+        return total
 
     def _receipt(self, outcome: Outcome) -> None:
         prefix = self.config.mqtt.topic_prefix
