@@ -9,6 +9,9 @@ forwarded twice, and the silent device must be reported lost by another receiver
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -26,7 +29,7 @@ from central.devicesim import SimulatedDevice
 from central.receiver import SUPERVISION_LEASE, Receiver
 from central.store import StoreBusy, open_store
 from tests.support.broker import Broker
-from tests.support.receivers import ReceiverProcess
+from tests.support.receivers import REPO, ReceiverProcess
 
 DEVICES = 50
 EVENTS_PER_DEVICE = 30
@@ -61,6 +64,18 @@ def test_a_second_receiver_on_one_sqlite_store_is_refused(
     try:
         with pytest.raises(StoreBusy, match=r"another receiver \(pid \d+\).*PostgreSQL"):
             Receiver(config("rx-2"))
+        # The service says so and exits, rather than starting a second writer.
+        second = ReceiverProcess(tmp_path, "rx", {
+            "mqtt": {"host": broker.host, "port": broker.port, "client_id": "rx"},
+            "store": {"url": f"sqlite:///{tmp_path / 'central.db'}"},
+        })
+        done = subprocess.run(
+            [sys.executable, "-m", "central", "run", "--config", str(second.config_path),
+             "--instance", "2", "--duration", "5"],
+            check=False, capture_output=True, text=True, timeout=60, cwd=REPO,
+        )
+        assert done.returncode == 2
+        assert f"another receiver (pid {os.getpid()}) already runs" in done.stderr
     finally:
         first.stop()
     Receiver(config("rx-3")).start().stop()  # the first one's lock went with it
