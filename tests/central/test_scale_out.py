@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from central.devicesim import SimulatedDevice
 from central.receiver import SUPERVISION_LEASE, Receiver
 from central.store import StoreBusy, open_store
 from tests.support.broker import Broker
-from tests.support.receivers import REPO, ReceiverProcess
+from tests.support.receivers import REPO, ReceiverProcess, wait_until
 
 DEVICES = 50
 EVENTS_PER_DEVICE = 30
@@ -38,15 +38,6 @@ LOST_AFTER = 5.0  # heartbeats: the supervision period is LOST_AFTER * HEARTBEAT
 LEASE = 1.0
 PERIOD = LOST_AFTER * HEARTBEAT
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_a_second_receiver_on_one_sqlite_store_is_refused(
