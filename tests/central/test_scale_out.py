@@ -103,6 +103,46 @@ def test_one_supervisor_at_a_time_and_each_forward_claimed_once(postgres_url: st
         second.close()
 
 
+def test_sequence_gaps_are_exact_when_a_device_is_split_over_receivers(
+    broker: Broker, postgres_url: str
+) -> None:
+    """Two receivers share one device's events: holes are judged from the store's state,
+    so each gap is reported once, and numbers the other receiver stored are no gap."""
+
+    def config(name: str) -> ReceiverConfig:
+        return parse_receiver_config({
+            "mqtt": {"host": broker.host, "port": broker.port, "client_id": name,
+                     "share_group": "gaps"},
+            "store": {"url": postgres_url, "schema": "wardpost"},
+            "supervision": {"gap_grace": 0.5, "check_every": 0.2, "lease": 1.0},
+        })
+
+    receivers = [Receiver(config(f"gap-rx-{i}")).start() for i in (1, 2)]
+    device = None
+    try:
+        assert all(r.wait_connected(10) for r in receivers)
+        device = SimulatedDevice(broker.host, broker.port, "s1", "split").start()
+        for seq in (n for n in range(1, 41) if n not in (7, 19, 20)):
+            device.event("gate.transit", seq=seq)
+        assert device.wait_receipted(30)
+        assert all(r.stats.stored > 0 for r in receivers), "both receivers took a share"
+        time.sleep(0.6)  # the holes are older than gap_grace
+        device.heartbeat(backlog=0)
+        store = receivers[0].store
+        wait_until(lambda: len(store.events(kind="sequence.gap")) >= 2, 30, "two gaps")
+        device.heartbeat(backlog=0)
+        time.sleep(1.0)
+        gaps = sorted((g.payload["first"], g.payload["last"])
+                      for g in store.events(kind="sequence.gap"))
+        assert gaps == [(7, 7), (19, 20)]
+        assert not store.events(kind="sequence.restarted")
+    finally:
+        if device is not None:
+            device.stop()
+        for receiver in receivers:
+            receiver.stop()
+
+
 # --- the fault test ---
 
 
