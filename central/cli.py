@@ -312,7 +312,7 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument(
         "--instance",
         type=_instance,
-        default="",
+        default=None,
         help="this receiver's name among several sharing one config; appended to the client id",
     )
     p.set_defaults(func=cmd_run)

@@ -104,10 +104,12 @@ def test_one_supervisor_at_a_time_and_each_forward_claimed_once(postgres_url: st
 
 
 def test_sequence_gaps_are_exact_when_a_device_is_split_over_receivers(
-    broker: Broker, postgres_url: str
+    private_broker: Broker, postgres_url: str
 ) -> None:
     """Two receivers share one device's events: holes are judged from the store's state,
-    so each gap is reported once, and numbers the other receiver stored are no gap."""
+    so each gap is reported once, and numbers the other receiver stored are no gap.
+    (A broker of its own: other tests' retained statuses would bring their devices in.)"""
+    broker = private_broker
 
     def config(name: str) -> ReceiverConfig:
         return parse_receiver_config({
@@ -191,8 +193,9 @@ def query(url: str, sql: str) -> list[tuple[Any, ...]]:
 
 @pytest.mark.faults
 def test_three_receivers_kill_and_long_stop_lose_and_double_nothing(
-    broker: Broker, postgres_url: str, arc: Dc09Receiver, tmp_path: Path
+    private_broker: Broker, postgres_url: str, arc: Dc09Receiver, tmp_path: Path
 ) -> None:
+    broker = private_broker  # no retained statuses of other tests' devices
     receivers = [
         ReceiverProcess(tmp_path, f"rx-{i}", receiver_config(broker, postgres_url, arc, f"rx-{i}"))
         for i in range(1, 4)
