@@ -23,11 +23,13 @@ import psycopg
 import pytest
 
 from agent.config import ConfigError
+from agent.event import Priority
 from central.config import ReceiverConfig, parse_receiver_config
 from central.dc09_receiver import Dc09Receiver
 from central.devicesim import SimulatedDevice
+from central.intake import centre_event
 from central.receiver import SUPERVISION_LEASE, Receiver
-from central.store import StoreBusy, open_store
+from central.store import Batch, StoreBusy, open_store
 from tests.support.broker import Broker
 from tests.support.receivers import REPO, ReceiverProcess, wait_until
 
@@ -98,6 +100,24 @@ def test_one_supervisor_at_a_time_and_each_forward_claimed_once(postgres_url: st
         assert not first.hold_lease(SUPERVISION_LEASE, "rx-1", 0.5)
         second.release_lease(SUPERVISION_LEASE, "rx-2")
         assert first.hold_lease(SUPERVISION_LEASE, "rx-1", 0.5)
+
+        events = [
+            centre_event("panic.pressed", "s1", f"d{i}", Priority.CRITICAL, {}, now=time.time())
+            for i in range(6)
+        ]
+        first.write(Batch(events=events, forwards=[e.id for e in events]))
+        mine = first.claim_forwards("rx-1", 0.5, limit=4)
+        theirs = second.claim_forwards("rx-2", 60.0, limit=4)
+        assert len(mine) == 4 and len(theirs) == 2  # what one claimed, the other skipped
+        assert not {e.id for e, _ in mine} & {e.id for e, _ in theirs}
+        numbers = [seq for _, seq in mine + theirs]
+        assert len(set(numbers)) == 6  # one DC-09 counter for both
+        for event, _ in mine[1:]:
+            first.mark_forward(event.id, True)
+        assert second.claim_forwards("rx-2", 60.0) == []  # rx-1's last claim still holds
+        time.sleep(0.6)  # rx-1 "died" after sending mine[0], before recording it
+        (again,) = second.claim_forwards("rx-2", 60.0)
+        assert again == mine[0]  # the same event with the same sequence number: a retransmission
     finally:
         first.close()
         second.close()
