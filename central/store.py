@@ -998,6 +998,8 @@ class SQLiteStore(Store):
     def claim_receiver(self) -> None:
         """Refuse a second receiver: SQLite has one writer and the receivers would share
         nothing else (devices, supervision, DC-09 forwards)."""
+        if self._receiver_lock is not None:  # ours already (a receiver restarted on this store)
+            return
         path = self.path.with_name(self.path.name + ".receiver.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
