@@ -12,12 +12,13 @@ import argparse
 import getpass
 import json
 import logging
+import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,10 +46,20 @@ def _setup_logging(level: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from central.receiver import Receiver
+    from central.store import StoreBusy
 
     config = _config(args)
+    if args.instance:
+        # Several receivers from one config file (systemd: wardpost-receiver@<n>): the broker
+        # and the supervision lease tell them apart by their client ids.
+        mqtt = replace(config.mqtt, client_id=f"{config.mqtt.client_id}-{args.instance}")
+        config = replace(config, mqtt=mqtt)
     _setup_logging(config.log_level)
-    receiver = Receiver(config).start()
+    try:
+        receiver = Receiver(config).start()
+    except StoreBusy as exc:
+        print(f"wardpost receiver: {exc}", file=sys.stderr)
+        return 2
     console = None
     if config.console.enabled:
         from central.console.cli import start_console
@@ -65,6 +76,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     receiver.stop()
     log.info("receiver stopped: %s", receiver.stats)
     return 0
+
+
+def _instance(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", text):
+        raise argparse.ArgumentTypeError("1-32 letters, digits, '_' or '-'")
+    return text
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -302,6 +319,12 @@ def add_cli(subparsers: Any) -> None:
 
     p = with_config(sub.add_parser("run", help="run the receiver service"))
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument(
+        "--instance",
+        type=_instance,
+        default=None,
+        help="this receiver's name among several sharing one config; appended to the client id",
+    )
     p.set_defaults(func=cmd_run)
     with_config(sub.add_parser("check-config", help="validate the receiver config")).set_defaults(
         func=cmd_check

@@ -76,6 +76,15 @@ class ReceiverMQTTConfig:
             help="seconds the broker keeps our queued messages while we are down",
         ),
     )
+    share_group: str = field(
+        default="",
+        metadata=check(
+            lambda v: v == "" or bool(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v)),
+            "must be a word of letters, digits, '_' or '-'",
+            help="receivers with the same group share the devices' topics"
+            " ($share/<group>/..., MQTT 5, PostgreSQL store); empty: one receiver",
+        ),
+    )
     tls: TLSConfig = field(default_factory=TLSConfig)
 
 
@@ -112,6 +121,10 @@ class SupervisionConfig:
     check_every: float = field(default=1.0, metadata=check(minimum=0.05, maximum=60.0))
     gap_grace: float = field(default=30.0, metadata=check(minimum=0.0, maximum=86400.0))
     gap_timeout: float = field(default=3600.0, metadata=check(minimum=1.0, maximum=7 * 86400.0))
+    #: How long the supervising receiver's lease lasts without renewal (it renews it every
+    #: ``check_every``): another receiver takes supervision over at most this long after
+    #: the supervising one died. Keep it well under ``lost_after`` x the heartbeat interval.
+    lease: float = field(default=5.0, metadata=check(minimum=0.1, maximum=3600.0))
     #: At most one ``centre.quarantined`` event per device this often (with a count).
     quarantine_report_every: float = field(
         default=60.0, metadata=check(minimum=0.0, maximum=86400.0)
@@ -265,6 +278,7 @@ def parse_receiver_config(
             if computed in data:
                 raise ConfigError("unknown key (it is computed, not configured)", computed)
         config = parse_section(ReceiverConfig, data)
+        _check_scale_out(config)
         if config.mqtt.password_file:
             config.password()
         if config.dc09.enabled:
@@ -275,6 +289,25 @@ def parse_receiver_config(
     except ConfigError as exc:
         raise exc.located(source) from None
     return dataclasses.replace(config, source=source, digest=digest)
+
+
+def _check_scale_out(config: ReceiverConfig) -> None:
+    """Settings that only make sense together."""
+    if config.mqtt.share_group:
+        if config.mqtt.protocol != "5":
+            raise ConfigError("a shared subscription needs MQTT protocol \"5\"", "mqtt.share_group")
+        if config.store.url.startswith("sqlite:"):
+            raise ConfigError(
+                "receivers sharing the devices' topics must share a PostgreSQL store"
+                " (SQLite serves one receiver)",
+                "mqtt.share_group",
+            )
+    sup = config.supervision
+    if sup.lease <= sup.check_every:
+        raise ConfigError(
+            f"must be longer than check_every ({sup.check_every:g} s), which renews it",
+            "supervision.lease",
+        )
 
 
 def load_receiver_config(path: str | os.PathLike[str]) -> ReceiverConfig:

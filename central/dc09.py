@@ -421,7 +421,10 @@ class Dc09Sender:
         timeout: float = 5.0,
         attempts: int = 3,
         clock: Callable[[], float] = time.time,
+        sequence: Callable[[], int] | None = None,
     ):
+        """``sequence``: where the numbers come from when several senders share the account
+        (one counter for all, e.g. in the store); default this sender's own counter."""
         if not re.fullmatch(r"[0-9A-F]{3,16}", account):
             raise ValueError(f"DC-09 account must be 3-16 hex digits (0-9, A-F), got {account!r}")
         self.transport = transport
@@ -434,29 +437,35 @@ class Dc09Sender:
         self.clock = clock
         self.stats = SenderStats()
         self._seq = 0
+        self._sequence = sequence
         self._lock = threading.Lock()
 
     def _next_seq(self) -> int:
+        if self._sequence is not None:
+            return self._sequence()
         self._seq = self._seq % MAX_SEQUENCE + 1
         return self._seq
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock() + self.stats.clock_offset, UTC)
 
-    def send_contact_id(self, report: ContactId) -> Frame:
-        return self.send("ADM-CID", report.data(self.account))
+    def send_contact_id(self, report: ContactId, seq: int | None = None) -> Frame:
+        return self.send("ADM-CID", report.data(self.account), seq)
 
     def send_null(self) -> Frame:
         return self.send("NULL", "")
 
-    def send(self, message_id: str, data: str) -> Frame:
-        """Send until ACKed; returns the ACK. Raises Dc09Rejected (DUH) or Dc09Unavailable."""
+    def send(self, message_id: str, data: str, seq: int | None = None) -> Frame:
+        """Send until ACKed; returns the ACK. Raises Dc09Rejected (DUH) or Dc09Unavailable.
+
+        ``seq``: the sequence number this message already had (sending it again after a
+        restart is a retransmission, as after a lost ACK); default the next one."""
         if message_id not in MESSAGE_IDS:
             raise ValueError(f"unknown DC-09 message id {message_id!r}")
         with self._lock:
             frame = Frame(
                 id=message_id,
-                seq=self._next_seq(),
+                seq=self._next_seq() if seq is None else seq,
                 account=self.account,
                 data=data,
                 line=self.line,

@@ -200,12 +200,15 @@ class SimulatedDevice:
             if not self._connected.is_set():
                 continue
             with self._lock:
-                due = [
-                    (i, t, b)
-                    for i, (t, b, sent) in self.pending.items()
-                    if now - sent >= self.resend_after
-                ]
+                # ``pending`` is in the order of sending (a re-sent event moves to the end), so
+                # only its due head is looked at: a backlog of thousands costs nothing per tick.
+                due = []
+                for event_id, (topic, body, sent) in self.pending.items():
+                    if now - sent < self.resend_after:
+                        break
+                    due.append((event_id, topic, body))
                 for event_id, topic, body in due:
+                    del self.pending[event_id]
                     self.pending[event_id] = (topic, body, now)
             for _, topic, body in due:
                 self.client.publish(topic, body, qos=1)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import json
 import logging
 import math
@@ -121,6 +122,10 @@ class _QuarantineNote:
     last_reason: str = ""
 
 
+#: Kinds already judged (a fleet uses a few dozen; the bound keeps a flood of made-up ones cheap).
+_valid_kind = functools.lru_cache(maxsize=1024)(valid_kind)
+
+
 def _require(data: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = data.get(name)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
@@ -153,6 +158,9 @@ def _no_constant(text: str) -> float:
     raise Rejected(f"{text} is not JSON")
 
 
+_DECODER = json.JSONDecoder(parse_int=_int64, parse_float=_finite, parse_constant=_no_constant)
+
+
 def strict_json(payload: bytes) -> Any:
     """The JSON document in ``payload``, or :class:`Rejected` saying what is wrong with it."""
     if len(payload) > MAX_MESSAGE_BYTES:
@@ -163,12 +171,16 @@ def strict_json(payload: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise Rejected(f"payload is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        body = json.loads(text, parse_int=_int64, parse_float=_finite, parse_constant=_no_constant)
+        body = _DECODER.decode(text)
     except RecursionError:
         raise Rejected(f"payload nests deeper than {MAX_DEPTH} levels") from None
     except json.JSONDecodeError as exc:
         raise Rejected(f"payload is not JSON ({exc})") from None
-    _check_tree(body)
+    # The walk below is most of the cost of judging a message, and most messages cannot fail
+    # it, as their bytes show: a lone surrogate can only come from a \u escape (the text is
+    # strict UTF-8), and nesting deeper than MAX_DEPTH needs more opening brackets than that.
+    if b"\\u" in payload or payload.count(b"{") + payload.count(b"[") > MAX_DEPTH:
+        _check_tree(body)
     return body
 
 
@@ -298,9 +310,25 @@ class Intake:
         #: Per device: when ``centre.quarantined`` was last raised, and what came since.
         self._quarantine_notes: dict[tuple[str, str], _QuarantineNote] = {}
 
-    def reload(self, devices: Iterable[DeviceState]) -> None:
-        """Forget what this process made of messages the store did not take: its state again."""
-        self.devices = {d.key: d for d in devices}
+    # --- device state from the store ---
+    def device_keys(self, messages: Iterable[Inbound]) -> set[tuple[str, str]]:
+        """The (site, device) pairs whose state judging ``messages`` may read or change."""
+        keys = set()
+        for msg in messages:
+            parts = msg.topic.split("/", 3)
+            if len(parts) == 4 and parts[0] == self.prefix and parts[1] and parts[2]:
+                keys.add((parts[1], parts[2]))
+        return keys
+
+    def refresh(
+        self, keys: Iterable[tuple[str, str]], stored: dict[tuple[str, str], DeviceState]
+    ) -> list[DeviceState]:
+        """Take the state of ``keys`` from the store (read under its lock): another receiver
+        may have changed it since. Returns the states of those that exist."""
+        for key in keys:
+            self.devices.pop(key, None)
+        self.devices.update(stored)
+        return list(stored.values())
 
     # --- messages ---
     def quarantined(self, msg: Inbound, reason: str, now: float) -> Outcome:
@@ -404,7 +432,7 @@ class Intake:
                 f" topic says {site}/{device}"
             )
         kind = _require(body, "kind", str)
-        if not valid_kind(kind) or rest[1:] != [kind]:
+        if not _valid_kind(kind) or rest[1:] != [kind]:
             raise Rejected(f"event {event_id}: kind {kind!r} is invalid or differs from the topic")
         try:
             Priority.parse(_require(body, "priority", str))
@@ -680,13 +708,23 @@ class Intake:
         batch.devices[state.key] = state
 
     # --- the passing of time ---
-    def supervise(self, now: float, batch: Batch) -> None:
-        """Mark devices lost whose heartbeat is overdue; report sequence holes open too long."""
-        sup = self.supervision
+    def report_quarantined(self, now: float, batch: Batch) -> None:
+        """Report what was quarantined here since the last ``centre.quarantined`` of its device.
+
+        Each receiver reports the messages it quarantined itself: with several receivers
+        every quarantined message is counted in exactly one report."""
         for key, note in self._quarantine_notes.items():
-            if note.count and now - note.reported_at >= sup.quarantine_report_every:
+            if note.count and now - note.reported_at >= self.supervision.quarantine_report_every:
                 self._report_quarantine(*key, note, now, batch)
-        for state in self.devices.values():
+
+    def supervise(
+        self, now: float, batch: Batch, states: Iterable[DeviceState] | None = None
+    ) -> None:
+        """Mark devices lost whose heartbeat is overdue; report sequence holes open too long.
+
+        ``states``: the devices to judge (read under the store's lock); default all known."""
+        sup = self.supervision
+        for state in self.devices.values() if states is None else states:
             # A device that stopped cleanly said goodbye: its silence is not a loss.
             if not state.lost and state.state != "stopped":
                 interval = state.heartbeat_interval or sup.default_interval

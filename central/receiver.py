@@ -6,21 +6,30 @@ Threads:
   callback can kill that thread, so nothing else happens there);
 * the **writer** thread takes whatever has queued up (at most ``batch_max``),
   lets :class:`~central.intake.Intake` decide what it means, commits it in one
-  transaction, and only then publishes the receipts (``{"ids": [...]}`` per
+  transaction (holding those devices against other receivers and reading their
+  state from the store), and only then publishes the receipts (``{"ids": [...]}`` per
   device) and acknowledges the MQTT messages (manual PUBACK). A receiver killed
   at any point therefore loses nothing: what was not committed is neither
   receipted nor PUBACKed, so the broker redelivers it on reconnect (persistent
   session) and the device re-sends it after its receipt timeout. Ids make the
   second copy harmless. Supervision runs on the same thread every
-  ``check_every`` seconds, so there is exactly one writer;
-* the optional DC-09 bridge (:mod:`central.bridge`) forwards from the store.
+  ``check_every`` seconds, in the receiver holding the store's ``supervision``
+  lease (one at a time; another takes over when its lease runs out);
+* the optional DC-09 bridge (:mod:`central.bridge`) forwards from the store,
+  claiming each forward so that no other receiver's bridge sends it too.
+
+Several receivers share one PostgreSQL store and the devices' topics through an MQTT 5
+shared subscription (``[mqtt] share_group``): each message reaches one of them. Every
+receiver also gets every ``status`` (retained, for a fresh start) on a plain
+subscription; a copy already applied by another receiver changes nothing.
 
 Every message is judged alone (:mod:`central.intake`): one that cannot be stored for
 a reason of its own is quarantined, committed and acknowledged like any other, so it
 never blocks the messages behind it nor comes back after a restart.
 
-Alarm commands the devices have not confirmed are followed up on the writer thread
-too (:meth:`central.alarms.AlarmDesk.follow_up`), whichever process sent them first.
+Alarm commands the devices have not confirmed are followed up on the supervising
+receiver's writer thread (:meth:`central.alarms.AlarmDesk.follow_up`), whichever
+process sent them first.
 
 If the store is down, the batch is kept and retried; nothing is receipted meanwhile.
 If the store refuses a batch for what is in it (a value no rule foresaw), the
@@ -47,11 +56,13 @@ from paho.mqtt.properties import Properties
 from central.alarms import AlarmDesk, MqttCommander, Signing, unsigned
 from central.config import ReceiverConfig, ReceiverMQTTConfig
 from central.intake import Inbound, Intake, Outcome
-from central.store import Store, open_store
+from central.store import Batch, Store, open_store
 
 log = logging.getLogger("wardpost.central.receiver")
 
 RECEIPT_CHUNK = 500  # ids per receipt message
+#: The lease of the one receiver that supervises the devices and follows up alarm commands.
+SUPERVISION_LEASE = "supervision"
 
 
 @dataclass
@@ -65,6 +76,7 @@ class ReceiverStats:
     store_errors: int = 0
     store_refusals: int = 0
     connects: int = 0
+    supervising: bool = False  # holds the supervision lease now
 
 
 def make_client(
@@ -131,6 +143,13 @@ class Receiver:
         self.config = config
         self.store = store if store is not None else open_store(config.store)
         self._own_store = store is None
+        try:
+            self.store.claim_receiver()
+        except Exception:
+            if self._own_store:
+                self.store.close()
+            raise
+        self.name = config.mqtt.client_id  # unique among the broker's clients, so among us
         self.stats = ReceiverStats()
         self.intake = Intake(config, self.store.devices(), self.store.known_ids)
         self.connected = threading.Event()
@@ -142,8 +161,15 @@ class Receiver:
         self._listeners: list[Callable[[Outcome], None]] = []
         self._refusal = ""  # why the store last refused a batch
         mq = config.mqtt
+        # One receiver keeps a persistent session: the broker holds what arrives while it
+        # restarts. A member of a share group must not: the broker would go on handing a
+        # dead member its share of the messages (heartbeats too, so live devices would look
+        # lost). Its session ends with its connection; what it had not acknowledged the
+        # devices send again, since nothing was receipted.
+        self._persistent = not mq.share_group
         self.client = make_client(
-            mq, mq.client_id, persistent=True, manual_ack=True, password=config.password()
+            mq, mq.client_id, persistent=self._persistent, manual_ack=True,
+            password=config.password(),
         )
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -154,7 +180,7 @@ class Receiver:
         if config.dc09.enabled:
             from central.bridge import Dc09Bridge
 
-            self.bridge = Dc09Bridge(config, self.store)
+            self.bridge = Dc09Bridge(config, self.store, self.name)
         self.desk = AlarmDesk(self.store, self.commander())
 
     def commander(self) -> MqttCommander:
@@ -170,7 +196,7 @@ class Receiver:
     # --- lifecycle ---
     def start(self) -> Receiver:
         self._writer.start()
-        connect(self.client, self.config.mqtt, persistent=True)
+        connect(self.client, self.config.mqtt, persistent=self._persistent)
         if self.bridge is not None:
             self.bridge.start()
         return self
@@ -182,6 +208,8 @@ class Receiver:
         self._writer.join(timeout=timeout)
         if self.bridge is not None:
             self.bridge.stop()
+        if self.stats.supervising:  # hand supervision over now rather than when the lease ends
+            self.store.release_lease(SUPERVISION_LEASE, self.name)
         self.client.disconnect()
         self.client.loop_stop()
         if self._own_store:
@@ -192,11 +220,11 @@ class Receiver:
 
     # --- paho callbacks: queue only ---
     def _filters(self) -> list[str]:
-        prefix = self.config.mqtt.topic_prefix
-        sites = self.config.mqtt.sites or ["+"]
+        mq = self.config.mqtt
+        shared = f"$share/{mq.share_group}/" if mq.share_group else ""
         return [
-            f"{prefix}/{site}/+/{rest}"
-            for site in sites
+            f"{shared if rest != 'status' else ''}{mq.topic_prefix}/{site}/+/{rest}"
+            for site in mq.sites or ["+"]
             for rest in ("events/#", "status", "heartbeat", "cmd_result/+")
         ]
 
@@ -261,10 +289,8 @@ class Receiver:
 
     def _cycle(self, messages: list[Inbound], supervise: bool) -> None:
         now = time.time()
-        outcome = self.intake.process(messages, now)
-        if supervise:
-            self.intake.supervise(now, outcome.batch)
-        if not self._commit(outcome):
+        outcome = self._commit(messages, now, report_quarantined=supervise)
+        if outcome is None:
             outcome = self._one_by_one(messages, now)
         self._receipt(outcome)
         for msg in messages:
@@ -283,7 +309,24 @@ class Receiver:
         if self.bridge is not None and outcome.batch.forwards:
             self.bridge.wake()
         if supervise:  # after the acknowledgements: a failure here must not hold messages back
-            self._follow_up(now)
+            self._supervise(now)
+
+    def _supervise(self, now: float) -> None:
+        """If this receiver holds (or can take) the supervision lease: lost devices, open
+        sequence holes, unconfirmed alarm commands."""
+        sup = self.config.supervision
+        self.stats.supervising = self.store.hold_lease(SUPERVISION_LEASE, self.name, sup.lease)
+        if not self.stats.supervising:
+            return
+        due = self.store.supervision_due(
+            now, sup.lost_after, sup.default_interval, sup.gap_timeout
+        )
+        if due:
+            with self.store.devices_locked(due) as stored:
+                batch = Batch()
+                self.intake.supervise(now, batch, self.intake.refresh(due, stored))
+                self.store.write(batch)
+        self._follow_up(now)
 
     def _follow_up(self, now: float) -> None:
         commands = self.config.commands
@@ -293,19 +336,40 @@ class Receiver:
                 alarm.at_device,
             )
 
-    def _commit(self, outcome: Outcome) -> bool:
-        """Write the batch, retrying while the store is down. False: the store refused it."""
+    def _commit(
+        self,
+        messages: list[Inbound],
+        now: float,
+        *,
+        report_quarantined: bool = False,
+        quarantine_for: str = "",
+    ) -> Outcome | None:
+        """Judge ``messages`` against their devices' stored state and commit the outcome,
+        holding those devices against the other receivers meanwhile; retried while the store
+        is down (nothing is receipted before). ``quarantine_for``: quarantine them all with
+        this reason instead. None: the store refused the batch for what is in it."""
         delay = 0.1
         while True:
             try:
-                self.store.write(outcome.batch)
-                return True
+                keys = self.intake.device_keys(messages)
+                with self.store.devices_locked(keys) as stored:
+                    self.intake.refresh(keys, stored)
+                    if quarantine_for:
+                        outcome = Outcome()
+                        for msg in messages:
+                            outcome.merge(self.intake.quarantined(msg, quarantine_for, now))
+                    else:
+                        outcome = self.intake.process(messages, now)
+                    if report_quarantined:
+                        self.intake.report_quarantined(now, outcome.batch)
+                    self.store.write(outcome.batch)
+                return outcome
             except Exception as exc:
                 if self.store.refuses(exc):
                     self.stats.store_refusals += 1
                     self._refusal = f"the store refused it ({type(exc).__name__}: {exc})"
                     log.error("%s", self._refusal)
-                    return False
+                    return None
                 self.stats.store_errors += 1
                 log.error(
                     "store write failed (%s); nothing receipted, retrying in %.1f s", exc, delay
@@ -322,15 +386,14 @@ class Receiver:
     def _one_by_one(self, messages: list[Inbound], now: float) -> Outcome:
         """Each message of a refused batch alone, from the state the store holds; the one the
         store refuses again is quarantined with its reason."""
-        self.intake.reload(self.store.devices())
         total = Outcome()
         for msg in messages:
-            one = self.intake.process([msg], now)
-            if not self._commit(one):
-                self.intake.reload(self.store.devices())
-                one = self.intake.quarantined(msg, self._refusal, now)
-                if not self._commit(one):  # not even its quarantine row: log it, let it go
-                    log.error("dropped a message on %s the store refuses to keep", msg.topic)
+            one = self._commit([msg], now)
+            if one is None:
+                one = self._commit([msg], now, quarantine_for=self._refusal)
+            if one is None:  # not even its quarantine row: log it, let it go
+                log.error("dropped a message on %s the store refuses to keep", msg.topic)
+                continue
             total.merge(one)
         return total
 

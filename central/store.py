@@ -18,18 +18,21 @@ from __future__ import annotations
 import abc
 import base64
 import contextlib
+import fcntl
+import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from central.config import StoreConfig
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: The first schema, created as it was; later versions are the steps in ``_MIGRATIONS``,
 #: so a new store and an upgraded one take the same path.
@@ -91,6 +94,20 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             reason TEXT NOT NULL, size BIGINT NOT NULL, raw TEXT NOT NULL)""",
         """CREATE INDEX IF NOT EXISTS quarantine_by_device ON quarantine (site, device, at)""",
         """CREATE INDEX IF NOT EXISTS quarantine_by_time ON quarantine (at)""",
+    ),
+    # 3: several receivers on one store: DC-09 forwards claimed by one bridge at a time,
+    # leases (one supervisor among the receivers), centre-wide states such as the DC-09 link.
+    3: (
+        "ALTER TABLE forwards ADD COLUMN claimed_by TEXT",
+        "ALTER TABLE forwards ADD COLUMN claimed_until DOUBLE PRECISION",
+        # The DC-09 sequence number a forward went out with: a re-send after a crash between
+        # the ACK and its record is the same message again, as after a lost ACK.
+        "ALTER TABLE forwards ADD COLUMN dc09_seq INTEGER",
+        "CREATE INDEX IF NOT EXISTS forwards_due ON forwards (sent_at, queued_at)",
+        """CREATE TABLE IF NOT EXISTS leases (
+            name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS centre_states (
+            name TEXT PRIMARY KEY, value TEXT NOT NULL, changed_at DOUBLE PRECISION NOT NULL)""",
     ),
 }
 
@@ -395,8 +412,13 @@ class Store(abc.ABC):
     #: down": the receiver then quarantines the message at fault instead of waiting.
     refused_errors: tuple[type[BaseException], ...] = (OverflowError, UnicodeError, ValueError)
 
+    #: Appended to a query that claims rows: PostgreSQL skips those another receiver holds
+    #: (SQLite needs nothing: ``BEGIN IMMEDIATE`` already lets one writer in at a time).
+    _skip_locked = ""
+
     def __init__(self) -> None:
         self._lock = threading.RLock()
+        self._depth = 0  # transactions open on this connection (nested ones join the outer)
 
     def refuses(self, exc: BaseException) -> bool:
         return isinstance(exc, self.refused_errors)
@@ -426,13 +448,24 @@ class Store(abc.ABC):
     # --- helpers ---
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
+        """One transaction; a nested one is part of the outer (commits with it)."""
         with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
             self._begin()
+            self._depth = 1
             try:
                 yield
             except BaseException:
+                self._depth = 0
                 self._rollback()
                 raise
+            self._depth = 0
             self._commit()
 
     def _exec(self, sql: str, params: Sequence[Any] = ()) -> int:
@@ -500,6 +533,106 @@ class Store(abc.ABC):
                 )
             )
         return found
+
+    def claim_receiver(self) -> None:  # noqa: B027 - only SQLite has a limit to enforce
+        """Called by a receiver before it starts; refuses a receiver the engine cannot serve."""
+
+    @contextlib.contextmanager
+    def devices_locked(
+        self, keys: Iterable[tuple[str, str]]
+    ) -> Iterator[dict[tuple[str, str], DeviceState]]:
+        """A transaction in which no other receiver can change these devices (site, device),
+        with their stored state (absent: never seen). :meth:`write` inside it joins it.
+
+        Device state is read and written under this lock, never trusted from memory: with
+        several receivers sharing the devices' topics, a device's events, heartbeats and
+        statuses are spread over all of them, and each must see what the others committed.
+        """
+        ordered = sorted(set(keys))
+        with self.transaction():
+            self._lock_devices(ordered)
+            yield {d.key: d for d in self._load_devices(ordered)}
+
+    def _lock_devices(self, keys: Sequence[tuple[str, str]]) -> None:  # noqa: B027 - SQLite: BEGIN IMMEDIATE holds everything
+        """Hold ``keys`` until the transaction ends (PostgreSQL: advisory locks)."""
+
+    def _load_devices(self, keys: Sequence[tuple[str, str]]) -> list[DeviceState]:
+        found = []
+        for start in range(0, len(keys), 400):
+            chunk = keys[start : start + 400]
+            values = ", ".join("(?, ?)" for _ in chunk)
+            found += [
+                DeviceState.from_row(r)
+                for r in self._rows(
+                    f"SELECT {_DEVICE_COLUMNS} FROM devices"  # noqa: S608
+                    f" WHERE (site, device) IN (VALUES {values})",
+                    [part for key in chunk for part in key],
+                )
+            ]
+        return found
+
+    def supervision_due(
+        self, now: float, lost_after: float, default_interval: float, gap_timeout: float
+    ) -> list[tuple[str, str]]:
+        """Devices that may be lost, or whose sequence hole is open too long, at ``now``
+        (a superset: the supervisor decides under the devices' lock)."""
+        return [
+            (r[0], r[1])
+            for r in self._rows(
+                "SELECT site, device FROM devices WHERE (lost = 0 AND state <> 'stopped'"
+                " AND last_seen < ? - ? * coalesce(heartbeat_interval, ?))"
+                " OR (hole_since IS NOT NULL AND hole_since < ?)",
+                (now, lost_after, default_interval, now - gap_timeout),
+            )
+        ]
+
+    # --- leases and centre-wide states (several receivers on one store) ---
+    def clock(self) -> float:
+        """Seconds since the epoch on the store's clock, the one every receiver shares."""
+        return time.time()
+
+    def hold_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """Take or renew lease ``name`` for ``seconds``; False while another holder's is valid."""
+        with self.transaction():
+            now = self.clock()
+            self._exec(
+                "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
+                " expires_at = excluded.expires_at"
+                " WHERE leases.holder = excluded.holder OR leases.expires_at < ?",
+                (name, holder, now + seconds, now),
+            )
+            return bool(self._rows("SELECT holder FROM leases WHERE name = ?", (name,))[0][0] == holder)
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give lease ``name`` up at once (a clean stop), so another receiver takes it now."""
+        with self.transaction():
+            self._exec("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+    def lease_holder(self, name: str) -> tuple[str, float] | None:
+        rows = self._rows("SELECT holder, expires_at FROM leases WHERE name = ?", (name,))
+        return (rows[0][0], float(rows[0][1])) if rows else None
+
+    def switch_state(self, name: str, value: str, on_change: Callable[[str | None], Batch]) -> bool:
+        """Set centre-wide state ``name`` to ``value``; if that changes it, write the batch
+        ``on_change(previous value or None)`` in the same transaction. Of several receivers
+        seeing the same change, exactly one writes it."""
+        with self.transaction():
+            self._exec(
+                "INSERT INTO centre_states (name, value, changed_at) VALUES (?, '', ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                (name, time.time()),
+            )
+            self._exec("UPDATE centre_states SET value = value WHERE name = ?", (name,))  # row lock
+            was = self._rows("SELECT value FROM centre_states WHERE name = ?", (name,))[0][0]
+            if was == value:
+                return False
+            self._exec(
+                "UPDATE centre_states SET value = ?, changed_at = ? WHERE name = ?",
+                (value, time.time(), name),
+            )
+            self.write(on_change(was or None))
+        return True
 
     def write(self, batch: Batch) -> None:
         """Commit one batch atomically. Duplicate event ids are skipped, never doubled."""
@@ -757,35 +890,71 @@ class Store(abc.ABC):
         ]
 
     # --- DC-09 forwarding ---
-    def pending_forwards(
-        self, limit: int = 50, retry_before: float | None = None
-    ) -> list[StoredEvent]:
-        """Events queued for the alarm receiving centre and not yet ACKed by it, oldest first."""
-        cutoff = time.time() if retry_before is None else retry_before
+    def claim_forwards(
+        self, holder: str, claim_for: float, limit: int = 20
+    ) -> list[tuple[StoredEvent, int]]:
+        """Claim up to ``limit`` due forwards for ``holder`` for ``claim_for`` seconds, critical
+        first, then oldest, each with its DC-09 sequence number (given at its first claim).
+        Another bridge skips claimed rows, so each is sent by one; a claim whose holder died
+        without marking it is taken again once it has expired."""
         columns = ", ".join(f"e.{c.strip()}" for c in _EVENT_COLUMNS.split(","))
-        return [
-            StoredEvent.from_row(r)
-            for r in self._rows(
-                f"SELECT {columns} FROM forwards f JOIN events e ON e.id = f.event_id"  # noqa: S608
+        with self.transaction():
+            now = self.clock()
+            rows = self._rows(
+                f"SELECT {columns}, f.dc09_seq FROM forwards f"  # noqa: S608
+                " JOIN events e ON e.id = f.event_id"
                 " WHERE f.sent_at IS NULL AND (f.attempts = 0 OR f.queued_at <= ?)"
-                " ORDER BY e.priority = 'critical' DESC, f.queued_at, e.id LIMIT ?",
-                (cutoff, limit),
+                " AND (f.claimed_until IS NULL OR f.claimed_until < ?)"
+                " ORDER BY e.priority = 'critical' DESC, f.queued_at, e.id LIMIT ?"
+                + self._skip_locked,
+                (time.time(), now, limit),
             )
-        ]
+            fresh = iter(self.dc09_sequence(sum(1 for r in rows if r[-1] is None)))
+            claimed = [
+                (StoredEvent.from_row(r[:-1]), r[-1] if r[-1] is not None else next(fresh))
+                for r in rows
+            ]
+            self._many(
+                "UPDATE forwards SET claimed_by = ?, claimed_until = ?, dc09_seq = ?"
+                " WHERE event_id = ?",
+                ((holder, now + claim_for, seq, event.id) for event, seq in claimed),
+            )
+        return claimed
+
+    def dc09_sequence(self, count: int = 1) -> list[int]:
+        """The next ``count`` DC-09 sequence numbers (0001-9999, then 0001 again), one
+        counter for every receiver's bridge: they all send for the same account."""
+        if not count:
+            return []
+        with self.transaction():
+            self._exec(
+                "INSERT INTO centre_states (name, value, changed_at) VALUES ('dc09.seq', '0', ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                (time.time(),),
+            )
+            self._exec("UPDATE centre_states SET value = value WHERE name = 'dc09.seq'")  # lock
+            last = int(self._rows("SELECT value FROM centre_states WHERE name = 'dc09.seq'")[0][0])
+            numbers = [(last + i) % 9999 + 1 for i in range(count)]
+            self._exec(
+                "UPDATE centre_states SET value = ?, changed_at = ? WHERE name = 'dc09.seq'",
+                (str(numbers[-1]), time.time()),
+            )
+        return numbers
 
     def mark_forward(self, event_id: str, ok: bool, error: str = "", retry_at: float = 0.0) -> None:
-        """Record an attempt. A failed one is retried when ``retry_at`` has passed."""
+        """Record an attempt and end its claim. A failed one is retried when ``retry_at`` has
+        passed."""
         with self.transaction():
             if ok:
                 self._exec(
-                    "UPDATE forwards SET sent_at = ?, attempts = attempts + 1, last_error = NULL"
-                    " WHERE event_id = ?",
+                    "UPDATE forwards SET sent_at = ?, attempts = attempts + 1, last_error = NULL,"
+                    " claimed_by = NULL, claimed_until = NULL WHERE event_id = ?",
                     (time.time(), event_id),
                 )
             else:
                 self._exec(
-                    "UPDATE forwards SET attempts = attempts + 1, last_error = ?, queued_at = ?"
-                    " WHERE event_id = ?",
+                    "UPDATE forwards SET attempts = attempts + 1, last_error = ?, queued_at = ?,"
+                    " claimed_by = NULL, claimed_until = NULL WHERE event_id = ?",
                     (error, retry_at, event_id),
                 )
 
@@ -826,6 +995,7 @@ class SQLiteStore(Store):
     def __init__(self, path: str | Path):
         super().__init__()
         self.path = Path(path)
+        self._receiver_lock: int | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=30
@@ -834,6 +1004,28 @@ class SQLiteStore(Store):
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA busy_timeout=30000")
         self.migrate()
+
+    def claim_receiver(self) -> None:
+        """Refuse a second receiver: SQLite has one writer and the receivers would share
+        nothing else (devices, supervision, DC-09 forwards)."""
+        if self._receiver_lock is not None:  # ours already (a receiver restarted on this store)
+            return
+        path = self.path.with_name(self.path.name + ".receiver.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreBusy(
+                f"{self.path}: another receiver (pid {holder}) already runs on this SQLite"
+                " store; SQLite serves one receiver. To run several, store in PostgreSQL"
+                " ([store] url = \"postgresql://...\") and share the devices' topics"
+                " ([mqtt] share_group)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._receiver_lock = fd
 
     def _cursor(self) -> sqlite3.Cursor:
         return self._conn.cursor()
@@ -851,12 +1043,16 @@ class SQLiteStore(Store):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            if self._receiver_lock is not None:
+                os.close(self._receiver_lock)  # releases the flock
+                self._receiver_lock = None
 
 
 class PostgresStore(Store):
     """PostgreSQL through psycopg 3; ``schema`` keeps the tables apart from others."""
 
     engine = "postgresql"
+    _skip_locked = " FOR UPDATE OF f SKIP LOCKED"
 
     def __init__(self, url: str, schema: str = ""):
         import psycopg
@@ -894,6 +1090,15 @@ class PostgresStore(Store):
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
 
+    def clock(self) -> float:
+        return float(self._rows("SELECT extract(epoch FROM clock_timestamp())::float8")[0][0])
+
+    def _lock_devices(self, keys: Sequence[tuple[str, str]]) -> None:
+        # Transaction-level advisory locks also cover devices without a row yet; taken in
+        # one order (sorted numbers) by every receiver, so two batches cannot deadlock.
+        numbers = sorted({device_lock_number(site, device) for site, device in keys})
+        self._many("SELECT pg_advisory_xact_lock(?)", ((n,) for n in numbers))
+
     def _cursor(self) -> Any:
         return self._conn.cursor()
 
@@ -910,6 +1115,16 @@ class PostgresStore(Store):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+class StoreBusy(RuntimeError):
+    """The store is already used by as many receivers as its engine allows."""
+
+
+def device_lock_number(site: str, device: str) -> int:
+    """The 64-bit advisory lock number of a device, the same in every receiver."""
+    digest = hashlib.blake2b(f"{site}/{device}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def open_store(config: StoreConfig) -> Store:

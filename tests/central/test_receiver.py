@@ -20,18 +20,10 @@ from central.receiver import Receiver
 from central.store import Store, open_store
 from tests.support.agent import DEADLINE
 from tests.support.broker import Broker
+from tests.support.receivers import wait_until
 
 REPO = Path(__file__).parents[2]
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from central.alarms import AlarmDesk, AlarmError
 from central.config import ReceiverConfig, load_receiver_config, parse_receiver_config
 from central.intake import Inbound, Intake
 from central.stats import WEEK, availability, transmission_by_day
-from central.store import LinkChange, Store
+from central.store import SCHEMA_VERSION, LinkChange, Store
 
 T0 = 1_800_000_000.0
 
@@ -80,6 +80,7 @@ def cycle(
     out = intake.process(messages, now)
     if supervise:
         intake.supervise(now, out.batch)
+        intake.report_quarantined(now, out.batch)
     store.write(out.batch)
     return out
 
@@ -371,14 +372,16 @@ def test_a_version_1_store_is_upgraded_in_place(
     version_1.write_first_release_rows()
     upgraded = open_store(config.store)
     try:
-        assert upgraded.schema_version() == 2
+        assert upgraded.schema_version() == SCHEMA_VERSION
         (alarm,) = upgraded.alarms()
         assert (alarm.id, alarm.state, alarm.device_state, alarm.device_attempts) == (
             "a-1", "new", None, 0)
         assert upgraded.devices()[0].seq_first is None
         assert upgraded.quarantine_summary() == []
+        (queued,) = upgraded.claim_forwards("receiver-1", 60.0)  # a forward queued before 3
+        assert queued[0].id == "e-1" and upgraded.claim_forwards("receiver-2", 60.0) == []
         upgraded.migrate()  # opening it again changes nothing
-        assert upgraded.schema_version() == 2
+        assert upgraded.schema_version() == SCHEMA_VERSION
     finally:
         upgraded.close()
 
@@ -399,6 +402,10 @@ class Version1Store:
             " VALUES ('a-1', 's1', 'd1', 'panic.pressed', 'critical', 'device', 0, 1.0, 'new')",
             "INSERT INTO devices (site, device, state, first_seen, last_seen, lost, seq_above)"
             " VALUES ('s1', 'd1', 'online', 1.0, 1.0, 0, '[]')",
+            "INSERT INTO events (id, site, device, source, kind, priority, seq, test, event_time,"
+            " stored_at, origin, body) VALUES ('e-1', 's1', 'd1', 'panic', 'panic.pressed',"
+            " 'critical', 1, 0, 1.0, 1.0, 'device', '{}')",
+            "INSERT INTO forwards (event_id, queued_at, attempts) VALUES ('e-1', 1.0, 0)",
         ]
         url, schema = self.config.store.url, self.config.store.schema
         if url.startswith("sqlite:///"):
@@ -406,7 +413,7 @@ class Version1Store:
 
             with sqlite3.connect(url[len("sqlite:///"):]) as conn:
                 for name in ("meta", "events", "devices", "alarms", "links", "forwards",
-                             "commands"):
+                             "commands", "quarantine", "leases", "centre_states"):
                     conn.execute(f"DROP TABLE IF EXISTS {name}")
                 for statement in statements:
                     conn.execute(statement)
