@@ -1,4 +1,4 @@
-"""Session fixtures: a private mosquitto broker on a free loopback port."""
+"""Session fixtures: a private mosquitto broker and a private PostgreSQL, on free loopback ports."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.broker import Broker
+from tests.support.postgres import PostgresCluster
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +27,19 @@ def private_broker(tmp_path: Path) -> Iterator[Broker]:
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster the tests own (started on first use, stopped at session end)."""
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresCluster) -> Iterator[str]:
+    """A fresh, empty database for one test, dropped afterwards."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)

@@ -7,26 +7,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from central.config import ReceiverConfig, parse_receiver_config
 from central.store import Store, open_store
 from tests.support.broker import Broker
 
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_section(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """A ``[store]`` table for each engine; PostgreSQL gets its own schema, dropped afterwards."""
+    """A ``[store]`` table for each engine. PostgreSQL: a fresh database of the tests' own
+    cluster (tests/support/postgres.py), with the tables in a schema of their own."""
     if request.param == "sqlite":
         yield {"url": f"sqlite:///{tmp_path / 'central.db'}"}
         return
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    yield {"url": PG_URL, "schema": schema}
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    yield {"url": request.getfixturevalue("postgres_url"), "schema": "wardpost"}
 
 
 @pytest.fixture
