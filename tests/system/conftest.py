@@ -44,6 +44,7 @@ from tests.drivers.test_camera_face import FACES, MODELS, SHARED, photo, write_v
 from tests.support.broker import Broker, free_port
 from tests.support.postgres import PostgresCluster
 from tests.support.process import REPO, AgentProcess
+from tests.support.proxy import TcpProxy
 from tests.support.tls import MOSQUITTO_DIR, Identity, TestPKI, shipped_broker_config
 from tests.support.toml_writer import dumps
 
@@ -198,6 +199,8 @@ class Loop:
     agents: dict[str, AgentProcess]
     configs: dict[str, dict[str, Any]]
     gate_port: PtyDevice
+    #: The gate reaches the broker through this proxy: its network cable, for dead-link tests.
+    gate_link: TcpProxy
     centre_key: Path
     identities: dict[str, Identity]
     figures: dict[str, float] = field(default_factory=dict)
@@ -268,14 +271,15 @@ def example_config(name: str) -> dict[str, Any]:
         return tomllib.load(f)
 
 
-def _agent_config(loop_root: Path, device: str, tls: Identity, pki: TestPKI, broker: Broker,
+def _agent_config(loop_root: Path, device: str, tls: Identity, pki: TestPKI, port: int,
                   centre_pub: Path, drivers: dict[str, Any]) -> dict[str, Any]:
     example = example_config("wardpost.example.toml")
     return {
         "agent": {"site": SITE, "device": device, "state_dir": str(loop_root / device / "state"),
                   "heartbeat_interval": 1.0},
         "mqtt": {
-            "host": broker.host, "port": broker.port,
+            # keepalive and the dead-link settings stay at their defaults (defect 6).
+            "host": "127.0.0.1", "port": port,
             # The delivery guarantee the shipped example gives a hospital (issue: defect 5).
             "delivery": example["mqtt"]["delivery"],
             "reconnect_min_delay": 0.05, "reconnect_max_delay": 1.0,
@@ -357,8 +361,11 @@ def loop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         }
         configs: dict[str, dict[str, Any]] = {}
         agents: dict[str, AgentProcess] = {}
+        gate_link = TcpProxy(broker.host, broker.port).start()
+        cleanup.callback(gate_link.stop)
         for device, table in drivers.items():
-            doc = _agent_config(root, device, identities[device], pki, broker, root / "centre.pub", table)
+            port = gate_link.port if device == GATE else broker.port
+            doc = _agent_config(root, device, identities[device], pki, port, root / "centre.pub", table)
             configs[device] = doc
             path = _write(root / device / "wardpost.toml", doc)
             agents[device] = AgentProcess(path, root / device / "state" / "control.sock")
@@ -370,7 +377,7 @@ def loop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             engine=engine, root=root, pki=pki, broker=broker, acl=acl, store_url=store_url,
             receiver_config=receiver_config, receiver=receiver,
             monitor=Service("monitor", [], root / "monitor.log"), arc=arc, agents=agents,
-            configs=configs, gate_port=gate_port, centre_key=root / "centre.key", identities=identities,
+            configs=configs, gate_port=gate_port, gate_link=gate_link, centre_key=root / "centre.key", identities=identities,
         )
         loop.monitor.argv = [*WARDPOST, "monitor", "--json", "--no-input", "--no-receipts",
                              "--key", str(loop.centre_key), *loop.broker_args(acl.console)]
