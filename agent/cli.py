@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from agent.config import (
+    DEFAULT_CONFIG_PATH,
+    DELIVERY_GUARANTEES,
+    Config,
+    ConfigError,
+    load_config,
+)
 from agent.control import ControlError, ControlServer, request
 from agent.registry import available_drivers, validate_drivers
 
@@ -60,10 +66,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         register_secret(password)
     notifier = Notifier.from_env()
     latency, events = Histogram(), LabelledCounter(("kind", "priority"))
+
+    def apply_log_level(level: str) -> None:
+        setup_logging(args.log_level or level)
+
     agent = Agent(
         config,
         on_transmitted=latency.observe,
         on_event=lambda e: events.inc(e.kind, e.priority.label),
+        apply_log_level=apply_log_level,
     )
     stop = threading.Event()
     reload_requested = threading.Event()
@@ -93,9 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if reload_requested.is_set():
                 reload_requested.clear()
                 notifier.reloading()
-                result = agent.reload(args.config)
-                if result["ok"]:
-                    setup_logging(args.log_level or agent.config.agent.log_level)
+                agent.reload(args.config)
                 notifier.ready(_status_line(agent))
             now = time.monotonic()
             if watchdog_every and now - last_watchdog >= watchdog_every and agent.healthy():
@@ -138,6 +147,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(
         f"{path}: ok — site {config.agent.site}, device {config.agent.device}, broker {config.mqtt.host}:{config.mqtt.port}, drivers: {', '.join(enabled) or 'none'}"
     )
+    print(f"delivery = {config.mqtt.delivery}: {DELIVERY_GUARANTEES[config.mqtt.delivery]}")
     return 0
 
 
@@ -184,6 +194,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"broker   {link['broker']}  {'connected' if link['connected'] else 'DISCONNECTED'}  delivery={link['delivery']}  in flight {link['in_flight']}"
         + (f"  last error: {link['last_error']}" if link["last_error"] else "")
     )
+    print(f"delivery {link['delivery']}: {link['guarantee']}")
+    ignored = link["counters"].get("receipt_ids_ignored", 0)
+    if ignored:
+        print(f"receipts {ignored} receipt ids ignored: no such event in flight (not sent yet, unknown or forged)")
     age = backlog["oldest_age"]
     print(
         f"backlog  {backlog['count']} events"
@@ -251,7 +265,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     reply = _control(args, {"op": "reload"})
     print(
         f"reloaded: started {reply['started']}, stopped {reply['stopped']}"
-        + (f"; restart needed for {reply['restart_needed']}" if reply["restart_needed"] else "")
+        + (f"; applied {', '.join(reply['applied'])}" if reply.get("applied") else "")
+        + (f"; restart needed for {', '.join(reply['restart_needed'])}" if reply["restart_needed"] else "")
     )
     return 0
 

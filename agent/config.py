@@ -238,6 +238,16 @@ class TLSConfig:
                 raise ConfigError(f"file {value!r} does not exist", name)
 
 
+#: The guarantee each delivery mode gives, in the words of the status, log and check-config.
+DELIVERY_GUARANTEES = {
+    "receipt": "end to end: an event is released only when the centre's receiver confirms it "
+    "stored it",
+    "broker": "to the broker only: an event is released when the broker accepts it; a broker "
+    "holding no session for the centre (persistence off, centre not subscribed) discards it "
+    "unseen. Use receipt with wardpost receiver",
+}
+
+
 @dataclass(frozen=True)
 class MQTTConfig:
     """``[mqtt]``: the broker link."""
@@ -246,13 +256,16 @@ class MQTTConfig:
     port: int = field(default=1883, metadata=check(minimum=1, maximum=65535))
     protocol: Literal["5", "3.1.1"] = "5"
     client_id: str = ""  # default: wardpost-<site>-<device>
-    keepalive: int = field(default=15, metadata=check(minimum=2, maximum=3600))
+    # An idle dead link is noticed within about twice this (PINGREQ every 4 s: 2 bytes).
+    keepalive: int = field(default=4, metadata=check(minimum=2, maximum=3600))
     username: str = ""
     password_file: str = ""
     topic_prefix: str = field(default="wardpost", metadata=TOPIC_WORD)
     delivery: Literal["broker", "receipt"] = "broker"
     receipt_timeout: float = field(default=30.0, metadata=check(minimum=0.1, maximum=3600.0))
     ack_timeout: float = field(default=20.0, metadata=check(minimum=0.1, maximum=3600.0))
+    # While events wait for the broker: no answer at all for this long = a dead link.
+    link_timeout: float = field(default=3.0, metadata=check(minimum=1.0, maximum=600.0))
     inflight_window: int = field(default=256, metadata=check(minimum=1, maximum=65535))
     reconnect_min_delay: float = field(default=0.1, metadata=check(minimum=0.01, maximum=60.0))
     reconnect_max_delay: float = field(default=30.0, metadata=check(minimum=0.1, maximum=3600.0))
@@ -383,7 +396,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<memory>", digest: str 
             raise ConfigError(f"unknown section (known sections: {known})", unknown[0])
         if "agent" not in data:
             raise ConfigError("required section is missing", "agent")
-        for name in ("agent", "mqtt", "outbox", "commands", "metrics", *EXTRA_SECTIONS):
+        for name in (*CORE_SECTIONS, *EXTRA_SECTIONS):
             if name in data and not isinstance(data[name], Mapping):
                 raise ConfigError("expected a table", name)
         drivers_table = data.get("drivers", {})
@@ -426,6 +439,43 @@ def parse_config(data: Mapping[str, Any], source: str = "<memory>", digest: str 
         )
     except ConfigError as exc:
         raise exc.located(source) from None
+
+
+CORE_SECTIONS = ("agent", "mqtt", "outbox", "commands", "metrics")
+
+
+def field_paths(cls: type[Any], prefix: str) -> list[str]:
+    """Every leaf field of config class ``cls`` as a dotted path (``mqtt.tls.enabled``)."""
+    hints = typing.get_type_hints(cls)
+    paths: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            paths += field_paths(tp, f"{prefix}.{f.name}")
+        else:
+            paths.append(f"{prefix}.{f.name}")
+    return paths
+
+
+def core_field_paths() -> list[str]:
+    """Every field of the core's sections, the extra sections' included."""
+    hints = typing.get_type_hints(Config)
+    paths = [p for name in CORE_SECTIONS for p in field_paths(hints[name], name)]
+    return paths + [p for name, cls in EXTRA_SECTIONS.items() for p in field_paths(cls, name)]
+
+
+def lookup(config: Config, path: str) -> Any:
+    """The value of dotted field ``path`` (as from :func:`core_field_paths`) in ``config``."""
+    first, *rest = path.split(".")
+    value: Any = config.sections.get(first) if first in EXTRA_SECTIONS else getattr(config, first)
+    for name in rest:
+        value = getattr(value, name, None)
+    return value
+
+
+def changed_fields(old: Config, new: Config) -> list[str]:
+    """The dotted fields of the core's sections whose values differ (drivers aside)."""
+    return [p for p in core_field_paths() if lookup(old, p) != lookup(new, p)]
 
 
 def read_toml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:

@@ -35,6 +35,7 @@ from typing import Any
 from agent.config import OutboxConfig
 from agent.driver import Emission
 from agent.event import Event, Priority
+from agent.sequence import SeqReserve
 
 log = logging.getLogger("wardpost.outbox")
 
@@ -101,8 +102,9 @@ class Outbox:
         self.on_released = on_released
         self.on_report = on_report
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._seq_lock = threading.Lock()
-        self._next_seq = 1
+        #: Sequence numbers, reserved in a file of their own beside the database.
+        self.seqs = SeqReserve(self.path.with_name(self.path.stem + ".seq"))
+        self._seq_floor = 1  # the next seq according to the database
         self._persisted_seq = 0
         self._conn: sqlite3.Connection | None = None
         self._sync_full: bool | None = None
@@ -160,6 +162,7 @@ class Outbox:
                     Priority.CRITICAL,
                 )
             )
+        self.seqs.resume(self._seq_floor)
         if self._conn is not None:
             self._ensure_ballast()
         self._thread = threading.Thread(target=self._writer, name="outbox-writer", daemon=True)
@@ -299,9 +302,10 @@ class Outbox:
         boot once: persisted when the disk allows, kept in memory until then."""
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         max_seq = conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
-        with self._seq_lock:
-            self._next_seq = max(self._next_seq, int(meta.get("next_seq", 1)), max_seq + 1)
-            self._persisted_seq = max_seq
+        self._seq_floor = max(self._seq_floor, int(meta.get("next_seq", 1)), max_seq + 1)
+        self._persisted_seq = max_seq
+        if self._thread is not None:  # read again after a disk fault, while numbering
+            self.seqs.raise_floor(self._seq_floor)
         self._rows, self._bytes = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM events").fetchone()
         if self.boot == 0:
             self.boot = int(meta.get("boot", 0)) + 1
@@ -344,10 +348,7 @@ class Outbox:
     # ------------------------------------------------------------------ API
 
     def next_seq(self) -> int:
-        with self._seq_lock:
-            seq = self._next_seq
-            self._next_seq += 1
-            return seq
+        return self.seqs.next()
 
     def submit(self, emission: Emission, row: PendingRow | None = None) -> None:
         """Queue an event for commit. Never blocks."""
@@ -380,6 +381,7 @@ class Outbox:
         self._queue.put(("stop", None))
         self._thread.join(timeout)
         self._thread = None
+        self.seqs.close()
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -16,6 +16,13 @@ An event is released (marked published in the outbox) on the broker's PUBACK wit
 Anything not confirmed within its timeout is sent again with the same id: the
 centre de-duplicates by id.
 
+A dead link is noticed by the agent itself, not only by MQTT keepalive: while events
+wait for the broker or the centre, a broker that has not answered anything for a
+second is sent a probe (an UNSUBSCRIBE of a topic never subscribed, which every
+broker answers at once and which changes nothing); with no answer at all for
+``link_timeout`` seconds the socket is shut down and the link re-opened. Idle, the
+keepalive's PINGREQ notices a dead link within about twice ``keepalive``.
+
 After a reconnect everything unconfirmed goes out again from the outbox, in order
 (critical first, then oldest first). paho would re-send the messages it still had in
 flight on its own, ahead of or interleaved with the pump's sends, and one source's
@@ -31,6 +38,7 @@ import json
 import logging
 import queue
 import random
+import socket
 import ssl
 import statistics
 import threading
@@ -55,6 +63,8 @@ from agent.outbox import Outbox, PendingRow
 log = logging.getLogger("wardpost.publisher")
 
 _START = (-1, -1)  # a cursor before every (rank, seq)
+_PROBE_AFTER = 1.0  # seconds of silence from the broker, while events wait, before a probe
+_PROBE_GRACE = 1.5  # a probe gets at least this long to be answered
 
 
 @dataclass
@@ -150,11 +160,19 @@ class Publisher:
             "rejected": 0,
             "critical_direct": 0,  # published from the emitting thread
             "critical_queued": 0,  # waited for the outbox (link down, older ones first)
+            "receipt_ids_ignored": 0,  # named no event in flight on this link
+            "receipts_malformed": 0,
+            "link_timeouts": 0,  # links re-opened because the broker stopped answering
         }
         self.boot = outbox.boot
         self.connection = outbox.get_meta("connection") or 0
         self.connected = False
         self.last_error: str | None = None
+        # Link liveness: the last packet from the broker (set by the network thread) and
+        # the probe sent for it (pump thread).
+        self._last_inbound = time.monotonic()
+        self._probe_sent_at: float | None = None
+        self._probe_topic = f"{self.topics.base}/link-probe"
 
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -220,6 +238,8 @@ class Publisher:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_answer
+        client.on_unsubscribe = self._on_answer
         # paho writes to the socket from whichever thread calls publish() unless an external
         # loop is registered; two writers can reorder or interleave packets. Registering a
         # no-op makes publish() only queue and wake our network thread, the one writer.
@@ -316,6 +336,7 @@ class Publisher:
         props: Properties | None,
     ) -> None:
         # Runs inside paho's CONNACK handling, before paho re-sends what it had in flight.
+        self._last_inbound = time.monotonic()
         with self._send_lock:
             self._sendable = False
             if not reason.is_failure:
@@ -355,10 +376,17 @@ class Publisher:
         reason: ReasonCode,
         props: Properties | None,
     ) -> None:
+        # Not evidence of a live link by itself: paho reports QoS 0 messages (heartbeats)
+        # here as soon as they are written. An event's PUBACK counts (_handle_puback).
         self._inbox.put(("puback", (mid, reason)))
         self._wake.set()
 
+    def _on_answer(self, client: mqtt.Client, userdata: Any, mid: int, *rest: Any) -> None:
+        """SUBACK or UNSUBACK (a probe's answer): the broker is there."""
+        self._last_inbound = time.monotonic()
+
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._last_inbound = time.monotonic()
         try:
             if msg.topic == self.topics.receipts:
                 self._inbox.put(("receipt", msg.payload))
@@ -450,6 +478,7 @@ class Publisher:
                 except queue.Empty:
                     break
         early_acks: dict[int, ReasonCode] = {}
+        receipts: list[bytes] = []
         for item, arg in items:
             if item == "sent":
                 info, row = arg
@@ -461,19 +490,56 @@ class Publisher:
                 else:  # a direct send acknowledged before its record was read
                     early_acks[arg[0]] = arg[1]
             elif item == "receipt":
-                self._handle_receipt(arg, releases)
+                # Judged after this pass's "sent" records: a receipt for a direct send can
+                # overtake its record into the inbox, never out of the drain.
+                receipts.append(arg)
             elif item == "released":
                 self._releasing.difference_update(arg)
             elif item == "connack":
                 self._handle_connack(*arg)
             elif item == "disconnected":
                 self._handle_disconnect(arg)
+        for payload in receipts:
+            self._handle_receipt(payload, releases)
         if releases:
             self._release(releases)
         if not self.connected:
             return
         self._expire()
+        if self._link_dead():
+            return
         self._fill_window()
+
+    def _link_dead(self) -> bool:
+        """Probe a silent broker while events wait; shut a link down that stays silent.
+
+        Shutting the socket down makes paho's loop see the connection end at once; the
+        network thread then reconnects as after any other loss."""
+        if not (self._inflight or self._awaiting):
+            self._probe_sent_at = None
+            return False
+        now = time.monotonic()
+        silent = now - self._last_inbound
+        probe = self._probe_sent_at
+        if probe is not None and self._last_inbound >= probe:
+            probe = self._probe_sent_at = None  # answered
+        if silent >= self.mqtt.link_timeout and probe is not None and now - probe >= _PROBE_GRACE:
+            self.counters["link_timeouts"] += 1
+            log.warning(
+                "no answer from the broker for %.1f s while %d events wait; re-opening the link",
+                silent,
+                self.in_flight(),
+            )
+            self._probe_sent_at = None
+            sock = self.client.socket()
+            if isinstance(sock, socket.socket):  # TLS sockets too
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            return True
+        if silent >= _PROBE_AFTER and probe is None:
+            self.client.unsubscribe(self._probe_topic)
+            self._probe_sent_at = now
+        return False
 
     def _handle_connack(self, reason: ReasonCode, generation: int) -> None:
         if reason.is_failure:
@@ -496,6 +562,7 @@ class Publisher:
         self._awaiting.clear()
         self._cursor = _START
         self._db_exhausted = False
+        self._probe_sent_at = None
         with self._send_lock:
             self._criticals_caught_up = False
             # A later connection may already be up: then its own CONNACK item enables sends.
@@ -514,6 +581,7 @@ class Publisher:
         sent = self._by_mid.pop(mid, None)
         if sent is None:
             return
+        self._last_inbound = time.monotonic()
         if self._inflight.get(sent.row_id) == mid:
             del self._inflight[sent.row_id]
         if reason.is_failure:
@@ -528,22 +596,41 @@ class Publisher:
             self.stats.add(time.time() - sent.accepted)
 
     def _handle_receipt(self, payload: bytes, releases: list[str]) -> None:
+        """Release the named events that went out on this link and still wait for it.
+
+        A receipt naming anything else (an event not sent yet, one from an earlier link,
+        an unknown id) releases nothing: it may be forged, and releasing an event the
+        centre never had would lose it. Such ids are counted; a late duplicate of a
+        receipt already honoured is not."""
         try:
             ids = json.loads(payload)["ids"]
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 raise TypeError("ids must be a list of strings")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            self.counters["receipts_malformed"] += 1
             log.warning("ignoring malformed receipt on %s: %s", self.topics.receipts, exc)
             return
         now = time.time()
+        ignored = 0
         for event_id in ids:
             sent = self._awaiting.pop(event_id, None)
             mid = self._inflight.pop(event_id, None)
             if mid is not None:
                 sent = self._by_mid.pop(mid, None) or sent
-            if sent is not None:
-                self.stats.add(now - sent.accepted)
+            if sent is None:
+                if event_id not in self._releasing and event_id not in releases:
+                    ignored += 1
+                continue
+            self.stats.add(now - sent.accepted)
             releases.append(event_id)
+        if ignored:
+            self.counters["receipt_ids_ignored"] += ignored
+            log.warning(
+                "ignored %d receipt id(s) on %s naming no event in flight on this link "
+                "(not sent yet, unknown or forged)",
+                ignored,
+                self.topics.receipts,
+            )
 
     def _release(self, ids: list[str]) -> None:
         self._releasing.update(ids)

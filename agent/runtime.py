@@ -12,6 +12,7 @@ retried with backoff while every other driver keeps running.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -24,7 +25,15 @@ from typing import Any, Literal
 
 from agent import __version__
 from agent.commands import Dispatcher, Verifier
-from agent.config import Config, ConfigError, DriverSection, load_config
+from agent.config import (
+    CORE_SECTIONS,
+    DELIVERY_GUARANTEES,
+    Config,
+    ConfigError,
+    DriverSection,
+    changed_fields,
+    load_config,
+)
 from agent.driver import (
     Command,
     CommandError,
@@ -44,6 +53,27 @@ from agent.security import verifier_for
 log = logging.getLogger("wardpost")
 
 CORE = "agent"  # the source name of the core's own events and commands
+
+#: Fields a reload applies to the running agent. Any other changed field is named in the
+#: reload's ``restart_needed`` and keeps its running value until the restart.
+LIVE_FIELDS = frozenset(
+    {
+        "agent.log_level",
+        "agent.heartbeat_interval",
+        "outbox.max_rows",  # read at each commit
+        "outbox.max_bytes",
+        "outbox.retention_hours",
+        # A changed [commands] section replaces the verifier before the reload returns.
+        "commands.enabled",
+        "commands.require_signature",
+        "commands.public_keys",
+        "commands.max_age",
+    }
+)
+
+
+def _set_root_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
 _RETRY_MIN, _RETRY_MAX = 2.0, 300.0
 
 
@@ -177,10 +207,13 @@ class Agent:
         verifier: Verifier | None = None,
         on_transmitted: Callable[[float], None] | None = None,
         on_event: Callable[[Event], None] | None = None,
+        apply_log_level: Callable[[str], None] = _set_root_level,
     ):
         """``on_transmitted(seconds)`` gets each accepted → confirmed time and ``on_event``
-        each emitted event (both for metrics); neither may block."""
+        each emitted event (both for metrics); neither may block. ``apply_log_level``
+        applies a reloaded ``[agent] log_level``."""
         self.config = config
+        self.apply_log_level = apply_log_level
         self.on_transmitted = on_transmitted
         self.on_event = on_event
         self.started_at = time.monotonic()
@@ -197,6 +230,7 @@ class Agent:
         self.dispatcher = Dispatcher(self.verifier, self._publish_command_result, self._report_core)
         self.slots: dict[str, DriverSlot] = {}
         self._timers: list[RepeatingTimer] = []
+        self._heartbeat_timer: RepeatingTimer | None = None
         self._supervisor_stop = threading.Event()
         self._lock = threading.RLock()
         self.ready = threading.Event()
@@ -290,6 +324,9 @@ class Agent:
                 "boot": self.outbox.boot,
                 "config": self.config.digest,
                 "drivers": [s.name for s in self.config.drivers if s.enabled],
+                "delivery": self.config.mqtt.delivery,
+                "seq_first": self.outbox.seqs.resumed_at,
+                "seq_skipped": list(skipped) if (skipped := self.outbox.seqs.skipped) else None,
             },
         )
         self.publisher.start()
@@ -298,11 +335,7 @@ class Agent:
                 slot = DriverSlot(section)
                 self.slots[section.name] = slot
                 self._start_slot(slot)
-        self._timers.append(
-            RepeatingTimer(
-                self.config.agent.heartbeat_interval, self.publish_heartbeat, "heartbeat"
-            )
-        )
+        self._start_heartbeat()
         self._timers.append(RepeatingTimer(1.0, self._supervise, "supervisor"))
         self._timers.append(RepeatingTimer(3600.0, self.outbox.prune, "retention"))
         self.outbox.prune()
@@ -314,11 +347,26 @@ class Agent:
             self.config.agent.device,
             len(self.slots),
         )
+        delivery = self.config.mqtt.delivery
+        log.log(
+            logging.INFO if delivery == "receipt" else logging.WARNING,
+            "delivery = %s: %s",
+            delivery,
+            DELIVERY_GUARANTEES[delivery],
+        )
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+        self._heartbeat_timer = RepeatingTimer(
+            self.config.agent.heartbeat_interval, self.publish_heartbeat, "heartbeat"
+        )
 
     def stop(self, flush_timeout: float = 5.0) -> None:
         log.info("stopping")
-        for timer in self._timers:
-            timer.cancel()
+        for timer in [*self._timers, self._heartbeat_timer]:
+            if timer is not None:
+                timer.cancel()
         with self._lock:
             for slot in list(self.slots.values()):
                 self._stop_slot(slot)
@@ -421,25 +469,39 @@ class Agent:
     # --------------------------------------------------------------- reload
 
     def reload(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-        """Re-read the config; restart only the drivers whose section changed.
+        """Re-read the config and compare every field with the running one.
 
-        A config that fails validation is rejected and the running one kept."""
+        Each changed field either takes effect now (:data:`LIVE_FIELDS`; drivers whose
+        section changed are restarted) or is named in ``restart_needed`` and keeps its
+        running value, so the running config always says what is in force. A config that
+        fails validation, or whose ``[commands]`` cannot be put in force (an unreadable
+        key), is rejected and the running one kept."""
         source = path or self.config.source
         try:
             new = load_config(source)
             validate_drivers(new)
+            changed = changed_fields(self.config, new)
+            verifier = (
+                verifier_for(new) if any(f.startswith("commands.") for f in changed) else None
+            )
         except ConfigError as exc:
             log.error("reload rejected, keeping the running config: %s", exc)
             return {"ok": False, "error": str(exc)}
-        changed_core = [
-            name
-            for name in ("agent", "mqtt", "outbox")
-            if getattr(new, name) != getattr(self.config, name)
-        ]
+        applied = [f for f in changed if f in LIVE_FIELDS]
+        restart_needed = [f for f in changed if f not in LIVE_FIELDS]
         old_sections = {s.name: s for s in self.config.drivers if s.enabled}
         new_sections = {s.name: s for s in new.drivers if s.enabled}
         stopped, started = [], []
         with self._lock:
+            if verifier is not None:  # before any driver starts taking commands
+                self.verifier = self.dispatcher.verifier = verifier
+            running = self.config
+            self.config = dataclasses.replace(
+                new,
+                **{name: self._in_force(running, new, name, applied) for name in CORE_SECTIONS},
+                sections=running.sections,
+            )
+            self.outbox.config = self.config.outbox
             for name, section in old_sections.items():
                 if new_sections.get(name) != section:
                     self._stop_slot(self.slots.pop(name))
@@ -450,30 +512,33 @@ class Agent:
                     self.slots[name] = slot
                     self._start_slot(slot)
                     started.append(name)
-            self.config = Config(
-                agent=self.config.agent,
-                mqtt=self.config.mqtt,
-                outbox=self.config.outbox,
-                commands=new.commands,
-                drivers=new.drivers,
-                source=new.source,
-                digest=new.digest,
-                sections=new.sections,
-            )
-        if changed_core:
-            log.warning(
-                "reload: changes to [%s] take effect after a restart", ", ".join(changed_core)
-            )
+        if "agent.heartbeat_interval" in applied:
+            self._start_heartbeat()
+        if "agent.log_level" in applied:
+            self.apply_log_level(self.config.agent.log_level)
+        if restart_needed:
+            log.warning("reload: %s take effect after a restart", ", ".join(restart_needed))
         result = {
             "ok": True,
             "stopped": stopped,
             "started": started,
-            "restart_needed": changed_core,
+            "applied": applied,
+            "restart_needed": restart_needed,
             "config": new.digest,
         }
         log.info("reloaded %s: %s", source, result)
         self.emit(CORE, "agent.reloaded", result, Priority.NORMAL)
         return result
+
+    @staticmethod
+    def _in_force(running: Config, new: Config, section: str, applied: list[str]) -> Any:
+        """Section ``section`` as it runs after a reload: the running one, with the new
+        values of the fields applied live (all of them top-level fields of the section)."""
+        prefix = f"{section}."
+        live = {f[len(prefix) :] for f in applied if f.startswith(prefix)}
+        return dataclasses.replace(
+            getattr(running, section), **{name: getattr(getattr(new, section), name) for name in live}
+        )
 
     def _command_reload(self, command: Command) -> Mapping[str, Any]:
         result = self.reload()
@@ -522,6 +587,7 @@ class Agent:
             "boot": self.outbox.boot,
             "connection": pub.connection if pub else 0,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "delivery": self.config.mqtt.delivery,
         }
 
     def publish_heartbeat(self) -> None:
@@ -539,6 +605,7 @@ class Agent:
                 "connected": bool(pub and pub.connected),
                 "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
                 "delivery": self.config.mqtt.delivery,
+                "guarantee": DELIVERY_GUARANTEES[self.config.mqtt.delivery],
                 "in_flight": pub.in_flight() if pub else 0,
                 "last_error": pub.last_error if pub else None,
                 "counters": dict(pub.counters) if pub else {},

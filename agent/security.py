@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from agent.commands import AcceptAll, CommandRejected, Verifier
+from agent.commands import AcceptAll, CommandRejected, RejectAll, Verifier
 from agent.config import Config, ConfigError
 
 log = logging.getLogger("wardpost.security")
@@ -225,6 +225,9 @@ def verifier_for(config: Config) -> Verifier:
     for problem in check_permissions(config):
         log.warning("%s", problem)
     commands = config.commands
+    if not commands.enabled:
+        log.warning("[commands] enabled = false: every command from the centre is refused")
+        return RejectAll()
     if not commands.require_signature:
         log.warning("[commands] require_signature = false: commands are NOT authenticated")
         return AcceptAll()

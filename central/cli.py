@@ -85,6 +85,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         now = time.time()
         days, windows = gather(store, now, args.days, args.windows)
         devices = store.devices()
+        quarantine = store.quarantine_summary()
     finally:
         store.close()
     if args.json:
@@ -104,6 +105,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                         }
                         for d in devices
                     ],
+                    "quarantine": [asdict(q) for q in quarantine],
                 },
                 indent=2,
             )
@@ -149,6 +151,15 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"{d.heartbeat_interval:g}" if d.heartbeat_interval else "-",
         )
     console.print(table)
+    if quarantine:
+        table = Table(title="Quarantined messages (kept aside, acknowledged, not stored as events)")
+        for column in ("site", "device", "messages", "last", "last reason"):
+            table.add_column(column)
+        for q in quarantine:
+            table.add_row(
+                q.site or "-", q.device or "-", str(q.count), _when(q.last_at), q.last_reason
+            )
+        console.print(table)
     return 0
 
 
@@ -164,14 +175,21 @@ def cmd_alarms(args: argparse.Namespace) -> int:
             f"{a.id}  {_when(a.raised_at)}  {a.priority:8} {a.state:12}{who:14}"
             f" {a.site}/{a.device} {a.kind}"
             f"{' [test]' if a.test else ''}"
+            f"{f'  ({a.at_device})' if a.at_device else ''}"
         )
     return 0
 
 
+#: Exit status of ``receiver ack/resolve`` when the device has not confirmed within ``--wait``.
+NOT_CONFIRMED_YET = 3
+
+
 def cmd_transition(args: argparse.Namespace) -> int:
+    """Move the alarm on, then wait for the device to confirm (the receiver stores its answer)."""
     from central.alarms import AlarmDesk, AlarmError, MqttCommander
     from central.receiver import command_signer, connect, make_client
     from central.store import open_store
+    from contract.commands import ContractError
 
     config = _config(args)
     store = open_store(config.store)
@@ -180,14 +198,31 @@ def cmd_transition(args: argparse.Namespace) -> int:
         mq, f"{mq.client_id}-desk-{int(time.time())}", persistent=False, password=config.password()
     )
     connect(client, mq, persistent=False)
+    verb = f"wardpost receiver {args.command_name}"
     try:
         desk = AlarmDesk(store, MqttCommander(client, mq.topic_prefix, command_signer(config)))
         move = desk.acknowledge if args.command_name == "ack" else desk.resolve
         alarm = move(args.alarm, args.by, args.note)
-        print(f"{alarm.id}: {alarm.state} by {args.by}")
-        return 0
-    except AlarmError as exc:
-        print(f"wardpost receiver {args.command_name}: {exc}", file=sys.stderr)
+        print(f"{alarm.id}: {alarm.state} by {args.by}", flush=True)
+        deadline = time.monotonic() + args.wait
+        while alarm.device_state == "sent" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alarm = store.alarm(alarm.id) or alarm
+        if alarm.device_state is None:
+            return 0  # raised by the centre itself: no device to tell
+        print(f"{alarm.id}: {alarm.at_device}")
+        if alarm.device_state == "confirmed":
+            return 0
+        if alarm.device_state == "sent":
+            print(
+                f"{verb}: not confirmed within {args.wait:g} s; the receiver keeps sending it"
+                f" for {config.commands.confirm_within:g} s (is `wardpost receiver run` running?)",
+                file=sys.stderr,
+            )
+            return NOT_CONFIRMED_YET
+        return 1
+    except (AlarmError, ContractError) as exc:
+        print(f"{verb}: {exc}", file=sys.stderr)
         return 1
     finally:
         time.sleep(0.2)  # let the command leave before disconnecting
@@ -275,6 +310,13 @@ def add_cli(subparsers: Any) -> None:
         p.add_argument("alarm", help="alarm id (the id of the event that raised it)")
         p.add_argument("--by", required=True, help="operator name")
         p.add_argument("--note", default=None)
+        p.add_argument(
+            "--wait",
+            type=float,
+            default=15.0,
+            help="seconds to wait for the device's confirmation (exit 0 confirmed,"
+            f" 1 refused or failed, {NOT_CONFIRMED_YET} not confirmed yet)",
+        )
         p.set_defaults(func=cmd_transition, command_name=name)
     p = sub.add_parser(
         "dc09-listen", help="a minimal SIA DC-09 receiver that validates and ACKs (for tests)"

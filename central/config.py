@@ -111,6 +111,10 @@ class SupervisionConfig:
     check_every: float = field(default=1.0, metadata=check(minimum=0.05, maximum=60.0))
     gap_grace: float = field(default=30.0, metadata=check(minimum=0.0, maximum=86400.0))
     gap_timeout: float = field(default=3600.0, metadata=check(minimum=1.0, maximum=7 * 86400.0))
+    #: At most one ``centre.quarantined`` event per device this often (with a count).
+    quarantine_report_every: float = field(
+        default=60.0, metadata=check(minimum=0.0, maximum=86400.0)
+    )
 
 
 @dataclass(frozen=True)
@@ -178,8 +182,11 @@ class Dc09Config:
             lambda v: bool(re.fullmatch(r"[0-9A-F]{3,16}", v)), "must be 3-16 hex digits (0-9, A-F)"
         ),
     )
+    #: The "R" field. Receivers answer with the frame's own; pysiaalarm (Home Assistant) writes
+    #: "None" into its ACK when the frame has none, so the default names receiver 0.
+    #: "" leaves the field out.
     receiver: str = field(
-        default="",
+        default="0",
         metadata=check(
             lambda v: bool(re.fullmatch(r"[0-9A-F]{0,6}", v)), "must be up to 6 hex digits"
         ),
@@ -221,6 +228,10 @@ class CentreCommandsConfig:
             help="the centre's Ed25519 private key (PEM); empty: commands go unsigned",
         ),
     )
+    #: An ack/resolve the device has not confirmed is sent again (a new signed command) this often.
+    retry_every: float = field(default=5.0, metadata=check(minimum=0.1, maximum=3600.0))
+    #: After this long without the device's confirmation the alarm shows "device did not confirm".
+    confirm_within: float = field(default=60.0, metadata=check(minimum=1.0, maximum=86400.0))
 
 
 @dataclass(frozen=True)

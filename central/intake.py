@@ -7,9 +7,16 @@ adds what the passing of time reveals: lost devices and sequence gaps.
 
 Rules, because operators act on what this module decides:
 
+* every message is judged alone, before anything reaches the store: strict UTF-8
+  (no UTF-16/32 guessing, no lone surrogates), at most :data:`MAX_MESSAGE_BYTES`,
+  nesting at most :data:`MAX_DEPTH`, integers within 64 bits signed, finite numbers;
 * an event is accepted only if it is well formed and its ``site``/``device``
-  match its topic; anything else is logged with topic and reason and not
-  receipted (the device keeps it and the fault is visible at both ends);
+  match its topic. Any message refused is **quarantined** (topic, raw bytes,
+  reason, time, device) in the same transaction as the rest of its batch and
+  acknowledged like the others, so it never blocks what follows nor returns after
+  a restart; it is not receipted (the device keeps an event and the fault is
+  visible at both ends). A device's quarantined messages raise one
+  ``centre.quarantined`` event per ``quarantine_report_every`` seconds, with a count;
 * a duplicate (same event id, stored earlier or earlier in the same batch) is
   receipted again but stored and acted on once;
 * a status whose ``(boot, connection)`` is older than the one known is a stale
@@ -18,32 +25,47 @@ Rules, because operators act on what this module decides:
   arrives; after ``lost_after`` times its heartbeat ``interval`` of silence it is
   lost (``device.lost``), and the next sign of life restores it
   (``device.restored``);
+* a device that stops cleanly (status ``stopped``) is not lost: only silence or
+  a Last Will (``offline``) makes it so;
 * sequence numbers may arrive out of order (the edge sends by priority), so a
   hole becomes a ``sequence.gap`` only when the device's heartbeat reports an
   empty backlog ``gap_grace`` seconds after the hole opened, or after
-  ``gap_timeout`` in any case.
+  ``gap_timeout`` in any case;
+* a new event id with a ``seq`` already seen in the current numbering, or a fresh
+  ``online`` status whose boot counter went backwards, means the device's
+  numbering restarted (new SD card, restored image): ``sequence.restarted``, the
+  holes of the old numbering are reported, and gap detection starts again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from agent.event import Priority, utc_iso, uuid7, valid_kind
 from central.config import ReceiverConfig
-from central.store import Alarm, Batch, DeviceState, LinkChange, StoredEvent
+from central.store import Alarm, Batch, DeviceState, LinkChange, Quarantined, StoredEvent
 
 log = logging.getLogger("wardpost.central.intake")
 
 #: Bound on out-of-order sequence numbers remembered per device before holes are reported anyway.
 MAX_OPEN_SEQUENCES = 10_000
 CENTRE_SOURCE = "receiver"
+#: Largest message judged at all (the agent's events are far smaller; watchlists go the other way).
+MAX_MESSAGE_BYTES = 256 * 1024
+#: Deepest nesting of objects and arrays accepted (the contract's deepest is 4).
+MAX_DEPTH = 32
+#: Integers must fit the store's BIGINT: 64 bits, signed.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_INT64_DIGITS = len(str(INT64_MIN))  # longest text of a 64-bit integer, sign included
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +94,16 @@ class Rejected(ValueError):
     """A message the receiver will not store; the text says why."""
 
 
+@dataclass
+class _QuarantineNote:
+    """A device's quarantined messages not yet reported in a ``centre.quarantined`` event."""
+
+    count: int = 0
+    reported_at: float = -math.inf
+    last_topic: str = ""
+    last_reason: str = ""
+
+
 def _require(data: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = data.get(name)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
@@ -82,8 +114,77 @@ def _require(data: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> 
 def parse_time(text: str) -> float:
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError):
         raise Rejected(f"field 'time' is not an ISO timestamp: {text[:40]!r}") from None
+
+
+def _int64(text: str) -> int:
+    # Judged on its text first: converting a 5,000-digit number is slow and raises ValueError.
+    if len(text) > _INT64_DIGITS or not INT64_MIN <= (value := int(text)) <= INT64_MAX:
+        raise Rejected(f"integer {text[:24]}{'...' if len(text) > 24 else ''} is outside 64 bits")
+    return value
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise Rejected(f"number {text[:24]} is out of range")
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise Rejected(f"{text} is not JSON")
+
+
+def strict_json(payload: bytes) -> Any:
+    """The JSON document in ``payload``, or :class:`Rejected` saying what is wrong with it."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise Rejected(f"payload is {len(payload)} bytes, limit {MAX_MESSAGE_BYTES}")
+    try:
+        # Decoded here: json.loads(bytes) would silently accept UTF-16 and UTF-32.
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Rejected(f"payload is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        body = json.loads(text, parse_int=_int64, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise Rejected(f"payload nests deeper than {MAX_DEPTH} levels") from None
+    except json.JSONDecodeError as exc:
+        raise Rejected(f"payload is not JSON ({exc})") from None
+    _check_tree(body)
+    return body
+
+
+def _check_tree(body: Any) -> None:
+    """Depth and text of every value: no deeper than MAX_DEPTH, no lone surrogates."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _unicode(value)
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_DEPTH:
+            raise Rejected(f"payload nests deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            for key in value:
+                _unicode(key)
+            stack.extend((v, depth + 1) for v in value.values())
+        else:
+            stack.extend((v, depth + 1) for v in value)
+
+
+def _unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise Rejected(f"text holds a lone surrogate ({text[exc.start]!r})") from None
+
+
+def _column_text(value: Any) -> bool:
+    """A string the store can keep in a column of its own (PostgreSQL refuses NUL)."""
+    return isinstance(value, str) and "\x00" not in value
 
 
 def centre_event(
@@ -177,25 +278,27 @@ class Intake:
         self.known_ids = known_ids
         # Supervision windows start no earlier than now: our own downtime is not the devices' fault.
         self.started = time.time() if started is None else started
+        #: Per device: when ``centre.quarantined`` was last raised, and what came since.
+        self._quarantine_notes: dict[tuple[str, str], _QuarantineNote] = {}
 
     # --- messages ---
     def process(self, messages: Sequence[Inbound], now: float) -> Outcome:
         out = Outcome()
         parsed: list[tuple[Inbound, str, str, list[str], dict[str, Any] | None]] = []
         for msg in messages:  # first pass: validate events, so duplicates are found in one query
-            try:
+            with self._judged(msg, out, now):
                 site, device, rest = self._split(msg.topic)
                 body = self._event_body(msg, site, device, rest) if rest[0] == "events" else None
                 parsed.append((msg, site, device, rest, body))
-            except Rejected as exc:
-                self._reject(msg, exc, out)
         known = self.known_ids([body["id"] for *_, body in parsed if body is not None])
         for msg, site, device, rest, body in parsed:  # second pass: in arrival order
-            try:
+            with self._judged(msg, out, now):
                 if body is not None:
                     self._event(msg, body, site=site, device=device, known=known, now=now, out=out)
                 elif rest == ["status"]:
-                    self._status(site, device, self._json(msg), now, out.batch)
+                    self._status(
+                        site, device, self._json(msg), now, out.batch, retained=msg.retain
+                    )
                 elif rest == ["heartbeat"]:
                     self._heartbeat(site, device, self._json(msg), now, out.batch)
                 elif rest[0] == "cmd_result" and len(rest) == 2:
@@ -205,14 +308,48 @@ class Intake:
                     )
                 else:
                     raise Rejected("not a topic the receiver handles")
-            except Rejected as exc:
-                self._reject(msg, exc, out)
         return out
 
-    @staticmethod
-    def _reject(msg: Inbound, exc: Rejected, out: Outcome) -> None:
+    @contextlib.contextmanager
+    def _judged(self, msg: Inbound, out: Outcome, now: float) -> Iterator[None]:
+        """Quarantine ``msg`` if judging it fails, whatever the reason: one message alone."""
+        try:
+            yield
+        except Rejected as exc:
+            self._quarantine(msg, str(exc), out, now)
+        except Exception as exc:  # a case no rule foresaw must not hold the others back
+            log.exception("could not judge the message on %s", msg.topic)
+            self._quarantine(msg, f"internal error: {type(exc).__name__}: {exc}", out, now)
+
+    def _quarantine(self, msg: Inbound, reason: str, out: Outcome, now: float) -> None:
         out.rejected += 1
-        log.warning("rejected message on %s: %s", msg.topic, exc)
+        parts = msg.topic.split("/")
+        site, device = (parts[1], parts[2]) if len(parts) >= 4 and parts[1] and parts[2] else (
+            None, None)
+        log.warning("quarantined message on %s (%d bytes): %s", msg.topic, len(msg.payload), reason)
+        out.batch.quarantined.append(Quarantined(now, msg.topic, site, device, reason, msg.payload))
+        if site is None or device is None:
+            return
+        note = self._quarantine_notes.setdefault((site, device), _QuarantineNote())
+        note.count += 1
+        note.last_topic, note.last_reason = msg.topic, reason
+        if now - note.reported_at >= self.supervision.quarantine_report_every:
+            self._report_quarantine(site, device, note, now, out.batch)
+
+    def _report_quarantine(
+        self, site: str, device: str, note: _QuarantineNote, now: float, batch: Batch
+    ) -> None:
+        payload = {
+            "count": note.count,
+            "topic": note.last_topic,
+            "reason": note.last_reason,
+            "every": self.supervision.quarantine_report_every,
+        }
+        log.warning("%s/%s: centre.quarantined %s", site, device, payload)
+        self._store(
+            centre_event("centre.quarantined", site, device, Priority.HIGH, payload, now=now), batch
+        )
+        note.count, note.reported_at = 0, now
 
     def _split(self, topic: str) -> tuple[str, str, list[str]]:
         parts = topic.split("/")
@@ -222,10 +359,7 @@ class Intake:
 
     @staticmethod
     def _json(msg: Inbound) -> dict[str, Any]:
-        try:
-            body = json.loads(msg.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise Rejected(f"payload is not JSON ({exc})") from None
+        body = strict_json(msg.payload)
         if not isinstance(body, dict):
             raise Rejected("payload is not a JSON object")
         return body
@@ -233,7 +367,7 @@ class Intake:
     def _event_body(self, msg: Inbound, site: str, device: str, rest: list[str]) -> dict[str, Any]:
         body = self._json(msg)
         event_id = _require(body, "id", str)
-        if not 8 <= len(event_id) <= 64:
+        if not 8 <= len(event_id) <= 64 or not _column_text(event_id):
             raise Rejected(f"event id {event_id[:70]!r} has a bad length")
         if body.get("site") != site or body.get("device") != device:
             raise Rejected(
@@ -247,7 +381,8 @@ class Intake:
             Priority.parse(_require(body, "priority", str))
         except ValueError as exc:
             raise Rejected(f"event {event_id}: {exc}") from None
-        _require(body, "source", str)
+        if not _column_text(_require(body, "source", str)):
+            raise Rejected(f"event {event_id}: source holds a NUL character")
         body["_time"] = parse_time(_require(body, "time", str))
         seq = body.get("seq")
         if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 0):
@@ -341,7 +476,14 @@ class Intake:
             self._link(state, now, batch, f"restored by {why}", was)
 
     def _status(
-        self, site: str, device: str, body: dict[str, Any], now: float, batch: Batch
+        self,
+        site: str,
+        device: str,
+        body: dict[str, Any],
+        now: float,
+        batch: Batch,
+        *,
+        retained: bool = False,
     ) -> None:
         state_name = body.get("state")
         if state_name not in ("online", "stopped", "offline"):
@@ -356,6 +498,18 @@ class Intake:
             if state.boot is not None and state.connection is not None
             else None
         )
+        if (
+            counters is not None
+            and known is not None
+            and counters[0] < known[0]
+            and state_name == "online"
+            and not retained
+        ):
+            # Not a stale Will: the device itself says it is online with an older boot counter.
+            self._restarted(
+                state, now, batch, f"boot counter went back from {known[0]} to {counters[0]}"
+            )
+            known = None
         if counters is not None and known is not None and counters < known:
             log.info(
                 "%s/%s: ignoring stale %s status for boot %s connection %s (current %s)",
@@ -372,15 +526,13 @@ class Intake:
         state.state = state_name
         if counters is not None:
             state.boot, state.connection = counters
-        state.version = (
-            body.get("version") if isinstance(body.get("version"), str) else state.version
-        )
-        state.config = body.get("config") if isinstance(body.get("config"), str) else state.config
+        state.version = body["version"] if _column_text(body.get("version")) else state.version
+        state.config = body["config"] if _column_text(body.get("config")) else state.config
         if isinstance(body.get("drivers"), list):
             state.drivers = body["drivers"]
         if isinstance(body.get("backlog"), int):
             state.backlog = body["backlog"]
-        state.status_time = body.get("time") if isinstance(body.get("time"), str) else None
+        state.status_time = body["time"] if _column_text(body.get("time")) else None
         if state_name == "online" and fresh:
             self._alive(state, now, batch, "status")
         self._link(state, now, batch, f"status {state_name}", was)
@@ -408,8 +560,16 @@ class Intake:
 
     # --- sequence numbers ---
     def _sequence(self, state: DeviceState, seq: int, now: float, batch: Batch) -> None:
+        """Called for each NEW event id: a seq already counted means the numbering restarted."""
+        if (
+            state.seq_upto is not None
+            and state.seq_first is not None
+            and (state.seq_first <= seq <= state.seq_upto or seq in state.seq_above)
+        ):
+            self._restarted(state, now, batch, f"seq {seq} came again with a new event id", seq)
         if state.seq_upto is None:
-            state.seq_upto = seq - 1  # first contact: earlier numbers are not ours to miss
+            # First contact (or a new numbering): earlier numbers are not ours to miss.
+            state.seq_upto, state.seq_first = seq - 1, seq
         if seq <= state.seq_upto or seq in state.seq_above:
             return
         above = sorted([*state.seq_above, seq])
@@ -423,6 +583,24 @@ class Intake:
             state.hole_since = now
         if len(above) > MAX_OPEN_SEQUENCES:
             self._report_gaps(state, now, batch, "too many numbers out of order")
+
+    def _restarted(
+        self, state: DeviceState, now: float, batch: Batch, why: str, seq: int | None = None
+    ) -> None:
+        """The device numbers its events afresh: report what the old numbering lost, start over."""
+        if state.seq_above:
+            self._report_gaps(state, now, batch, "the device's numbering restarted")
+        self._raise(
+            "sequence.restarted",
+            state,
+            Priority.HIGH,
+            {"reason": why, "previous_seq": state.seq_upto, "seq": seq, "boot": state.boot},
+            now=now,
+            batch=batch,
+        )
+        state.seq_upto = state.seq_first = None
+        state.seq_above, state.hole_since = [], None
+        batch.devices[state.key] = state
 
     def _report_gaps(self, state: DeviceState, now: float, batch: Batch, why: str) -> None:
         assert state.seq_upto is not None
@@ -447,8 +625,12 @@ class Intake:
     def supervise(self, now: float, batch: Batch) -> None:
         """Mark devices lost whose heartbeat is overdue; report sequence holes open too long."""
         sup = self.supervision
+        for key, note in self._quarantine_notes.items():
+            if note.count and now - note.reported_at >= sup.quarantine_report_every:
+                self._report_quarantine(*key, note, now, batch)
         for state in self.devices.values():
-            if not state.lost:
+            # A device that stopped cleanly said goodbye: its silence is not a loss.
+            if not state.lost and state.state != "stopped":
                 interval = state.heartbeat_interval or sup.default_interval
                 since = max(state.last_seen, self.started)
                 if now - since > sup.lost_after * interval:

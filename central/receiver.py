@@ -15,6 +15,13 @@ Threads:
   ``check_every`` seconds, so there is exactly one writer;
 * the optional DC-09 bridge (:mod:`central.bridge`) forwards from the store.
 
+Every message is judged alone (:mod:`central.intake`): one that cannot be stored for
+a reason of its own is quarantined, committed and acknowledged like any other, so it
+never blocks the messages behind it nor comes back after a restart.
+
+Alarm commands the devices have not confirmed are followed up on the writer thread
+too (:meth:`central.alarms.AlarmDesk.follow_up`), whichever process sent them first.
+
 If the store fails, the batch is kept and retried; nothing is receipted meanwhile.
 """
 
@@ -34,7 +41,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from central.alarms import MqttCommander, Signing, unsigned
+from central.alarms import AlarmDesk, MqttCommander, Signing, unsigned
 from central.config import ReceiverConfig, ReceiverMQTTConfig
 from central.intake import Inbound, Intake, Outcome
 from central.store import Store, open_store
@@ -50,6 +57,7 @@ class ReceiverStats:
     stored: int = 0
     duplicates: int = 0
     rejected: int = 0
+    quarantined: int = 0
     receipts: int = 0
     batches: int = 0
     store_errors: int = 0
@@ -136,11 +144,14 @@ class Receiver:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        # Connected means subscribed: a message published before the SUBACK would be missed.
+        self.client.on_subscribe = lambda *_: self.connected.set()
         self.bridge: Any = None
         if config.dc09.enabled:
             from central.bridge import Dc09Bridge
 
             self.bridge = Dc09Bridge(config, self.store)
+        self.desk = AlarmDesk(self.store, self.commander())
 
     def commander(self) -> MqttCommander:
         """Commands over the receiver's connection, signed if ``[commands] signing_key`` is set."""
@@ -194,7 +205,6 @@ class Receiver:
                 return
             self.stats.connects += 1
             client.subscribe([(f, 1) for f in self._filters()])
-            self.connected.set()
             log.info(
                 "connected to %s:%d, subscribed to %s",
                 self.config.mqtt.host,
@@ -259,6 +269,7 @@ class Receiver:
         self.stats.stored += sum(1 for e in outcome.batch.events if e.origin == "device")
         self.stats.duplicates += outcome.duplicates
         self.stats.rejected += outcome.rejected
+        self.stats.quarantined += len(outcome.batch.quarantined)
         self.stats.batches += 1
         for listener in self._listeners:
             try:
@@ -267,6 +278,16 @@ class Receiver:
                 log.exception("on_committed listener failed")
         if self.bridge is not None and outcome.batch.forwards:
             self.bridge.wake()
+        if supervise:  # after the acknowledgements: a failure here must not hold messages back
+            self._follow_up(now)
+
+    def _follow_up(self, now: float) -> None:
+        commands = self.config.commands
+        for alarm in self.desk.follow_up(now, commands.retry_every, commands.confirm_within):
+            log.warning(
+                "%s/%s: alarm %s (%s): %s", alarm.site, alarm.device, alarm.id, alarm.kind,
+                alarm.at_device,
+            )
 
     def _commit(self, outcome: Outcome) -> None:
         delay = 0.1

@@ -16,6 +16,7 @@ Every method is thread-safe (one connection behind a lock).
 from __future__ import annotations
 
 import abc
+import base64
 import contextlib
 import json
 import sqlite3
@@ -28,8 +29,10 @@ from typing import Any
 
 from central.config import StoreConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
+#: The first schema, created as it was; later versions are the steps in ``_MIGRATIONS``,
+#: so a new store and an upgraded one take the same path.
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS events (
@@ -68,19 +71,48 @@ _SCHEMA = (
         ok INTEGER, result TEXT, result_at DOUBLE PRECISION)""",
 )
 
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 2: ack/resolve confirmed by the device; quarantined messages; sequence restarts.
+    2: (
+        "ALTER TABLE alarms ADD COLUMN device_command TEXT",
+        "ALTER TABLE alarms ADD COLUMN device_state TEXT",
+        "ALTER TABLE alarms ADD COLUMN device_sent_at DOUBLE PRECISION",
+        "ALTER TABLE alarms ADD COLUMN device_last_sent_at DOUBLE PRECISION",
+        "ALTER TABLE alarms ADD COLUMN device_attempts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE alarms ADD COLUMN device_detail TEXT",
+        "ALTER TABLE alarms ADD COLUMN device_confirmed_at DOUBLE PRECISION",
+        "CREATE INDEX IF NOT EXISTS alarms_unconfirmed ON alarms (device_state)",
+        "CREATE INDEX IF NOT EXISTS commands_by_alarm ON commands (alarm_id)",
+        "ALTER TABLE devices ADD COLUMN seq_first BIGINT",
+        # Numbers up to seq_upto were counted before seq_first existed: exact from here on.
+        "UPDATE devices SET seq_first = seq_upto + 1 WHERE seq_upto IS NOT NULL",
+        """CREATE TABLE IF NOT EXISTS quarantine (
+            at DOUBLE PRECISION NOT NULL, topic TEXT NOT NULL, site TEXT, device TEXT,
+            reason TEXT NOT NULL, size BIGINT NOT NULL, raw TEXT NOT NULL)""",
+        """CREATE INDEX IF NOT EXISTS quarantine_by_device ON quarantine (site, device, at)""",
+        """CREATE INDEX IF NOT EXISTS quarantine_by_time ON quarantine (at)""",
+    ),
+}
+
 _EVENT_COLUMNS = (
     "id, site, device, source, kind, priority, seq, test, event_time, stored_at, origin, body"
 )
 _DEVICE_COLUMNS = (
     "site, device, state, boot, connection, version, config, drivers, backlog, status_time,"
     " first_seen, last_seen, last_heartbeat, heartbeat_interval, heartbeat, lost, seq_upto,"
-    " seq_above, hole_since"
+    " seq_above, hole_since, seq_first"
 )
 _ALARM_COLUMNS = (
     "id, site, device, kind, priority, origin, test, raised_at, state, acknowledged_by,"
     " acknowledged_at,"
-    " resolved_by, resolved_at, note"
+    " resolved_by, resolved_at, note, device_command, device_state, device_sent_at,"
+    " device_last_sent_at, device_attempts, device_detail, device_confirmed_at"
 )
+#: What a device's cmd_result does to the alarm its command was about.
+_CONFIRMED_FROM = ("sent", "unconfirmed")  # a late confirmation still counts
+_REFUSED_FROM = ("sent",)
+#: Raw bytes kept of a quarantined message (its full size is recorded beside them).
+QUARANTINE_RAW_KEPT = 16 * 1024
 
 
 def _marks(count: int) -> str:
@@ -166,6 +198,9 @@ class DeviceState:
     seq_upto: int | None = None
     seq_above: list[int] = field(default_factory=list)
     hole_since: float | None = None
+    #: The first seq this epoch of the device's numbering: below it is not ours to miss,
+    #: at or above it a new event id with a seq already seen means the numbering restarted.
+    seq_first: int | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -192,6 +227,7 @@ class DeviceState:
             self.seq_upto,
             json.dumps(self.seq_above),
             self.hole_since,
+            self.seq_first,
         )
 
     @classmethod
@@ -216,12 +252,28 @@ class DeviceState:
             seq_upto=r[16],
             seq_above=json.loads(r[17] or "[]"),
             hole_since=r[18],
+            seq_first=r[19],
         )
+
+
+#: What the operator sees of a command the device must confirm, by ``device_state``.
+_DEVICE_TEXT = {
+    "sent": "{command} sent, not confirmed ({attempts} sent)",
+    "confirmed": "{command} confirmed by device",
+    "refused": "{command} refused by device: {detail}",
+    "unconfirmed": "device did not confirm {command}: {detail}",
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Alarm:
-    """An alarm at the centre: ``new`` → ``acknowledged`` (who, when) → ``resolved``."""
+    """An alarm at the centre: ``new`` → ``acknowledged`` (who, when) → ``resolved``.
+
+    ``state`` is the operators' decision. For an alarm a device raised, the ``device_*``
+    fields follow the command that tells the device (``ack`` or ``resolve``): ``sent``
+    until the device's ``cmd_result`` says ``confirmed`` (or ``refused``), or
+    ``unconfirmed`` when it did not answer within ``[commands] confirm_within``.
+    """
 
     id: str  # the id of the event that raised it
     site: str
@@ -237,42 +289,36 @@ class Alarm:
     resolved_by: str | None = None
     resolved_at: float | None = None
     note: str | None = None
+    device_command: str | None = None  # "ack" or "resolve"
+    device_state: str | None = None  # sent | confirmed | refused | unconfirmed
+    device_sent_at: float | None = None
+    device_last_sent_at: float | None = None
+    device_attempts: int = 0
+    device_detail: str | None = None
+    device_confirmed_at: float | None = None
 
     def row(self) -> tuple[Any, ...]:
-        return (
-            self.id,
-            self.site,
-            self.device,
-            self.kind,
-            self.priority,
-            self.origin,
-            int(self.test),
-            self.raised_at,
-            self.state,
-            self.acknowledged_by,
-            self.acknowledged_at,
-            self.resolved_by,
-            self.resolved_at,
-            self.note,
+        return tuple(
+            int(v) if isinstance(v, bool) else v
+            for v in (getattr(self, name) for name in self.__slots__)
         )
 
     @classmethod
     def from_row(cls, r: Sequence[Any]) -> Alarm:
-        return cls(
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            r[4],
-            r[5],
-            bool(r[6]),
-            r[7],
-            r[8],
-            r[9],
-            r[10],
-            r[11],
-            r[12],
-            r[13],
+        values = dict(zip(cls.__slots__, r, strict=True))
+        values["test"] = bool(values["test"])
+        values["device_attempts"] = int(values["device_attempts"] or 0)
+        return cls(**values)
+
+    @property
+    def at_device(self) -> str:
+        """Where the device stands: "ack sent, not confirmed (2 sent)", "" for centre alarms."""
+        if self.device_state is None:
+            return ""
+        return _DEVICE_TEXT[self.device_state].format(
+            command=self.device_command,
+            attempts=self.device_attempts,
+            detail=self.device_detail or "",
         )
 
 
@@ -287,6 +333,34 @@ class LinkChange:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A message kept aside because of something in it: acknowledged, never stored as sent."""
+
+    at: float
+    topic: str
+    site: str | None  # from the topic, when it has the form <prefix>/<site>/<device>/...
+    device: str | None
+    reason: str
+    raw: bytes
+
+    def row(self) -> tuple[Any, ...]:
+        # MQTT topics are valid UTF-8 without NUL (the broker enforces it): stored as they are.
+        kept = base64.b64encode(self.raw[:QUARANTINE_RAW_KEPT]).decode("ascii")
+        return (self.at, self.topic, self.site, self.device, self.reason, len(self.raw), kept)
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineSummary:
+    """Quarantined messages of one device (or of topics naming none: site/device None)."""
+
+    site: str | None
+    device: str | None
+    count: int
+    last_at: float
+    last_reason: str
+
+
 @dataclass
 class Batch:
     """Everything one receiver cycle writes, committed together."""
@@ -297,10 +371,12 @@ class Batch:
     links: list[LinkChange] = field(default_factory=list)
     forwards: list[str] = field(default_factory=list)
     command_results: list[tuple[str, bool, str, float]] = field(default_factory=list)
+    quarantined: list[Quarantined] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
-            self.events
+            self.quarantined
+            or self.events
             or self.devices
             or self.alarms
             or self.links
@@ -371,19 +447,26 @@ class Store(abc.ABC):
         """Runs first inside the migration transaction (PostgreSQL serialises migrations here)."""
 
     def migrate(self) -> None:
+        """Create the first schema if missing, then apply each later step not yet applied."""
         with self.transaction():
             self._before_migration()
             for statement in _SCHEMA:
                 self._exec(statement)
             self._exec(
-                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
-                ("schema", str(SCHEMA_VERSION)),
+                "INSERT INTO meta (key, value) VALUES ('schema', '1') ON CONFLICT (key) DO NOTHING"
             )
-        found = self._rows("SELECT value FROM meta WHERE key = 'schema'")
-        if int(found[0][0]) > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"store schema {found[0][0]} is newer than this receiver ({SCHEMA_VERSION})"
-            )
+            found = int(self._rows("SELECT value FROM meta WHERE key = 'schema'")[0][0])
+            if found > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"store schema {found} is newer than this receiver ({SCHEMA_VERSION})"
+                )
+            for version in range(found + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[version]:
+                    self._exec(statement)
+                self._exec("UPDATE meta SET value = ? WHERE key = 'schema'", (str(version),))
+
+    def schema_version(self) -> int:
+        return int(self._rows("SELECT value FROM meta WHERE key = 'schema'")[0][0])
 
     # --- the receiver's write path ---
     def known_ids(self, ids: Sequence[str]) -> set[str]:
@@ -414,12 +497,12 @@ class Store(abc.ABC):
                 f"{c.strip()} = excluded.{c.strip()}" for c in _DEVICE_COLUMNS.split(",")[2:]
             )
             self._many(
-                f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES ({_marks(19)})"  # noqa: S608
+                f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES ({_marks(_DEVICE_COLUMNS.count(',') + 1)})"  # noqa: S608
                 f" ON CONFLICT (site, device) DO UPDATE SET {updates}",
                 (d.row() for d in batch.devices.values()),
             )
             self._many(
-                f"INSERT INTO alarms ({_ALARM_COLUMNS}) VALUES ({_marks(14)})"  # noqa: S608
+                f"INSERT INTO alarms ({_ALARM_COLUMNS}) VALUES ({_marks(_ALARM_COLUMNS.count(',') + 1)})"  # noqa: S608
                 " ON CONFLICT (id) DO NOTHING",
                 (a.row() for a in batch.alarms),
             )
@@ -437,6 +520,30 @@ class Store(abc.ABC):
                 "UPDATE commands SET ok = ?, result = ?, result_at = ? WHERE id = ?",
                 ((int(ok), result, at, cid) for cid, ok, result, at in batch.command_results),
             )
+            for command_id, ok, result, at in batch.command_results:
+                self._confirm(command_id, ok, result, at)
+            self._many(
+                "INSERT INTO quarantine (at, topic, site, device, reason, size, raw)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (q.row() for q in batch.quarantined),
+            )
+
+    def _confirm(self, command_id: str, ok: bool, result: str, at: float) -> None:
+        """A device's answer to an alarm's command: confirmed, or refused with its error."""
+        allowed = _CONFIRMED_FROM if ok else _REFUSED_FROM
+        detail = None
+        if not ok:
+            error = json.loads(result).get("error")
+            detail = str(error) if error else "no reason given"
+        self._exec(
+            "UPDATE alarms SET device_state = ?, device_detail = ?,"  # noqa: S608
+            " device_confirmed_at = CASE WHEN ? = 1 THEN ? ELSE device_confirmed_at END"
+            " WHERE id = (SELECT alarm_id FROM commands WHERE id = ?)"
+            " AND device_command = (SELECT name FROM commands WHERE id = ?)"
+            f" AND device_state IN ({_marks(len(allowed))})",
+            ("confirmed" if ok else "refused", detail, int(ok), at, command_id, command_id,
+             *allowed),
+        )
 
     # --- reading ---
     def devices(self) -> list[DeviceState]:
@@ -494,17 +601,30 @@ class Store(abc.ABC):
         return Alarm.from_row(rows[0]) if rows else None
 
     def transition_alarm(
-        self, alarm_id: str, to: str, who: str, note: str | None, audit: StoredEvent
+        self,
+        alarm_id: str,
+        to: str,
+        who: str,
+        note: str | None,
+        audit: StoredEvent,
+        *,
+        device_command: str | None = None,
     ) -> bool:
-        """Move an alarm on (to acknowledged or resolved), storing ``audit``. False: not allowed."""
+        """Move an alarm on (to acknowledged or resolved), storing ``audit``. False: not allowed.
+
+        ``device_command``: the command that must now reach the device; the alarm waits
+        for its confirmation (``device_state = "sent"`` once :meth:`record_command` ran).
+        """
         allowed = {"acknowledged": ("new",), "resolved": ("new", "acknowledged")}[to]
         column = "acknowledged" if to == "acknowledged" else "resolved"
         with self.transaction():
             changed = self._exec(
                 f"UPDATE alarms SET state = ?, {column}_by = ?, {column}_at = ?,"  # noqa: S608
-                " note = coalesce(?, note)"
+                " note = coalesce(?, note), device_command = ?, device_state = NULL,"
+                " device_sent_at = NULL, device_last_sent_at = NULL, device_attempts = 0,"
+                " device_detail = NULL, device_confirmed_at = NULL"
                 f" WHERE id = ? AND state IN ({_marks(len(allowed))})",
-                (to, who, audit.stored_at, note, alarm_id, *allowed),
+                (to, who, audit.stored_at, note, device_command, alarm_id, *allowed),
             )
             if changed:
                 self._exec(
@@ -531,6 +651,40 @@ class Store(abc.ABC):
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (command_id, site, device, name, json.dumps(args), issued_at, alarm_id),
             )
+            if alarm_id is not None:  # one more attempt at the command the alarm waits for
+                self._exec(
+                    "UPDATE alarms SET device_state = 'sent',"
+                    " device_sent_at = coalesce(device_sent_at, ?), device_last_sent_at = ?,"
+                    " device_attempts = device_attempts + 1"
+                    " WHERE id = ? AND device_command = ?"
+                    " AND (device_state IS NULL OR device_state = 'sent')",
+                    (issued_at, issued_at, alarm_id, name),
+                )
+
+    def awaiting_device(self) -> list[Alarm]:
+        """Alarms whose ack/resolve the device has not confirmed yet (state ``sent``)."""
+        return [
+            Alarm.from_row(r)
+            for r in self._rows(
+                f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE device_state = 'sent'"  # noqa: S608
+                " ORDER BY device_sent_at, id"
+            )
+        ]
+
+    def device_unconfirmed(self, alarm_id: str, command: str, detail: str, audit: StoredEvent) -> bool:
+        """``command`` of the alarm got no confirmation in time: say so, with ``audit``."""
+        with self.transaction():
+            changed = self._exec(
+                "UPDATE alarms SET device_state = 'unconfirmed', device_detail = ?"
+                " WHERE id = ? AND device_command = ? AND device_state = 'sent'",
+                (detail, alarm_id, command),
+            )
+            if changed:
+                self._exec(
+                    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({_marks(12)})",  # noqa: S608
+                    audit.row(),
+                )
+        return changed > 0
 
     def command(self, command_id: str) -> dict[str, Any] | None:
         rows = self._rows(
@@ -553,6 +707,28 @@ class Store(abc.ABC):
             "result_at",
         )
         return dict(zip(keys, rows[0], strict=True))
+
+    # --- quarantine ---
+    def quarantine_summary(self) -> list[QuarantineSummary]:
+        """Per device: how many messages were kept aside, and the latest reason."""
+        rows = self._rows(
+            "SELECT q.site, q.device, count(*), max(q.at),"
+            " (SELECT r.reason FROM quarantine r WHERE r.site IS NOT DISTINCT FROM q.site"
+            "  AND r.device IS NOT DISTINCT FROM q.device ORDER BY r.at DESC LIMIT 1)"
+            " FROM quarantine q GROUP BY q.site, q.device ORDER BY q.site, q.device"
+        )
+        return [QuarantineSummary(r[0], r[1], int(r[2]), float(r[3]), str(r[4])) for r in rows]
+
+    def quarantined(self, limit: int = 100) -> list[Quarantined]:
+        """The latest quarantined messages, newest first, with the raw bytes kept."""
+        return [
+            Quarantined(float(r[0]), r[1], r[2], r[3], r[4], base64.b64decode(r[5]))
+            for r in self._rows(
+                "SELECT at, topic, site, device, reason, raw FROM quarantine"
+                " ORDER BY at DESC LIMIT ?",
+                (limit,),
+            )
+        ]
 
     # --- DC-09 forwarding ---
     def pending_forwards(

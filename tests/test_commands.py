@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from agent.commands import Dispatcher
+from agent.commands import (
+    MAX_COMMAND_BYTES,
+    REJECTION_WINDOW,
+    REJECTIONS_PER_WINDOW,
+    Dispatcher,
+    RejectionReporter,
+)
 from agent.driver import Command, CommandError
 from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder
 from tests.support.broker import Broker
@@ -144,3 +151,53 @@ def test_dispatcher_routes_to_the_claiming_handler_and_survives_exceptions() -> 
     assert [i for i, _ in published] == ["c1", "c2", "c3", "c4"]
     d.unregister_owner("b1")
     assert d.known() == ["ack", "boom"]
+
+
+DEEP = 40  # levels: beyond MAX_NESTING, far below the parser's recursion limit
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{not json", "payload is not JSON"),
+        (bytes(range(256)) * 4, "payload is not JSON"),
+        (b"{" + b" " * MAX_COMMAND_BYTES + b"}", "command too large"),
+        (b"[" * 100_000 + b"]" * 100_000, "payload is not JSON"),  # the parser's recursion
+        (b'{"id":"d1","issued_at":1,"args":{"a":' + b"[" * DEEP + b"]" * DEEP + b"}}", "levels deep"),
+        (b'{"id":"h1","issued_at":1' + b"0" * 5000 + b"}", "payload is not JSON"),
+        (b'{"id":"h2","issued_at":1' + b"0" * 40 + b"}", "'issued_at' must be"),
+        (b'{"id":"h3","issued_at":1e400}', "'issued_at' must be"),
+        (b'{"id":"h4","issued_at":NaN}', "payload is not JSON"),
+        (b'{"id":"u1","issued_at":1,"args":{"x":"\xff\xfe"}}', "payload is not JSON"),
+    ],
+    ids=["invalid-json", "binary", "oversize", "deep-parser", "deep", "5000-digits", "huge-int",
+         "float-overflow", "nan", "bad-utf8"],
+)
+def test_malformed_commands_are_reported_to_the_centre_without_a_traceback(
+    running, caplog: pytest.LogCaptureFixture, payload: bytes, reason: str
+) -> None:
+    _, rec = running
+    rec.publish(f"{BASE}/cmd/ping", payload)
+    rejected = rec.wait_events("security.command_rejected", timeout=15)[0]["payload"]
+    assert rejected["command"] == "ping" and reason in rejected["reason"]
+    assert rejected["suppressed"] == 0 and len(rejected["reason"]) < 400
+    send(rec, "ping", "still-alive")
+    assert result_for(rec, "still-alive")["ok"]
+    tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not tracebacks, [r.getMessage()[:200] for r in tracebacks]
+
+
+def test_rejections_are_rate_limited_and_the_rest_counted() -> None:
+    reported: list[dict[str, Any]] = []
+    now = [1000.0]
+    reporter = RejectionReporter(lambda kind, payload: reported.append(dict(payload)), lambda: now[0])
+    for i in range(REJECTIONS_PER_WINDOW + 7):
+        reporter.report("ack", f"c{i}", "bad signature")
+    assert len(reported) == REJECTIONS_PER_WINDOW and reporter.suppressed == 7
+    reporter.flush()
+    assert len(reported) == REJECTIONS_PER_WINDOW, "the window is not over yet"
+    now[0] += REJECTION_WINDOW
+    reporter.flush()
+    assert reported[-1]["suppressed"] == 7 and reporter.suppressed == 0
+    reporter.report("ack", None, "payload is not JSON")
+    assert reported[-1] == {"command": "ack", "id": None, "reason": "payload is not JSON", "suppressed": 0}

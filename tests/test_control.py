@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,58 @@ def test_reload_with_changed_and_bad_config(
     assert main(["--config", config, "reload"]) == 1
     assert "drivers.sim.rate: expected a number" in capsys.readouterr().err
     assert sorted(h.agent.slots) == ["sim", "sim2"], "a bad config keeps the running one"
+
+
+@pytest.mark.parametrize("delivery", ["receipt", "broker"])
+def test_the_delivery_guarantee_in_force_is_said_plainly(
+    tmp_path: Path,
+    broker: Broker,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    delivery: str,
+) -> None:
+    """check-config, the start-up log, status and the heartbeat all name the mode and what
+    it guarantees; broker mode warns that a broker without the centre's session loses events."""
+    from agent.config import DELIVERY_GUARANTEES
+    from agent.control import ControlServer
+
+    caplog.set_level(logging.INFO, "wardpost")
+    h = AgentHarness(tmp_path, broker, mqtt={"delivery": delivery})
+    assert main(["check-config", str(h.config_path)]) == 0
+    assert f"delivery = {delivery}: {DELIVERY_GUARANTEES[delivery]}" in capsys.readouterr().out
+    with Recorder(broker) as rec:
+        agent = h.start()
+        server = ControlServer(agent.config.agent.control_socket_path, agent)
+        server.start()
+        try:
+            assert main(["--config", str(h.config_path), "status"]) == 0
+            out = capsys.readouterr().out
+            assert f"delivery {delivery}: {DELIVERY_GUARANTEES[delivery]}" in out
+            beat = next(
+                m.json() for m in _wait_heartbeat(rec) if m.topic.endswith("/heartbeat")
+            )
+            assert beat["delivery"] == delivery
+            started = rec.wait_events("agent.started")[-1]["payload"]
+            assert started["delivery"] == delivery
+        finally:
+            server.stop()
+            h.stop()
+    logged = [r for r in caplog.records if r.getMessage().startswith(f"delivery = {delivery}")]
+    assert logged and (logged[0].levelname == ("INFO" if delivery == "receipt" else "WARNING"))
+    assert ("discards it unseen" in logged[0].getMessage()) == (delivery == "broker")
+
+
+def _wait_heartbeat(rec: Recorder) -> list:
+    rec.wait_for(lambda m: any(x.topic.endswith("/heartbeat") for x in m), 10, "a heartbeat")
+    return list(rec.messages)
+
+
+def test_the_examples_deliver_end_to_end() -> None:
+    """The example, demo and installed configs use receipt mode (the centre runs
+    ``wardpost receiver`` or ``wardpost monitor``, both of which send receipts)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent / "config"
+    for name in ("wardpost.example.toml", "demo.toml"):
+        text = (root / name).read_text().replace("@PORT@", "1883")
+        assert tomllib.loads(text)["mqtt"]["delivery"] == "receipt", name

@@ -7,9 +7,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from agent.config import MQTTConfig
+from agent.event import boottime
 from agent.runtime import Agent
 from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
 from tests.support.broker import Broker
+from tests.support.proxy import TcpProxy
 
 BASE = f"wardpost/{SITE}/{DEVICE}"
 
@@ -121,7 +124,8 @@ def test_receipt_mode_holds_events_until_the_centre_confirms(
 
 
 def test_receipt_releases_even_a_never_acked_event(tmp_path: Path, broker: Broker) -> None:
-    """A receipt that arrives for an event this run has not sent yet (sent before a restart)."""
+    """A receipt releases an event sent on this link, whether or not its PUBACK came;
+    malformed receipts are ignored."""
     h = AgentHarness(tmp_path, broker, mqtt={"delivery": "receipt", "receipt_timeout": 60})
     agent = h.start()
     with Recorder(broker) as rec:
@@ -213,3 +217,104 @@ def test_restart_resends_what_was_not_confirmed(tmp_path: Path, broker: Broker) 
         ]
         assert started and started[-1]["boot"] == 2
     h.stop()
+
+
+def test_a_forged_receipt_never_releases_an_event_not_yet_sent(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """Only ids in flight on the current link are released; others are counted, not obeyed."""
+    h = AgentHarness(
+        tmp_path,
+        broker,
+        mqtt={"delivery": "receipt", "receipt_timeout": 600, "inflight_window": 1},
+    )
+    with Recorder(broker) as centre:  # sends no receipts by itself
+        agent = h.start()
+        publisher = agent.publisher
+        assert publisher is not None
+        started = centre.wait_events("agent.started")[0]
+        centre.publish(f"{BASE}/receipts", {"ids": [started["id"]]})
+        wait_until(lambda: agent.outbox.backlog()[0] == 0, 10, "agent.started released")
+        first = agent.emit("t", "x.first", {}, "normal")
+        centre.wait_events("x.first")  # the window (1) is now full: the next one waits
+        held = agent.emit("t", "x.held", {}, "normal")
+        assert held.wait_durable(5)
+        centre.publish(f"{BASE}/receipts", {"ids": [held.event.id, "0193-no-such-event"]})
+
+
+        def pending() -> set[str]:
+            agent.outbox.flush()
+            return {e["id"] for e in agent.outbox.recent(pending_only=True)}
+
+        wait_until(
+            lambda: (
+                publisher.counters.get("receipt_ids_ignored", 0) >= 2
+                or held.event.id not in pending()
+            ),
+            10,
+            "the forged receipt handled",
+        )
+        assert held.event.id in pending(), "a forged receipt released an event never sent"
+        assert not held.is_delivered
+        assert agent.status()["link"]["counters"]["receipt_ids_ignored"] >= 2
+        centre.publish(f"{BASE}/receipts", {"ids": [first.event.id]})  # the genuine one
+        assert first.wait_delivered(10)
+        centre.wait_events("x.held", timeout=10)  # now it goes out
+        centre.publish(f"{BASE}/receipts", {"ids": [held.event.id]})
+        assert held.wait_delivered(10)
+    h.stop()
+
+
+def test_dead_link_noticed_fast_at_the_default_config_and_criticals_go_first(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """Blackholed link at the default keepalive and link_timeout: noticed within seconds
+    while events wait for the broker, within about 2 x keepalive when idle; idle traffic
+    stays a few bytes a second; after reconnect a critical event overtakes the backlog."""
+    defaults = MQTTConfig()
+    with TcpProxy(broker.host, broker.port) as proxy, Recorder(broker, receipts=True) as centre:
+        h = AgentHarness(
+            tmp_path,
+            broker,
+            mqtt={"port": proxy.port, "delivery": "receipt", "keepalive": defaults.keepalive},
+        )  # heartbeats (QoS 0) every second: written, never answered
+        agent = h.start()
+        publisher = agent.publisher
+        assert publisher is not None
+        wait_until(lambda: agent.outbox.backlog()[0] == 0, 10, "start-up events released")
+
+        # Idle: no probes, only the keepalive (and the heartbeats) flow.
+        probes_before = proxy.bytes_forwarded
+        time.sleep(3 * defaults.keepalive)
+        beat = len(centre.on_topic("/heartbeat")[-1].payload)
+        idle_rate = (proxy.bytes_forwarded - probes_before) / (3 * defaults.keepalive)
+        assert idle_rate < beat + 50, f"idle link traffic {idle_rate:.1f} bytes/s"
+
+        # Idle, then the link goes dead: keepalive notices.
+        proxy.blackhole()
+        cut = boottime()
+        wait_until(lambda: not publisher.connected, 30, "the idle dead link noticed")
+        idle_noticed = boottime() - cut
+        proxy.set_pass()
+        wait_until(lambda: publisher.connected, 30, "reconnected")
+
+        # Busy: events wait for their PUBACK when the link dies.
+        proxy.blackhole()
+        cut = boottime()
+        normals = [agent.emit("t", "x.backlog", {"n": i}, "normal") for i in range(20)]
+        critical = agent.emit("t", "panic.pressed", {}, "critical")
+        wait_until(lambda: not publisher.connected, 30, "the busy dead link noticed")
+        busy_noticed = boottime() - cut
+        proxy.set_pass()
+        assert critical.wait_delivered(30)
+        assert all(n.wait_delivered(30) for n in normals)
+        arrivals = [e["id"] for e in centre.events() if e["kind"] in ("x.backlog", "panic.pressed")]
+        assert arrivals.index(critical.event.id) < min(
+            arrivals.index(n.event.id) for n in normals
+        ), "the critical event went first after the reconnect"
+        h.stop()
+    print(f"dead link noticed after {busy_noticed:.2f} s busy, {idle_noticed:.2f} s idle")
+    # Generous bounds for a loaded CI box; the fault matrix records the figures.
+    assert busy_noticed < 8.0
+    assert idle_noticed < 15.0
+    assert publisher.counters["link_timeouts"] >= 1

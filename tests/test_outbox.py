@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from agent.config import OutboxConfig
 from agent.driver import Emission
 from agent.event import Event, Priority
 from agent.outbox import Outbox, StorageReport
+from agent.sequence import BLOCK
 
 
 class Box:
@@ -211,3 +213,56 @@ def test_group_commit_of_bursts(tmp_path: Path, count: int) -> None:
     assert box.outbox.counters["committed"] == count
     assert box.outbox.counters["batches"] <= count
     box.outbox.close()
+
+
+def _snapshot(src: Path, dest: Path) -> Path:
+    """The outbox's files as a ``kill -9`` at this instant would leave them on disk."""
+    dest.mkdir()
+    for path in src.parent.iterdir():
+        if path.name.startswith(src.stem):
+            shutil.copyfile(path, dest / path.name)
+    return dest / src.name
+
+
+def test_a_crash_never_gives_a_used_seq_out_again(tmp_path: Path) -> None:
+    """Critical events are numbered and published before their commit: after a crash the
+    restart must number above them, and say which numbers it skipped."""
+    box = Box(tmp_path / "live" / "o.db")
+    committed = [box.add() for _ in range(3)]
+    assert box.outbox.flush()
+    on_the_wire = [box.outbox.next_seq() for _ in range(5)]  # published, never committed
+    crashed = _snapshot(box.outbox.path, tmp_path / "after-crash")
+    box.outbox.close()
+
+    again = Box(crashed)
+    fresh = again.outbox.next_seq()
+    assert fresh > max(on_the_wire), f"seq {fresh} given out again after a crash"
+    first, last = again.outbox.seqs.skipped or (0, 0)
+    assert first == committed[-1].event.seq + 1 and last == fresh - 1
+    assert again.outbox.seqs.resumed_at == fresh
+    again.outbox.close()
+
+
+def test_seq_survives_the_loss_of_the_outbox_file(tmp_path: Path) -> None:
+    box = Box(tmp_path / "o.db")
+    last = [box.add() for _ in range(5)][-1].event.seq
+    box.outbox.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{box.outbox.path}{suffix}").unlink(missing_ok=True)
+    again = Box(tmp_path / "o.db")
+    assert again.outbox.next_seq() == last + 1, "the numbering restarted with a new outbox file"
+    again.outbox.close()
+
+
+def test_a_clean_stop_leaves_no_gap_and_blocks_are_reserved_ahead(tmp_path: Path) -> None:
+    box = Box(tmp_path / "o.db")
+    seqs = [box.add().event.seq for _ in range(3 * BLOCK)]  # crosses several blocks
+    assert seqs == list(range(1, 3 * BLOCK + 1))
+    mark = int((tmp_path / "o.seq").read_text())
+    assert mark > seqs[-1], "every number handed out is below the durable mark"
+    box.outbox.close()
+    assert int((tmp_path / "o.seq").read_text()) == seqs[-1] + 1
+    again = Box(tmp_path / "o.db")
+    assert again.outbox.seqs.skipped is None
+    assert again.outbox.next_seq() == seqs[-1] + 1
+    again.outbox.close()

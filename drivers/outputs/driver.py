@@ -32,6 +32,7 @@ from gpiozero import LED, Buzzer, DigitalOutputDevice
 from agent.config import ConfigError, check
 from agent.driver import Command, CommandError, Driver, DriverContext, Health
 from agent.event import Event, Priority
+from contract.commands import arg
 from drivers.gpio_common import (
     PIN_MESSAGE,
     PinFactoryChoice,
@@ -46,6 +47,9 @@ DeviceKind = Literal["led", "buzzer", "siren", "strobe", "relay"]
 Pattern = Literal["steady", "blink", "pulse", "off"]
 #: Device kinds that make noise unless ``audible`` says otherwise.
 AUDIBLE_BY_DEFAULT = frozenset({"buzzer", "siren"})
+#: Argument names of ``silence``, from the contract both sides share.
+OUTPUT_ARG = arg("output", "silence")
+BY_ARG = arg("by", "silence")
 _DEVICE_CLASSES: dict[str, type[DigitalOutputDevice]] = {"led": LED, "buzzer": Buzzer}
 
 
@@ -238,9 +242,9 @@ class OutputsDriver(Driver):
     def _handle_silence(self, cmd: Command) -> Mapping[str, Any] | None:
         if cmd.target is not None and cmd.target != self.ctx.name:
             return None
-        only = cmd.args.get("output")
+        only = cmd.args.get(OUTPUT_ARG)
         if only is not None and not isinstance(only, str):
-            raise CommandError(f"args.output must be an output name, got {only!r}")
+            raise CommandError(f"args.{OUTPUT_ARG} must be an output name, got {only!r}")
         with self._lock:
             if only is not None and only not in self._outputs:
                 if cmd.target == self.ctx.name:
@@ -259,7 +263,7 @@ class OutputsDriver(Driver):
                 output.pattern, output.since = "off", time.monotonic()
                 output.device.off()
             self._counters["silenced"] += len(silenced)
-        by = cmd.args.get("by")
+        by = cmd.args.get(BY_ARG)
         operator = {"by": by} if isinstance(by, str) and by else {}
         self.ctx.emit(
             "outputs.silenced",

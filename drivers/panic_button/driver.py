@@ -27,6 +27,7 @@ from gpiozero.pins.mock import MockPin
 from agent.config import ConfigError, check
 from agent.driver import Command, CommandError, Driver, DriverContext, Emission, Health
 from agent.event import Priority
+from contract.commands import arg
 from drivers.gpio_common import (
     PIN_MESSAGE,
     Debouncer,
@@ -43,6 +44,9 @@ PIN = check(valid_pin, PIN_MESSAGE)
 PRESSES_NEEDED = {"press": 1, "hold": 1, "double": 2, "triple": 3}
 #: Closed alarm ids remembered so a late ``ack``/``resolve`` still finds its button.
 CLOSED_ALARMS_KEPT = 64
+#: Argument names of ``ack`` and ``resolve``, from the contract both sides share.
+ALARM_ARG = arg("alarm", "ack", "resolve")
+BY_ARG = arg("by", "ack", "resolve")
 
 LedPattern = Literal["off", "slow", "fast", "steady"]
 AlarmState = Literal["raised", "delivered", "acknowledged"]
@@ -446,10 +450,10 @@ class PanicButtonDriver(Driver):
         when already closed); None when the command is for another driver."""
         if cmd.target is not None and cmd.target != self.ctx.name:
             return None
-        alarm_id = cmd.args.get("alarm")
+        alarm_id = cmd.args.get(ALARM_ARG)
         if alarm_id is not None and not (isinstance(alarm_id, str) and alarm_id):
             raise CommandError(
-                f"args.alarm must be an alarm id (the id of its panic.pressed event), "
+                f"args.{ALARM_ARG} must be an alarm id (the id of its panic.pressed event), "
                 f"got {alarm_id!r}"
             )
         mine = cmd.target == self.ctx.name
@@ -479,7 +483,7 @@ class PanicButtonDriver(Driver):
         }
 
     def _operator(self, cmd: Command) -> dict[str, Any]:
-        by = cmd.args.get("by")
+        by = cmd.args.get(BY_ARG)
         return {"command": cmd.id, **({"by": by} if isinstance(by, str) and by else {})}
 
     def _handle_ack(self, cmd: Command) -> Mapping[str, Any] | None:

@@ -11,10 +11,13 @@ they check our CRC, length, layout and AES handling against independent senders.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
+from central.config import Dc09Config
 from central.dc09 import (
     ContactId,
     Dc09Error,
@@ -32,6 +35,7 @@ from central.dc09 import (
     parse_key,
 )
 from central.dc09_receiver import Dc09Receiver
+from tests.support.broker import free_port
 
 CAPTURED = [
     b'\nB0970029"NULL"0000L000#0809[]_21:00:01,02-20-2024\r',
@@ -236,3 +240,67 @@ def test_null_messages_supervise_an_idle_link(receiver: Dc09Receiver) -> None:
         supervisor.stop()
     assert all(r.frame is not None and r.frame.id == "NULL" for r in frames)
     assert results[:3] == [True, True, True]
+
+
+# ------------------------------------------------- against pysiaalarm (Home Assistant's library)
+
+
+def _pysiaalarm_sender(port: int, key: bytes | None = None, **options: Any) -> Dc09Sender:
+    defaults = Dc09Config()
+    return Dc09Sender(
+        TcpTransport("127.0.0.1", port),
+        "1234",
+        key=key,
+        receiver=options.get("receiver", defaults.receiver) or None,
+        line=defaults.line,
+        timeout=2.0,
+        attempts=2,
+    )
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "aes"])
+def test_the_default_frame_is_acked_by_pysiaalarm(encrypted: bool) -> None:
+    """Home Assistant's SIA integration answers with the frame's receiver; without one it
+    wrote "None" into its ACK, which no sender can read, so the default names receiver 0.
+    Its AES key is the ASCII text itself; Wardpost's key_file holds the same bytes in hex."""
+    from pysiaalarm import SIAAccount, SIAClient, SIAEvent
+
+    ascii_key = "ABCDEFGHIJKLMNOP"  # as typed into Home Assistant
+    hex_key = ascii_key.encode("ascii").hex().upper()  # as written in Wardpost's key_file
+    port = free_port()
+    received: list[SIAEvent] = []
+    account = SIAAccount("1234", ascii_key if encrypted else None)
+    with SIAClient("127.0.0.1", port, [account], received.append):
+        sender = _pysiaalarm_sender(port, parse_key(hex_key) if encrypted else None)
+        try:
+            ack = wait_for_listener(lambda: sender.send_contact_id(ContactId(120, zone=3)))
+        finally:
+            sender.close()
+        assert ack.id == "ACK" and ack.receiver == "0"
+        assert [(e.code, e.ri, e.account) for e in received] == [("PA", "3", "1234")]
+
+
+def test_no_receiver_field_is_not_acked_readably_by_pysiaalarm() -> None:
+    """What the old default (receiver = "") did: every attempt fails, the event is re-sent."""
+    from pysiaalarm import SIAAccount, SIAClient
+
+    port = free_port()
+    with SIAClient("127.0.0.1", port, [SIAAccount("1234")], lambda event: None):
+        sender = _pysiaalarm_sender(port, receiver="")
+        try:
+            with pytest.raises(Dc09Unavailable, match="unreadable reply"):
+                wait_for_listener(lambda: sender.send_contact_id(ContactId(120, zone=3)))
+        finally:
+            sender.close()
+
+
+def wait_for_listener(send: Callable[[], Frame]) -> Frame:
+    """pysiaalarm listens from its own thread: retry while the port still refuses connections."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return send()
+        except Dc09Unavailable as exc:
+            if "refused" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

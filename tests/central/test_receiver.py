@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from central.alarms import AlarmDesk
 from central.config import ReceiverConfig, parse_receiver_config
 from central.dc09_receiver import Dc09Receiver
 from central.devicesim import SimulatedDevice
@@ -93,20 +92,6 @@ def test_events_stored_then_receipted_and_deduplicated(
         lambda: [d for d in receiver.store.devices() if d.state == "online"], 5, "device state"
     )
     assert (state[0].boot, state[0].connection) == (1, 1)
-
-
-def test_ack_from_the_desk_reaches_the_device(
-    receiver_for: Callable[..., Receiver], devices: Callable[..., SimulatedDevice]
-) -> None:
-    receiver = receiver_for()
-    device = devices("d1")
-    event_id = device.event("panic.pressed", "critical")
-    assert device.wait_receipted(10)
-    desk = AlarmDesk(receiver.store, receiver.commander())
-    desk.acknowledge(event_id, "operator 1")
-    name, command = wait_until(lambda: device.commands, 5, "the ack command")[0]
-    assert name == "ack" and command["args"] == {"event": event_id, "by": "operator 1"}
-    assert receiver.store.alarm(event_id).state == "acknowledged"  # type: ignore[union-attr]
 
 
 def test_supervision_lost_restored_and_stale_will(

@@ -107,7 +107,7 @@ def test_events_are_stored_once_and_receipted_every_time(
     )
 
 
-def test_bad_messages_are_rejected_not_receipted(
+def test_bad_messages_are_quarantined_not_receipted(
     make_config: Callable[..., ReceiverConfig], store: Store
 ) -> None:
     intake = intake_for(make_config(), store)
@@ -121,7 +121,19 @@ def test_bad_messages_are_rejected_not_receipted(
         Inbound("wardpost/s1/d1/status", b'{"state":"dancing"}', T0),
     ]
     out = cycle(intake, store, messages, T0)
-    assert out.rejected == len(messages) and not out.receipts and store.count_events() == 0
+    assert out.rejected == len(messages) and not out.receipts
+    assert store.count_events(origin="device") == 0
+    assert [q.topic for q in reversed(store.quarantined())] == [m.topic for m in messages]
+    assert store.quarantined()[-1].raw == b"{not json"
+    summary = {(q.site, q.device): q.count for q in store.quarantine_summary()}
+    assert summary == {("s1", "d1"): 5, ("s1", "d2"): 1}
+    # One centre.quarantined per device per interval; the rest is counted into the next one.
+    reports = [e for e in store.events() if e.kind == "centre.quarantined"]
+    assert sorted((e.device, e.payload["count"]) for e in reports) == [("d1", 1), ("d2", 1)]
+    cycle(intake, store, [], T0 + 61, supervise=True)
+    reports = [e for e in store.events() if e.kind == "centre.quarantined" and e.device == "d1"]
+    assert [e.payload["count"] for e in reports] == [1, 4]
+    assert reports[1].payload["reason"] == "status state 'dancing' is not online, stopped or offline"
 
 
 def test_stale_last_will_is_ignored(
@@ -210,16 +222,8 @@ def test_alarm_lifecycle_with_command_to_the_device(
     )
     (alarm,) = store.alarms()
     assert (alarm.kind, alarm.state, alarm.origin) == ("panic.pressed", "new", "device")
-    sent: list[tuple[str, str, str, dict[str, Any]]] = []
-
-    class Recorder:
-        def send(
-            self, site: str, device: str, name: str, args: dict[str, Any], target: str | None = None
-        ) -> str:
-            sent.append((site, device, name, args))
-            return f"cmd-{len(sent)}"
-
-    desk = AlarmDesk(store, Recorder())
+    commands = SentCommands()
+    desk = AlarmDesk(store, commands)
     acked = desk.acknowledge(alarm.id, "nurse station 2", "on our way")
     assert (acked.state, acked.acknowledged_by, acked.note) == (
         "acknowledged",
@@ -229,32 +233,89 @@ def test_alarm_lifecycle_with_command_to_the_device(
     assert acked.acknowledged_at is not None
     with pytest.raises(AlarmError, match="cannot become acknowledged"):
         desk.acknowledge(alarm.id, "someone else")
+    assert commands.sent == [("ack", {"alarm": alarm.id, "by": "nurse station 2"})]
+    assert acked.at_device == "ack sent, not confirmed (1 sent)"
+    assert store.command("cmd-1")["alarm_id"] == alarm.id  # type: ignore[index]
+    # Only the device's result makes it acknowledged at the device.
+    cycle(intake, store, [result_msg("cmd-1", ok=True)], T0 + 5)
+    assert store.command("cmd-1")["ok"] == 1  # type: ignore[index]
+    confirmed = store.alarm(alarm.id)
+    assert confirmed is not None and confirmed.at_device == "ack confirmed by device"
+    assert confirmed.device_confirmed_at == T0 + 5
     resolved = desk.resolve(alarm.id, "guard 7")
     assert (resolved.state, resolved.resolved_by) == ("resolved", "guard 7")
-    assert [s[2] for s in sent] == ["ack", "resolve"] and sent[0][3] == {
-        "event": alarm.id,
-        "by": "nurse station 2",
-    }
-    assert store.command("cmd-1") is not None and store.command("cmd-1")["alarm_id"] == alarm.id  # type: ignore[index]
+    assert resolved.at_device == "resolve sent, not confirmed (1 sent)"
+    assert [name for name, _ in commands.sent] == ["ack", "resolve"]
+    # A late copy of the ack's result does not confirm the resolve; the device's refusal shows.
+    cycle(intake, store, [result_msg("cmd-1", ok=True)], T0 + 6)
+    assert store.alarm(alarm.id).device_state == "sent"  # type: ignore[union-attr]
+    cycle(intake, store, [result_msg("cmd-2", ok=False, error="btn: wiring fault")], T0 + 7)
+    refused = store.alarm(alarm.id)
+    assert refused is not None and refused.at_device == "resolve refused by device: btn: wiring fault"
     assert kinds(store) == ["alarm.acknowledged", "alarm.resolved"]
     with pytest.raises(AlarmError, match="no alarm"):
         desk.resolve("nope", "guard 7")
-    # A command result from the device is recorded against the command.
-    result = {
-        "id": "cmd-1",
-        "name": "ack",
-        "ok": True,
-        "result": {},
-        "error": None,
-        "handled_by": ["btn"],
-    }
-    cycle(
-        intake,
-        store,
-        [Inbound("wardpost/s1/d1/cmd_result/cmd-1", json.dumps(result).encode(), T0)],
-        T0 + 5,
+
+
+def result_msg(command_id: str, ok: bool, error: str | None = None) -> Inbound:
+    body = {"id": command_id, "name": "x", "ok": ok, "result": {} if ok else None,
+            "error": error, "handled_by": ["btn"], "time": utc_iso(T0)}
+    return Inbound(f"wardpost/s1/d1/cmd_result/{command_id}", json.dumps(body).encode(), T0)
+
+
+class SentCommands:
+    """A Commander that records instead of publishing (the broker path is in test_receiver)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def send(
+        self, site: str, device: str, name: str, args: dict[str, Any], target: str | None = None
+    ) -> str:
+        self.sent.append((name, args))
+        return f"cmd-{len(self.sent)}"
+
+
+def test_unconfirmed_commands_are_sent_again_then_reported(
+    make_config: Callable[..., ReceiverConfig], store: Store
+) -> None:
+    intake = intake_for(make_config(), store)
+    cycle(intake, store, [event_msg(seq=1)], T0)
+    (alarm,) = store.alarms()
+    commands = SentCommands()
+    desk = AlarmDesk(store, commands)
+    sent_at = desk.acknowledge(alarm.id, "desk 1").device_sent_at
+    assert sent_at is not None
+    assert desk.follow_up(sent_at + 1, retry_every=5, confirm_within=30) == []
+    assert len(commands.sent) == 1, "not due yet"
+    desk.follow_up(sent_at + 6, retry_every=5, confirm_within=30)
+    assert [c[0] for c in commands.sent] == ["ack", "ack"]
+    assert commands.sent[1][1] == {"alarm": alarm.id, "by": "desk 1"}
+    again = store.alarm(alarm.id)
+    assert again is not None and again.at_device == "ack sent, not confirmed (2 sent)"
+    (given_up,) = desk.follow_up(sent_at + 31, retry_every=5, confirm_within=30)
+    assert given_up.device_state == "unconfirmed" and given_up.at_device.startswith(
+        "device did not confirm ack: no confirmation within 30 s (2 sent)"
     )
-    assert store.command("cmd-1")["ok"] == 1  # type: ignore[index]
+    assert "alarm.unconfirmed" in kinds(store)
+    desk.follow_up(sent_at + 100, retry_every=5, confirm_within=30)
+    assert len(commands.sent) == 2, "given up: no more attempts"
+    # The second attempt's late answer still confirms it.
+    cycle(intake, store, [result_msg("cmd-2", ok=True)], T0 + 200)
+    assert store.alarm(alarm.id).device_state == "confirmed"  # type: ignore[union-attr]
+
+
+def test_centre_alarms_need_no_device_confirmation(
+    make_config: Callable[..., ReceiverConfig], store: Store
+) -> None:
+    intake = intake_for(make_config(supervision={"default_interval": 1}), store)
+    cycle(intake, store, [heartbeat_msg(backlog=0)], T0)
+    cycle(intake, store, [], T0 + 100, supervise=True)
+    (lost,) = store.alarms()
+    commands = SentCommands()
+    acked = AlarmDesk(store, commands).acknowledge(lost.id, "desk 1")
+    assert (acked.kind, acked.device_state, acked.at_device, commands.sent) == (
+        "device.lost", None, "", [])
 
 
 def test_statistics_transmission_and_availability() -> None:
@@ -296,3 +357,65 @@ def test_config_errors_name_file_and_field(tmp_path: Path) -> None:
 def test_example_config_is_valid() -> None:
     config = load_receiver_config(Path(__file__).parents[2] / "config" / "central.example.toml")
     assert config.dc09.map["panic.pressed"].code == 120
+
+
+def test_a_version_1_store_is_upgraded_in_place(
+    make_config: Callable[..., ReceiverConfig], store: Store
+) -> None:
+    """A store written by the first release opens with its rows kept and the new columns added."""
+    from central.store import open_store
+
+    store.close()
+    config = make_config()
+    version_1 = Version1Store(config)
+    version_1.write_first_release_rows()
+    upgraded = open_store(config.store)
+    try:
+        assert upgraded.schema_version() == 2
+        (alarm,) = upgraded.alarms()
+        assert (alarm.id, alarm.state, alarm.device_state, alarm.device_attempts) == (
+            "a-1", "new", None, 0)
+        assert upgraded.devices()[0].seq_first is None
+        assert upgraded.quarantine_summary() == []
+        upgraded.migrate()  # opening it again changes nothing
+        assert upgraded.schema_version() == 2
+    finally:
+        upgraded.close()
+
+
+class Version1Store:
+    """Writes a store exactly as the first release did: its tables, ``schema = 1``, rows."""
+
+    def __init__(self, config: ReceiverConfig) -> None:
+        self.config = config
+
+    def write_first_release_rows(self) -> None:
+        from central.store import _SCHEMA
+
+        statements = [
+            *_SCHEMA,
+            "INSERT INTO meta (key, value) VALUES ('schema', '1')",
+            "INSERT INTO alarms (id, site, device, kind, priority, origin, test, raised_at, state)"
+            " VALUES ('a-1', 's1', 'd1', 'panic.pressed', 'critical', 'device', 0, 1.0, 'new')",
+            "INSERT INTO devices (site, device, state, first_seen, last_seen, lost, seq_above)"
+            " VALUES ('s1', 'd1', 'online', 1.0, 1.0, 0, '[]')",
+        ]
+        url, schema = self.config.store.url, self.config.store.schema
+        if url.startswith("sqlite:///"):
+            import sqlite3
+
+            with sqlite3.connect(url[len("sqlite:///"):]) as conn:
+                for name in ("meta", "events", "devices", "alarms", "links", "forwards",
+                             "commands"):
+                    conn.execute(f"DROP TABLE IF EXISTS {name}")
+                for statement in statements:
+                    conn.execute(statement)
+            return
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+            conn.execute(f'SET search_path TO "{schema}"')
+            for statement in statements:
+                conn.execute(statement)

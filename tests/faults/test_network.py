@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from agent.config import MQTTConfig
 from tests.faults.harness import Emitter, Rig, boottime, iterations
 from tests.support.broker import Broker
 from tests.support.proxy import TcpProxy
@@ -78,3 +79,46 @@ def test_link_fault_under_load(
     if fault == "blackhole":
         # Noticed only through keepalive: about 2 x keepalive; this bound is for correctness.
         assert notes["noticed_s_max"] < 4 * KEEPALIVE
+
+
+@pytest.mark.parametrize("load", ["busy", "idle"])
+def test_dead_link_noticed_at_the_default_config(
+    tmp_path: Path, fault_broker: Broker, fault_matrix: Callable[[dict[str, Any]], None], load: str
+) -> None:
+    """A blackholed link, with the default ``keepalive`` and ``link_timeout``: how long until
+    the agent knows (status disconnected), while events wait for the broker and when idle."""
+    rounds = min(iterations(3), 10)
+    defaults = MQTTConfig()
+    noticed: list[float] = []
+    with TcpProxy(fault_broker.host, fault_broker.port) as proxy:
+        rig = Rig(tmp_path, fault_broker, mqtt_port=proxy.port,
+                  mqtt={"keepalive": defaults.keepalive, "link_timeout": defaults.link_timeout}).start()
+        steady = None
+        if load == "busy":
+            steady = Emitter(rig.agent, rig.ledger, kind="panic.pressed", priorities=("critical", "normal"),
+                             rate=20, persist=True).start()
+        try:
+            for _ in range(rounds):
+                rig.agent.wait_for(lambda s: s["link"]["connected"], 30, "the link up")
+                time.sleep(2.0 * defaults.keepalive if load == "idle" else 1.0)
+                proxy.blackhole()
+                cut = boottime()
+                rig.agent.wait_for(lambda s: not s["link"]["connected"], 60, "the dead link noticed")
+                noticed.append(boottime() - cut)
+                proxy.set_pass()
+                rig.ledger.fault_cleared()
+            if steady is not None:
+                steady.stop()
+            verdict = rig.finish()
+        finally:
+            if steady is not None:
+                steady.stop()
+            rig.close()
+    fault_matrix(verdict.row(
+        f"dead link noticed, default config, {load}", rounds,
+        noticed_s_max=round(max(noticed), 2), noticed_s_mean=round(sum(noticed) / len(noticed), 2),
+        keepalive=defaults.keepalive, link_timeout=defaults.link_timeout,
+    ))
+    verdict.assert_promise()
+    # Required: 5 s busy, 10 s idle; the bounds here leave room for a loaded CI box.
+    assert max(noticed) < (8.0 if load == "busy" else 15.0), noticed

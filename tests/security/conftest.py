@@ -23,7 +23,8 @@ class TLSSetup:
     pki: TestPKI
     device: Identity  # CN "test-site/test-device"
     other_device: Identity  # CN "test-site/other-device"
-    centre: Identity  # CN "centre"
+    receiver: Identity  # CN "receiver": the only writer of receipts
+    console: Identity  # CN "console-1": an operator console, commands only
     centre_key: Path  # the centre's Ed25519 command-signing key
     centre_pub: Path
 
@@ -37,14 +38,15 @@ class TLSSetup:
         }
 
     def options(self, identity: Identity | None = None) -> BrokerOptions:
-        who = identity or self.centre
+        """Broker options of an operator console (default: console-1)."""
+        who = identity or self.console
         return BrokerOptions(host=self.broker.host, port=self.broker.port,
                              ca_file=str(self.pki.ca_file), cert_file=str(who.cert_file),
                              key_file=str(who.key_file))
 
     def recorder(self, topic: str = "wardpost/#", identity: Identity | None = None) -> Recorder:
-        """A :class:`Recorder` that connects over TLS (as the centre unless told otherwise)."""
-        who = identity or self.centre
+        """A :class:`Recorder` that connects over TLS (as the receiver unless told otherwise)."""
+        who = identity or self.receiver
         rec = Recorder(self.broker, topic)
         rec.client.tls_set(ca_certs=str(self.pki.ca_file), certfile=str(who.cert_file),
                            keyfile=str(who.key_file))
@@ -66,7 +68,8 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSSetup]:
         broker=broker, pki=pki,
         device=pki.issue(f"{SITE}/{DEVICE}"),
         other_device=pki.issue(f"{SITE}/other-device"),
-        centre=pki.issue("centre"),
+        receiver=pki.issue("receiver"),
+        console=pki.issue("console-1"),
         centre_key=root / "centre.key", centre_pub=root / "centre.pub",
     )
     yield setup

@@ -125,14 +125,40 @@ def test_a_device_reaches_only_its_own_tree(tls: TLSSetup) -> None:
         probe.close()
 
 
-def test_the_centre_cannot_speak_as_a_device(tls: TLSSetup) -> None:
-    probe = Probe(tls, tls.centre)
+def test_the_receiver_writes_receipts_and_commands_but_cannot_speak_as_a_device(
+        tls: TLSSetup) -> None:
+    probe = Probe(tls, tls.receiver)
     try:
         assert probe.connect()
         assert probe.publish(f"{OWN}/events/panic.pressed").value == 135
         assert probe.publish(f"{OWN}/status").value == 135
         assert not probe.publish(f"{OWN}/receipts", '{"ids": []}').is_failure
         assert not probe.publish(f"{OWN}/cmd/ping").is_failure
+    finally:
+        probe.close()
+
+
+def test_a_console_sends_commands_but_cannot_forge_receipts(tls: TLSSetup) -> None:
+    """A leaked console key must not be able to make a device delete undelivered events."""
+    probe = Probe(tls, tls.console)
+    try:
+        assert probe.connect()
+        assert not probe.publish(f"{OWN}/cmd/ack").is_failure
+        assert probe.publish(f"{OWN}/receipts", '{"ids": []}').value == 135
+        assert probe.publish(f"{OTHER}/receipts", '{"ids": []}').value == 135
+        assert probe.publish(f"{OWN}/events/panic.pressed").value == 135
+    finally:
+        probe.close()
+
+
+def test_the_old_centre_identity_has_no_rights(tls: TLSSetup) -> None:
+    """The first example ACL gave one "centre" name receipts and commands; it is gone."""
+    old = tls.pki.issue("centre")
+    probe = Probe(tls, old)
+    try:
+        assert probe.connect()
+        assert probe.publish(f"{OWN}/receipts", '{"ids": []}').value == 135
+        assert probe.publish(f"{OWN}/cmd/ack").value == 135
     finally:
         probe.close()
 
