@@ -2,14 +2,14 @@
 
 ``run`` is the daemon; ``check-config`` validates a file; ``status``, ``events``,
 ``emit``, ``simulate`` and ``reload`` talk to a running agent over its control
-socket; ``monitor`` and ``command`` are the centre's side; plug-ins add more
-sub-commands through the ``wardpost.cli`` entry-point group.
+socket; ``keys`` makes the centre's signing keys; plug-ins add more sub-commands
+through the ``wardpost.cli`` entry-point group (the centre's ``receiver``,
+``monitor`` and ``command`` among them).
 """
 
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import logging
 import signal
@@ -271,75 +271,6 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------- centre
-
-
-def _broker_options(args: argparse.Namespace) -> Any:
-    from agent.monitor import BrokerOptions
-
-    return BrokerOptions(
-        host=args.host,
-        port=args.port,
-        username=args.username,
-        password_file=args.password_file,
-        ca_file=args.ca_file,
-        cert_file=args.cert_file,
-        key_file=args.key_file,
-        prefix=args.prefix,
-    )
-
-
-def cmd_monitor(args: argparse.Namespace) -> int:
-    from agent.monitor import Monitor, TerminalView
-    from agent.security import Signer
-
-    signer = Signer.from_file(args.key) if args.key else None
-    monitor = Monitor(
-        _broker_options(args),
-        args.site,
-        receipts=not args.no_receipts,
-        signer=signer,
-        operator=args.operator,
-        view=TerminalView(as_json=args.json),
-    )
-    lines = None if args.no_input else sys.stdin
-    try:
-        return monitor.run(duration=args.duration, table_every=args.table_every, lines=lines)
-    except (OSError, ConnectionError) as exc:
-        raise ControlError(f"cannot watch {args.host}:{args.port}: {exc}") from None
-
-
-def cmd_command(args: argparse.Namespace) -> int:
-    from agent.monitor import send_command
-    from agent.security import Signer
-
-    try:
-        cmd_args = json.loads(args.args)
-    except json.JSONDecodeError as exc:
-        raise ControlError(f"--args is not JSON: {exc}") from None
-    if not isinstance(cmd_args, dict):
-        raise ControlError("--args must be a JSON object")
-    site, _, device = args.device.partition("/")
-    if not site or not device:
-        raise ControlError("device must be given as SITE/DEVICE")
-    signer = Signer.from_file(args.key) if args.key else None
-    try:
-        result = send_command(
-            _broker_options(args),
-            site,
-            device,
-            args.name,
-            args=cmd_args,
-            target=args.target,
-            timeout=args.timeout,
-            signer=signer,
-        )
-    except OSError as exc:
-        raise ControlError(f"cannot reach {args.host}:{args.port}: {exc}") from None
-    print(json.dumps(result, indent=2))
-    return 0 if result.get("ok") else 1
-
-
 def cmd_keys(args: argparse.Namespace) -> int:
     from agent.security import (
         generate_keypair,
@@ -373,19 +304,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ parser
-
-
-def _broker_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--username", default="")
-    p.add_argument("--password-file", default="")
-    p.add_argument(
-        "--ca-file", default="", help="CA certificate to verify the broker (enables TLS)"
-    )
-    p.add_argument("--cert-file", default="", help="client certificate (TLS)")
-    p.add_argument("--key-file", default="", help="client private key (TLS)")
-    p.add_argument("--prefix", default="wardpost", help="topic prefix")
 
 
 def _common_options(default: Any) -> argparse.ArgumentParser:
@@ -426,8 +344,6 @@ CORE_COMMANDS = (
     "emit",
     "simulate",
     "reload",
-    "monitor",
-    "command",
     "keys",
 )
 
@@ -481,39 +397,6 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     sub.add_parser("reload", help="re-read the config (like systemctl reload)").set_defaults(
         func=cmd_reload
     )
-
-    p = sub.add_parser("monitor", help="centre console: alarms, devices, events, receipts")
-    _broker_arguments(p)
-    p.add_argument("--site", default="+", help="site to watch (default all)")
-    p.add_argument(
-        "--key", default="", help="the centre's Ed25519 private key: signs ack/resolve/silence/test"
-    )
-    p.add_argument(
-        "--operator",
-        default=getpass.getuser(),
-        help="name sent as 'by' with acknowledgements (default: login name)",
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object per line, for scripts")
-    p.add_argument("--no-input", action="store_true", help="do not read commands from stdin")
-    p.add_argument("--no-receipts", action="store_true", help="do not confirm events")
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
-    p.add_argument(
-        "--table-every",
-        type=float,
-        default=30.0,
-        help="print the device and alarm tables this often",
-    )
-    p.set_defaults(func=cmd_monitor)
-
-    p = sub.add_parser("command", help="send a command to a device and print its result")
-    _broker_arguments(p)
-    p.add_argument("device", help="SITE/DEVICE")
-    p.add_argument("name", help="ack, resolve, silence, test, reload, ping, ...")
-    p.add_argument("--args", default="{}", help="JSON object")
-    p.add_argument("--target", default=None, help="driver instance name")
-    p.add_argument("--key", default="", help="the centre's Ed25519 private key file to sign with")
-    p.add_argument("--timeout", type=float, default=10.0)
-    p.set_defaults(func=cmd_command)
 
     p = sub.add_parser("keys", help="make and inspect the centre's command-signing keys")
     keys = p.add_subparsers(dest="keys_command", required=True)

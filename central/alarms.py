@@ -57,6 +57,21 @@ class Commander(Protocol):
         """Send command ``name`` to a device; returns the command id."""
 
 
+def command_message(
+    site: str,
+    device: str,
+    name: str,
+    args: dict[str, Any],
+    *,
+    target: str | None = None,
+    sign: Signing = unsigned,
+) -> dict[str, Any]:
+    """The message of command ``name`` for ``site``/``device``: a fresh id, signed by ``sign``.
+    Not checked against the contract (:meth:`MqttCommander.send` does that)."""
+    message = {"id": uuid7(), "issued_at": time.time(), "args": args, "target": target}
+    return sign(site, device, name, message)
+
+
 class MqttCommander:
     """Publishes ``{"id","issued_at","args","target"}`` on ``<prefix>/<site>/<device>/cmd/<name>``.
 
@@ -80,12 +95,7 @@ class MqttCommander:
         """Publish command ``name``; :class:`~contract.commands.ContractError` if the contract
         does not allow ``args`` (nothing is sent then)."""
         validate_args(name, args)
-        command = self.sign(
-            site,
-            device,
-            name,
-            {"id": uuid7(), "issued_at": time.time(), "args": args, "target": target},
-        )
+        command = command_message(site, device, name, args, target=target, sign=self.sign)
         self.client.publish(f"{self.prefix}/{site}/{device}/cmd/{name}", json.dumps(command), qos=1)
         return str(command["id"])
 

@@ -1,12 +1,15 @@
-"""``wardpost receiver ...``: run the receiver, print its report, handle alarms, test DC-09.
+"""The centre's verbs: ``wardpost receiver ...`` (run the receiver, its report, alarms,
+DC-09), ``wardpost monitor`` (the operator console) and ``wardpost command``.
 
-Plugged into the ``wardpost`` command through the ``wardpost.cli`` entry point
-(:func:`add_cli`); also runnable as ``python -m central ...``.
+Plugged into the ``wardpost`` command through the ``wardpost.cli`` entry points
+(:func:`add_cli`, :func:`add_monitor_cli`, :func:`add_command_cli`); the receiver's
+verbs are also runnable as ``python -m central ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import signal
@@ -19,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.config import ConfigError
+from agent.control import ControlError
 from central.config import DEFAULT_CENTRAL_CONFIG, ReceiverConfig, load_receiver_config
 
 log = logging.getLogger("wardpost.central")
@@ -328,6 +332,141 @@ def add_cli(subparsers: Any) -> None:
     )
     p.add_argument("--duration", type=float, default=None)
     p.set_defaults(func=cmd_dc09_listen)
+
+
+# ------------------------------------------------------- the console and single commands
+
+
+def _broker_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--username", default="")
+    p.add_argument("--password-file", default="")
+    p.add_argument(
+        "--ca-file", default="", help="CA certificate to verify the broker (enables TLS)"
+    )
+    p.add_argument("--cert-file", default="", help="this console's certificate (TLS)")
+    p.add_argument("--key-file", default="", help="this console's private key (TLS)")
+    p.add_argument("--prefix", default="wardpost", help="topic prefix")
+    p.add_argument(
+        "--key", default="", help="the centre's Ed25519 private key: signs the commands"
+    )
+
+
+def _broker_options(args: argparse.Namespace) -> Any:
+    from central.monitor import BrokerOptions
+
+    return BrokerOptions(
+        host=args.host,
+        port=args.port,
+        username=args.username,
+        password_file=args.password_file,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        prefix=args.prefix,
+    )
+
+
+def _signer(args: argparse.Namespace) -> Any:
+    from agent.security import Signer
+
+    return Signer.from_file(args.key) if args.key else None
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from central.monitor import Monitor, TerminalView
+    from central.store import open_store
+
+    store = open_store(load_receiver_config(args.receiver_config).store)
+    monitor = Monitor(
+        _broker_options(args),
+        store,
+        args.site,
+        signer=_signer(args),
+        operator=args.operator,
+        view=TerminalView(as_json=args.json),
+    )
+    lines = None if args.no_input else sys.stdin
+    try:
+        return monitor.run(duration=args.duration, table_every=args.table_every, lines=lines)
+    except (OSError, ConnectionError) as exc:
+        raise ControlError(f"cannot watch {args.host}:{args.port}: {exc}") from None
+    finally:
+        store.close()
+
+
+def cmd_command(args: argparse.Namespace) -> int:
+    from central.monitor import send_command
+    from contract.commands import ContractError
+
+    try:
+        cmd_args = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise ControlError(f"--args is not JSON: {exc}") from None
+    if not isinstance(cmd_args, dict):
+        raise ControlError("--args must be a JSON object")
+    site, _, device = args.device.partition("/")
+    if not site or not device:
+        raise ControlError("device must be given as SITE/DEVICE")
+    try:
+        result = send_command(
+            _broker_options(args),
+            site,
+            device,
+            args.name,
+            args=cmd_args,
+            target=args.target,
+            timeout=args.timeout,
+            signer=_signer(args),
+        )
+    except ContractError as exc:
+        raise ControlError(str(exc)) from None
+    except OSError as exc:
+        raise ControlError(f"cannot reach {args.host}:{args.port}: {exc}") from None
+    print(json.dumps(result, indent=2))
+    return 0 if result.get("ok") else 1
+
+
+def add_monitor_cli(subparsers: Any) -> None:
+    """Add ``monitor``, the operator console, to the ``wardpost`` parser."""
+    p = subparsers.add_parser(
+        "monitor", help="the operator console: alarms from the receiver's store, live traffic"
+    )
+    _broker_arguments(p)
+    p.add_argument(
+        "--receiver-config",
+        default=str(DEFAULT_CENTRAL_CONFIG),
+        help=f"the receiver's config, for its store of alarms (default {DEFAULT_CENTRAL_CONFIG})",
+    )
+    p.add_argument("--site", default="+", help="site to watch (default all)")
+    p.add_argument(
+        "--operator",
+        default=getpass.getuser(),
+        help="who acknowledges and resolves (default: login name)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line, for scripts")
+    p.add_argument("--no-input", action="store_true", help="do not read commands from stdin")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument(
+        "--table-every",
+        type=float,
+        default=30.0,
+        help="print the device and alarm tables this often",
+    )
+    p.set_defaults(func=cmd_monitor)
+
+
+def add_command_cli(subparsers: Any) -> None:
+    """Add ``command``: send one command (from the contract's vocabulary) and print its result."""
+    p = subparsers.add_parser("command", help="send a command to a device and print its result")
+    _broker_arguments(p)
+    p.add_argument("device", help="SITE/DEVICE")
+    p.add_argument("name", help="ack, resolve, silence, test, reload, ping, ... (contract/)")
+    p.add_argument("--args", default="{}", help="JSON object")
+    p.add_argument("--target", default=None, help="driver instance name")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,29 +1,25 @@
-"""``wardpost monitor``: the reference console for the monitoring centre.
+"""``wardpost monitor``: the operator console of the monitoring centre.
 
-Subscribes to one site or all and shows
+It shows the centre's ONE alarm model, the receiver's store: the alarms the
+receiver raised from devices' events (and its own, such as ``device.lost``),
+numbered ``#1``, ``#2``, … in the order this console first saw them, each with
+its state ``new → acknowledged → resolved`` and where the device stands on it
+(``ack sent, not confirmed`` → ``ack confirmed by device``). ``ack`` and
+``resolve`` go through :class:`central.alarms.AlarmDesk`, exactly as
+``wardpost receiver ack/resolve`` do: stored with who and when, sent to the device
+signed with the centre's key (``--key``), and followed up by the receiver until
+the device confirms. ``silence`` and ``test`` are sent as commands.
 
-* the live event stream, confirming every event with a receipt so agents running
-  with ``delivery = "receipt"`` release it;
-* the **alarm list**: every critical event from a driver (``panic.pressed``,
-  ``gate.alarm``, …) is an alarm, numbered ``#1``, ``#2``, … in arrival order, with
-  its priority, location and state ``new → acknowledged → resolved`` (or
-  ``expired``/``superseded``), taken only from what the device reports: events of
-  kind ``*.acknowledged``, ``*.resolved`` and ``*.expired`` whose ``payload.alarm``
-  names the alarm. A command result never changes an alarm by itself;
-* the **device table**: online/stopped/offline from the retained status and Last
-  Will, last heartbeat, backlog and driver health. A device whose heartbeat is
-  overdue (``LOST_AFTER_INTERVALS`` times its announced interval) is shown as
-  ``lost``, announced once when it goes missing and once when it is back. A Last
-  Will older than the device's current boot/connection is ignored.
-
-The operator types line commands (``help`` lists them): ``ack``, ``resolve``,
-``silence`` and ``test`` go to the device as commands signed with the centre's key
-(``--key``). ``--json`` prints one JSON object per line instead, for scripts.
+Beside the alarms it shows the live traffic from the broker: the event stream,
+command results and the device table (online/stopped/offline from the retained
+status and Last Will, last heartbeat, backlog, driver health; ``lost`` when a
+heartbeat is overdue). The console never writes receipts: only the receiver,
+which stores events first, may (see ``config/mosquitto/README.md``).
 
 The parts are separate so they can be tested without a terminal:
-:class:`MonitorState` turns messages into state and records (no I/O),
-:class:`Console` turns operator lines into commands, :class:`TerminalView`
-renders, and :class:`Monitor` owns the MQTT connection.
+:class:`LiveView` turns MQTT messages into records (no I/O), :class:`AlarmBoard`
+reads the alarms from the store, :class:`Console` turns operator lines into
+actions, :class:`TerminalView` renders, and :class:`Monitor` owns the connection.
 """
 
 from __future__ import annotations
@@ -34,10 +30,9 @@ import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, TextIO
+from dataclasses import dataclass, field
+from typing import Any, TextIO
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -46,28 +41,30 @@ from rich.markup import escape
 from rich.table import Table
 
 from agent.config import read_secret
-from agent.event import uuid7
 from agent.security import Signer
+from central.alarms import (
+    AlarmDesk,
+    AlarmError,
+    Commander,
+    MqttCommander,
+    Signing,
+    command_message,
+    unsigned,
+)
+from central.store import Alarm, Store
+from contract.commands import ContractError
 
 LOST_AFTER_INTERVALS = 2.5
 #: Closed alarms still listed, newest first, after the open ones.
 CLOSED_ALARMS_SHOWN = 20
-#: Event ids remembered to recognise re-sends (the agent may send an event twice).
-SEEN_IDS_KEPT = 100_000
-CORE_SOURCE = "agent"
+#: Resolved alarms older than this are not shown at all.
+RESOLVED_SHOWN_FOR = 24 * 3600.0
 
 _STYLE = {"critical": "bold white on red", "high": "bold red", "normal": "cyan", "low": "dim"}
 _PRIORITY_ORDER = {"critical": 0, "high": 1, "normal": 2, "low": 3}
-_STATE_STYLE = {
-    "new": "bold white on red",
-    "acknowledged": "bold yellow",
-    "resolved": "green",
-    "expired": "dim",
-    "superseded": "dim",
-}
-#: Alarm states by how far along they are: a late or re-sent event never moves one back.
-_STATE_RANK = {"new": 0, "acknowledged": 1, "resolved": 2, "expired": 2, "superseded": 2}
-_FOLLOW_UPS = {"acknowledged": "acknowledged", "resolved": "resolved", "expired": "expired"}
+_STATE_STYLE = {"new": "bold white on red", "acknowledged": "bold yellow", "resolved": "green"}
+_DEVICE_STYLE = {"sent": "yellow", "confirmed": "green", "refused": "bold red",
+                 "unconfirmed": "bold red"}
 
 Record = dict[str, Any]
 
@@ -79,11 +76,11 @@ def place(location: Any) -> str:
     return "" if location is None else str(location)
 
 
-# --------------------------------------------------------------------------- state
+# --------------------------------------------------------------------------- live traffic
 
 
 @dataclass
-class DeviceState:
+class DeviceView:
     site: str
     device: str
     state: str = "unknown"
@@ -93,7 +90,6 @@ class DeviceState:
     interval: float | None = None
     backlog: int | None = None
     drivers: dict[str, Any] = field(default_factory=dict)
-    last_event: float | None = None
     reported_lost: bool = False
 
     def supervision(self, now: float) -> str:
@@ -125,63 +121,12 @@ class DeviceState:
         ]
 
 
-@dataclass
-class Alarm:
-    """One alarm as the centre sees it; ``id`` is the id of the event that raised it."""
-
-    number: int
-    id: str
-    site: str
-    device: str
-    source: str
-    kind: str
-    priority: str
-    location: Any
-    raised: str
-    test: bool = False
-    state: str = "new"
-    by: str | None = None
-    updated: str = ""
-
-    @property
-    def open(self) -> bool:
-        return self.state in ("new", "acknowledged")
-
-    @property
-    def where(self) -> str:
-        spot = place(self.location)
-        return f"{self.site}/{self.device}" + (f" {spot}" if spot else "")
-
-    def to_dict(self) -> Record:
-        return {**asdict(self), "open": self.open, "where": self.where}
-
-
-@dataclass(frozen=True)
-class PendingCommand:
-    name: str
-    site: str
-    device: str
-    alarm: int | None
-
-
-class MonitorState:
-    """Everything the console knows, built only from the messages it is given.
-
-    :meth:`apply` takes one MQTT message and returns the records worth showing
-    (dicts with a ``type``). No I/O and no clock of its own: ``now`` is passed in.
-    Not thread-safe; :class:`Monitor` serialises access.
-    """
+class LiveView:
+    """The broker's traffic as records (dicts with a ``type``): events, statuses, heartbeats,
+    command results, and devices going quiet. No I/O and no clock: ``now`` is passed in."""
 
     def __init__(self) -> None:
-        self.devices: dict[tuple[str, str], DeviceState] = {}
-        self.alarms: OrderedDict[str, Alarm] = OrderedDict()
-        self.pending: dict[str, PendingCommand] = {}
-        self.events_seen = 0
-        self._seen: set[str] = set()
-        self._seen_order: deque[str] = deque()
-        self._next_number = 1
-
-    # -- input -------------------------------------------------------------------------
+        self.devices: dict[tuple[str, str], DeviceView] = {}
 
     def apply(self, topic: str, payload: bytes, now: float) -> list[Record]:
         """Records for one message; raises ``ValueError`` for one that is malformed."""
@@ -190,7 +135,7 @@ class MonitorState:
             return []
         site, device, channel = parts[1], parts[2], parts[3]
         if channel in ("receipts", "cmd"):
-            return []  # ours, or another operator's
+            return []  # the receiver's, ours, or another operator's
         body = json.loads(payload) if payload else {}
         if not isinstance(body, dict):
             raise ValueError("payload is not a JSON object")
@@ -206,72 +151,10 @@ class MonitorState:
             dev.drivers = dict(body.get("drivers") or {})
             return [{"type": "heartbeat", **where, **body}]
         if channel == "events":
-            dev.last_event = now
-            return self._event(body)
+            return [{"type": "event", **body}]
         if channel == "cmd_result":
-            pending = self.pending.pop(str(body.get("id")), None)
-            alarm = {"alarm_number": pending.alarm} if pending and pending.alarm else {}
-            return [{"type": "cmd_result", **where, **alarm, **body}]
+            return [{"type": "cmd_result", **where, **body}]
         return []
-
-    def _event(self, body: dict[str, Any]) -> list[Record]:
-        event_id = body["id"]
-        if not isinstance(event_id, str):
-            raise ValueError("event id is not a string")
-        if event_id in self._seen:
-            return []  # a re-send: the centre de-duplicates by id
-        self._remember(event_id)
-        self.events_seen += 1
-        records: list[Record] = [{"type": "event", **body}]
-        alarm = self._alarm_change(body)
-        if alarm is not None:
-            records.append({"type": "alarm", **alarm.to_dict()})
-        return records
-
-    def _remember(self, event_id: str) -> None:
-        self._seen.add(event_id)
-        self._seen_order.append(event_id)
-        if len(self._seen_order) > SEEN_IDS_KEPT:
-            self._seen.discard(self._seen_order.popleft())
-
-    def _alarm_change(self, body: Mapping[str, Any]) -> Alarm | None:
-        """The alarm this event raises or moves on, if any."""
-        payload = body.get("payload") or {}
-        kind = str(body.get("kind", ""))
-        follow_up = _FOLLOW_UPS.get(kind.rsplit(".", 1)[-1])
-        referenced = payload.get("alarm") if isinstance(payload, Mapping) else None
-        if follow_up and isinstance(referenced, str):
-            if payload.get("reason") == "superseded":
-                follow_up = "superseded"
-            alarm = self.alarms.get(referenced) or self._new_alarm(referenced, body)
-            if _STATE_RANK[follow_up] <= _STATE_RANK[alarm.state]:
-                return None
-            alarm.state = follow_up
-            alarm.by = payload.get("by") or alarm.by
-            alarm.updated = str(body.get("time", ""))
-            return alarm
-        if body.get("priority") == "critical" and body.get("source") != CORE_SOURCE:
-            return self._new_alarm(str(body["id"]), body)
-        return None
-
-    def _new_alarm(self, alarm_id: str, body: Mapping[str, Any]) -> Alarm:
-        payload = body.get("payload") or {}
-        alarm = Alarm(
-            number=self._next_number,
-            id=alarm_id,
-            site=str(body.get("site", "")),
-            device=str(body.get("device", "")),
-            source=str(body.get("source", "")),
-            kind=str(body.get("kind", "")),
-            priority=str(body.get("priority", "critical")),
-            location=payload.get("location") if isinstance(payload, Mapping) else None,
-            raised=str(body.get("time", "")),
-            test=bool(body.get("test", False)),
-            updated=str(body.get("time", "")),
-        )
-        self._next_number += 1
-        self.alarms[alarm_id] = alarm
-        return alarm
 
     def supervise(self, now: float) -> list[Record]:
         """``device_lost`` once when a heartbeat becomes overdue, ``device_back`` after."""
@@ -291,84 +174,113 @@ class MonitorState:
                 )
         return records
 
-    # -- queries -----------------------------------------------------------------------
-
-    def device(self, site: str, device: str) -> DeviceState:
+    def device(self, site: str, device: str) -> DeviceView:
         key = (site, device)
         if key not in self.devices:
-            self.devices[key] = DeviceState(site, device)
+            self.devices[key] = DeviceView(site, device)
         return self.devices[key]
 
-    def alarm_list(self) -> list[Alarm]:
+    def device_rows(self, now: float) -> list[Record]:
+        return [
+            {
+                "site": dev.site,
+                "device": dev.device,
+                "state": dev.supervision(now),
+                "boot": dev.boot,
+                "connection": dev.connection,
+                "heartbeat_age": None
+                if dev.last_heartbeat is None
+                else round(now - dev.last_heartbeat, 1),
+                "backlog": dev.backlog,
+                "drivers": len(dev.drivers),
+                "drivers_not_ok": dev.unhealthy_drivers(),
+            }
+            for dev in sorted(self.devices.values(), key=lambda d: (d.site, d.device))
+        ]
+
+
+# ---------------------------------------------------------------------------- alarms
+
+
+@dataclass(frozen=True)
+class AlarmOrigin:
+    """What the event that raised an alarm says about it: which driver, and where."""
+
+    source: str = ""
+    location: Any = None
+
+
+class AlarmBoard:
+    """The store's alarms as this console shows them, numbered in the order first seen."""
+
+    def __init__(self, store: Store, started: float):
+        self.store = store
+        self.started = started
+        self.alarms: dict[str, Alarm] = {}
+        self.numbers: dict[str, int] = {}
+        self.origins: dict[str, AlarmOrigin] = {}
+
+    def refresh(self) -> list[Record]:
+        """Read the store again; an ``alarm`` record for each alarm new or changed since."""
+        records = []
+        shown = {a.id: a for a in self.store.live_alarms(self.started - RESOLVED_SHOWN_FOR)}
+        for gone in self.alarms.keys() - shown.keys():  # resolved long ago: off the board
+            del self.alarms[gone]
+        for alarm in shown.values():
+            before = self.alarms.get(alarm.id)
+            self.alarms[alarm.id] = alarm
+            if alarm.id not in self.numbers:
+                self.numbers[alarm.id] = len(self.numbers) + 1
+                self.origins[alarm.id] = self._origin(alarm.id)
+            if before != alarm:
+                records.append(self.record(alarm))
+        return records
+
+    def _origin(self, alarm_id: str) -> AlarmOrigin:
+        event = self.store.event(alarm_id)
+        if event is None:
+            return AlarmOrigin()
+        return AlarmOrigin(event.source, event.payload.get("location"))
+
+    def where(self, alarm: Alarm) -> str:
+        spot = place(self.origins.get(alarm.id, AlarmOrigin()).location)
+        return f"{alarm.site}/{alarm.device}" + (f" {spot}" if spot else "")
+
+    def record(self, alarm: Alarm) -> Record:
+        return {
+            "type": "alarm",
+            "number": self.numbers[alarm.id],
+            "id": alarm.id,
+            "site": alarm.site,
+            "device": alarm.device,
+            "kind": alarm.kind,
+            "priority": alarm.priority,
+            "test": alarm.test,
+            "state": alarm.state,
+            "by": alarm.resolved_by or alarm.acknowledged_by,
+            "where": self.where(alarm),
+            "device_state": alarm.device_state,
+            "at_device": alarm.at_device,
+        }
+
+    def listing(self) -> list[Alarm]:
         """Open alarms (most urgent, then oldest first), then the latest closed ones."""
         alarms = list(self.alarms.values())
         open_ = sorted(
-            (a for a in alarms if a.open),
-            key=lambda a: (_PRIORITY_ORDER.get(a.priority, 9), a.number),
+            (a for a in alarms if a.state != "resolved"),
+            key=lambda a: (_PRIORITY_ORDER.get(a.priority, 9), self.numbers[a.id]),
         )
-        closed = [a for a in reversed(alarms) if not a.open][:CLOSED_ALARMS_SHOWN]
+        closed = sorted(
+            (a for a in alarms if a.state == "resolved"), key=lambda a: -self.numbers[a.id]
+        )[:CLOSED_ALARMS_SHOWN]
         return open_ + closed
 
-    def alarm_by_number(self, number: int) -> Alarm | None:
-        return next((a for a in self.alarms.values() if a.number == number), None)
-
-    def device_rows(self, now: float) -> list[Record]:
-        rows = []
-        for dev in sorted(self.devices.values(), key=lambda d: (d.site, d.device)):
-            rows.append(
-                {
-                    "site": dev.site,
-                    "device": dev.device,
-                    "state": dev.supervision(now),
-                    "boot": dev.boot,
-                    "connection": dev.connection,
-                    "heartbeat_age": None
-                    if dev.last_heartbeat is None
-                    else round(now - dev.last_heartbeat, 1),
-                    "backlog": dev.backlog,
-                    "drivers": len(dev.drivers),
-                    "drivers_not_ok": dev.unhealthy_drivers(),
-                }
-            )
-        return rows
+    def by_number(self, number: int) -> Alarm | None:
+        found = [i for i, n in self.numbers.items() if n == number and i in self.alarms]
+        return self.alarms[found[0]] if found else None
 
 
-# ------------------------------------------------------------------------- commands
-
-
-def command_message(
-    name: str,
-    args: Mapping[str, Any],
-    target: str | None,
-    *,
-    site: str,
-    device: str,
-    signer: Signer | None,
-) -> dict[str, Any]:
-    """A command for ``site``/``device`` with a fresh id, signed when ``signer`` is given."""
-    message: dict[str, Any] = {
-        "id": uuid7(),
-        "issued_at": time.time(),
-        "args": dict(args),
-        "target": target,
-    }
-    return signer.sign(site, device, name, message) if signer is not None else message
-
-
-class CommandSink(Protocol):
-    """Where the :class:`Console` sends commands (the :class:`Monitor`, or a test double)."""
-
-    def send(
-        self,
-        site: str,
-        device: str,
-        name: str,
-        *,
-        args: Mapping[str, Any],
-        target: str | None,
-        alarm: int | None = None,
-    ) -> str:
-        """Publish the command; return its id."""
+# --------------------------------------------------------------------- operator lines
 
 
 @dataclass(frozen=True)
@@ -386,26 +298,28 @@ _HELP = """\
 commands (N is an alarm number; without it, the selected alarm, or the only open one):
   alarms | a                 the alarm list          devices | d    the device table
   select N | N               select alarm N
-  ack [N]                    acknowledge: a responder is on the way
-  resolve [N]                close the alarm
+  ack [N]                    acknowledge: a responder is on the way (confirmed by the device)
+  resolve [N]                close the alarm (confirmed by the device)
   silence [N]                silence sounders for the alarm
   test [N] | test SITE/DEVICE [DRIVER]   raise a test alarm (the alarm's button by default)
   help | ?                   this text               quit | q       leave the console"""
 
 
 class Console:
-    """Turns operator lines into signed commands: the console's logic, without a terminal."""
+    """Turns operator lines into actions on the alarm desk: the console's logic, no terminal."""
 
     def __init__(
         self,
-        state: MonitorState,
-        sink: CommandSink,
+        board: AlarmBoard,
+        desk: AlarmDesk,
+        commander: Commander,
         *,
-        operator: str = "",
+        operator: str,
         lock: threading.Lock | None = None,
     ):
-        self.state = state
-        self.sink = sink
+        self.board = board
+        self.desk = desk
+        self.commander = commander
         self.operator = operator
         self.selected: str | None = None
         self._lock = lock or threading.Lock()
@@ -418,7 +332,7 @@ class Console:
         try:
             with self._lock:
                 return self._execute(verb, rest)
-        except _Refused as exc:
+        except (_Refused, AlarmError, ContractError) as exc:
             return Reply(str(exc), ok=False)
 
     def _execute(self, verb: str, rest: list[str]) -> Reply:
@@ -433,17 +347,30 @@ class Console:
         if verb.isdigit() or verb == "select":
             alarm = self._alarm([verb] if verb.isdigit() else rest, allow_closed=True)
             self.selected = alarm.id
-            return Reply(f"selected #{alarm.number} {alarm.kind} at {alarm.where} ({alarm.state})")
-        if verb in ("ack", "resolve", "silence"):
+            return Reply(self._describe(alarm, f"selected #{self.board.numbers[alarm.id]}"))
+        if verb in ("ack", "resolve"):
             alarm = self._alarm(rest)
             self.selected = alarm.id
-            args = {"alarm": alarm.id, **({"by": self.operator} if self.operator else {})}
+            move = self.desk.acknowledge if verb == "ack" else self.desk.resolve
+            moved = move(alarm.id, self.operator)  # the board shows the change at its next tick
+            number = self.board.numbers[alarm.id]
+            return Reply(
+                self._describe(moved, f"#{number} {moved.state} by {self.operator}"),
+                record=self.board.record(moved),
+            )
+        if verb == "silence":
+            alarm = self._alarm(rest)
+            self.selected = alarm.id
             # The sounder belongs to another driver (outputs): a silence is for whoever has it.
-            target = None if verb == "silence" else alarm.source
-            return self._send(alarm.site, alarm.device, verb, args=args, target=target, alarm=alarm)
+            args = {"alarm": alarm.id, "by": self.operator}
+            return self._send(alarm.site, alarm.device, "silence", args, target=None, alarm=alarm)
         if verb == "test":
             return self._test(rest)
         raise _Refused(f"unknown command {verb!r}; type help")
+
+    def _describe(self, alarm: Alarm, head: str) -> str:
+        at_device = f" ({alarm.at_device})" if alarm.at_device else ""
+        return f"{head}: {alarm.kind} at {self.board.where(alarm)}, {alarm.state}{at_device}"
 
     def _test(self, rest: list[str]) -> Reply:
         if rest and "/" in rest[0]:
@@ -451,24 +378,23 @@ class Console:
             if not site or not device:
                 raise _Refused("give the device as SITE/DEVICE")
             target = rest[1] if len(rest) > 1 else None
-            return self._send(site, device, "test", args={}, target=target, alarm=None)
+            return self._send(site, device, "test", {}, target=target, alarm=None)
         alarm = self._alarm(rest, allow_closed=True)
-        return self._send(
-            alarm.site, alarm.device, "test", args={}, target=alarm.source, alarm=alarm
-        )
+        source = self.board.origins.get(alarm.id, AlarmOrigin()).source or None
+        return self._send(alarm.site, alarm.device, "test", {}, target=source, alarm=alarm)
 
     def _send(
         self,
         site: str,
         device: str,
         name: str,
+        args: dict[str, Any],
         *,
-        args: Mapping[str, Any],
         target: str | None,
         alarm: Alarm | None,
     ) -> Reply:
-        number = alarm.number if alarm else None
-        command_id = self.sink.send(site, device, name, args=args, target=target, alarm=number)
+        command_id = self.commander.send(site, device, name, args, target)
+        number = self.board.numbers[alarm.id] if alarm else None
         about = f" for alarm #{number}" if number else ""
         record = {
             "type": "command_sent",
@@ -477,29 +403,30 @@ class Console:
             "site": site,
             "device": device,
             "target": target,
-            "args": dict(args),
+            "args": args,
             "alarm_number": number,
         }
         return Reply(f"sent {name}{about} to {site}/{device} (command {command_id})", record=record)
 
     def _alarm(self, rest: list[str], allow_closed: bool = False) -> Alarm:
+        board = self.board
         if rest:
             try:
                 number = int(rest[0].lstrip("#"))
             except ValueError:
                 raise _Refused(f"{rest[0]!r} is not an alarm number") from None
-            alarm = self.state.alarm_by_number(number)
+            alarm = board.by_number(number)
             if alarm is None:
                 raise _Refused(f"there is no alarm #{number}")
-        elif self.selected is not None and self.selected in self.state.alarms:
-            alarm = self.state.alarms[self.selected]
+        elif self.selected is not None and self.selected in board.alarms:
+            alarm = board.alarms[self.selected]
         else:
-            open_ = [a for a in self.state.alarms.values() if a.open]
+            open_ = [a for a in board.alarms.values() if a.state != "resolved"]
             if len(open_) != 1:
                 raise _Refused("which alarm? give its number" if open_ else "no open alarm")
             alarm = open_[0]
-        if not (alarm.open or allow_closed):
-            raise _Refused(f"alarm #{alarm.number} is already {alarm.state}")
+        if alarm.state == "resolved" and not allow_closed:
+            raise _Refused(f"alarm #{board.numbers[alarm.id]} is already resolved")
         return alarm
 
 
@@ -532,33 +459,33 @@ class TerminalView:
         if not reply.text:
             return
         if self.as_json:
-            self._json({"type": "reply", "ok": reply.ok, "text": reply.text, **reply.record})
+            self._json({**reply.record, "type": "reply", "ok": reply.ok, "text": reply.text})
         else:
             self.console.print(escape(reply.text) if reply.ok else f"[red]{escape(reply.text)}[/]")
 
-    def alarms(self, state: MonitorState) -> None:
-        alarms = state.alarm_list()
+    def alarms(self, board: AlarmBoard) -> None:
+        alarms = board.listing()
         if self.as_json:
-            self._json({"type": "alarms", "alarms": [a.to_dict() for a in alarms]})
+            self._json({"type": "alarms", "alarms": [board.record(a) for a in alarms]})
             return
         table = Table(title="alarms")
-        for column in ("#", "state", "priority", "where", "kind", "raised", "by"):
+        for column in ("#", "state", "at the device", "priority", "where", "kind", "by"):
             table.add_column(column)
         for a in alarms:
             test = " [TEST]" if a.test else ""
             table.add_row(
-                str(a.number),
+                str(board.numbers[a.id]),
                 f"[{_STATE_STYLE.get(a.state, '')}]{a.state}[/]",
+                _styled(a.at_device, _DEVICE_STYLE.get(a.device_state or "", "")),
                 f"[{_STYLE.get(a.priority, '')}]{a.priority}[/]",
-                escape(a.where),
+                escape(board.where(a)),
                 escape(a.kind + test),
-                a.raised[11:19],
-                escape(a.by or ""),
+                escape(a.resolved_by or a.acknowledged_by or ""),
             )
         self.console.print(table if alarms else "no alarms")
 
-    def devices(self, state: MonitorState, now: float) -> None:
-        rows = state.device_rows(now)
+    def devices(self, live: LiveView, now: float) -> None:
+        rows = live.device_rows(now)
         if self.as_json:
             self._json({"type": "devices", "devices": rows})
             return
@@ -604,9 +531,15 @@ class TerminalView:
             style = _STATE_STYLE.get(record["state"], "")
             by = f" by {escape(record['by'])}" if record.get("by") else ""
             test = " (test)" if record.get("test") else ""
+            at_device = record.get("at_device") or ""
+            device = (
+                " " + _styled(at_device, _DEVICE_STYLE.get(record.get("device_state") or "", ""))
+                if at_device
+                else ""
+            )
             return (
                 f"[{style}]ALARM #{record['number']} {record['state'].upper()}[/]{test} "
-                f"{escape(record['kind'])} at {escape(record['where'])}{by}"
+                f"{escape(record['kind'])} at {escape(record['where'])}{by}{device}"
             )
         if kind == "status":
             return (
@@ -619,9 +552,8 @@ class TerminalView:
                 if record.get("ok")
                 else f"[red]failed: {escape(str(record.get('error')))}[/]"
             )
-            about = f" for alarm #{record['alarm_number']}" if record.get("alarm_number") else ""
             return (
-                f"command {escape(str(record.get('name')))}{about} on {who}: {outcome} "
+                f"command {escape(str(record.get('name')))} on {who}: {outcome} "
                 f"(handled by {', '.join(record.get('handled_by') or []) or 'nobody'})"
             )
         if kind == "device_lost":
@@ -639,6 +571,11 @@ class TerminalView:
         with self._lock:
             self.out.write(json.dumps(record, default=str) + "\n")
             self.out.flush()
+
+
+def _styled(text: str, style: str) -> str:
+    """``text`` escaped for rich markup, in ``style`` when there is one."""
+    return f"[{style}]{escape(text)}[/]" if style and text else escape(text)
 
 
 # ------------------------------------------------------------------------- network
@@ -676,32 +613,43 @@ class BrokerOptions:
         return client
 
 
+def signing(signer: Signer | None) -> Signing:
+    return signer.sign if signer is not None else unsigned
+
+
 class Monitor:
-    """The console's MQTT side: feeds :class:`MonitorState`, sends receipts and commands."""
+    """The console's MQTT side and its loop: live traffic in, alarms from the store."""
 
     def __init__(
         self,
         options: BrokerOptions,
+        store: Store,
         site: str = "+",
         *,
-        receipts: bool = True,
         signer: Signer | None = None,
-        operator: str = "",
+        operator: str,
         view: TerminalView | None = None,
     ):
         self.options = options
         self.site = site
-        self.receipts = receipts
         self.signer = signer
         self.view = view or TerminalView()
-        self.state = MonitorState()
+        self.live = LiveView()
+        self.board = AlarmBoard(store, time.time())
         self._lock = threading.Lock()
-        self.console = Console(self.state, self, operator=operator, lock=self._lock)
         self.connected = threading.Event()
         self.client = options.client("wardpost-monitor")
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *_: self.connected.set()
+        self.commander = MqttCommander(self.client, options.prefix, signing(signer))
+        self.console = Console(
+            self.board,
+            AlarmDesk(store, self.commander),
+            self.commander,
+            operator=operator,
+            lock=self._lock,
+        )
 
     # -- MQTT --------------------------------------------------------------------------
 
@@ -713,35 +661,11 @@ class Monitor:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            if self.receipts and "/events/" in msg.topic:
-                self._receipt(msg.topic, bytes(msg.payload))
             with self._lock:
-                records = self.state.apply(msg.topic, bytes(msg.payload), time.time())
+                records = self.live.apply(msg.topic, bytes(msg.payload), time.time())
             self.view.records(records)
         except Exception as exc:  # a malformed message must not stop the console
             self.view.records([{"type": "malformed", "topic": msg.topic, "error": str(exc)}])
-
-    def _receipt(self, topic: str, payload: bytes) -> None:
-        """Confirm every copy, re-sends too: the device waits for a receipt to release it."""
-        base = topic.split("/events/", maxsplit=1)[0]
-        event_id = json.loads(payload)["id"]
-        self.client.publish(f"{base}/receipts", json.dumps({"ids": [event_id]}), qos=1)
-
-    def send(
-        self,
-        site: str,
-        device: str,
-        name: str,
-        *,
-        args: Mapping[str, Any],
-        target: str | None,
-        alarm: int | None = None,
-    ) -> str:
-        message = command_message(name, args, target, site=site, device=device, signer=self.signer)
-        self.state.pending[message["id"]] = PendingCommand(name, site, device, alarm)
-        topic = f"{self.options.prefix}/{site}/{device}/cmd/{name}"
-        self.client.publish(topic, json.dumps(message), qos=1)
-        return str(message["id"])
 
     def start(self, timeout: float = 15.0) -> None:
         self.client.connect(self.options.host, self.options.port, 15)
@@ -765,15 +689,15 @@ class Monitor:
         self.view.reply(reply)
         with self._lock:
             if reply.show == "alarms":
-                self.view.alarms(self.state)
+                self.view.alarms(self.board)
             elif reply.show == "devices":
-                self.view.devices(self.state, time.time())
+                self.view.devices(self.live, time.time())
         return reply
 
     def tick(self) -> None:
-        """Supervision: announce devices whose heartbeat went missing (or came back)."""
+        """Alarms new or changed in the store; devices whose heartbeat went missing."""
         with self._lock:
-            records = self.state.supervise(time.time())
+            records = [*self.board.refresh(), *self.live.supervise(time.time())]
         self.view.records(records)
 
     def run(
@@ -791,6 +715,7 @@ class Monitor:
                 "[yellow]no --key: commands are sent unsigned and devices "
                 "that require signatures will refuse them[/]"
             )
+        self.tick()
         if lines is not None:
             threading.Thread(
                 target=self._read, args=(lines, quit_requested), name="monitor-input", daemon=True
@@ -805,8 +730,8 @@ class Monitor:
                 if not self.view.as_json and time.monotonic() >= next_table + table_every:
                     next_table = time.monotonic()
                     with self._lock:
-                        self.view.devices(self.state, time.time())
-                        self.view.alarms(self.state)
+                        self.view.devices(self.live, time.time())
+                        self.view.alarms(self.board)
         except KeyboardInterrupt:
             pass
         finally:
@@ -828,13 +753,17 @@ def send_command(
     device: str,
     name: str,
     *,
-    args: Mapping[str, Any],
+    args: dict[str, Any],
     target: str | None = None,
     timeout: float = 10.0,
     signer: Signer | None = None,
 ) -> dict[str, Any]:
-    """Publish one command and wait for its result on ``cmd_result/<id>``."""
-    message = command_message(name, args, target, site=site, device=device, signer=signer)
+    """Publish one command (checked against the contract first) and wait for its result on
+    ``cmd_result/<id>``. :class:`~contract.commands.ContractError` if the contract refuses it."""
+    from contract.commands import validate_args
+
+    validate_args(name, args)
+    message = command_message(site, device, name, args, target=target, sign=signing(signer))
     command_id = str(message["id"])
     base = f"{options.prefix}/{site}/{device}"
     result: dict[str, Any] = {}

@@ -574,6 +574,10 @@ class Store(abc.ABC):
             )
         ]
 
+    def event(self, event_id: str) -> StoredEvent | None:
+        rows = self._rows(f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (event_id,))  # noqa: S608
+        return StoredEvent.from_row(rows[0]) if rows else None
+
     def count_events(self, *, origin: str | None = None) -> int:
         if origin is None:
             return int(self._rows("SELECT count(*) FROM events")[0][0])
@@ -587,7 +591,10 @@ class Store(abc.ABC):
     # --- alarms ---
     def alarms(self, state: str | None = None, site: str | None = None) -> list[Alarm]:
         where, params = self._filters(state=state, site=site)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return self._alarms_where(" AND ".join(where), params)
+
+    def _alarms_where(self, condition: str, params: Sequence[Any] = ()) -> list[Alarm]:
+        clause = f"WHERE {condition}" if condition else ""
         return [
             Alarm.from_row(r)
             for r in self._rows(
@@ -595,6 +602,13 @@ class Store(abc.ABC):
                 params,
             )
         ]
+
+    def live_alarms(self, resolved_since: float) -> list[Alarm]:
+        """What a console shows: open alarms, those whose device has not confirmed yet, and
+        those resolved since ``resolved_since``."""
+        return self._alarms_where(
+            "state <> 'resolved' OR device_state = 'sent' OR resolved_at >= ?", (resolved_since,)
+        )
 
     def alarm(self, alarm_id: str) -> Alarm | None:
         rows = self._rows(f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE id = ?", (alarm_id,))  # noqa: S608
@@ -663,13 +677,7 @@ class Store(abc.ABC):
 
     def awaiting_device(self) -> list[Alarm]:
         """Alarms whose ack/resolve the device has not confirmed yet (state ``sent``)."""
-        return [
-            Alarm.from_row(r)
-            for r in self._rows(
-                f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE device_state = 'sent'"  # noqa: S608
-                " ORDER BY device_sent_at, id"
-            )
-        ]
+        return self._alarms_where("device_state = 'sent'")
 
     def device_unconfirmed(self, alarm_id: str, command: str, detail: str, audit: StoredEvent) -> bool:
         """``command`` of the alarm got no confirmation in time: say so, with ``audit``."""

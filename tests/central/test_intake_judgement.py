@@ -159,3 +159,34 @@ def test_a_device_that_stops_cleanly_is_not_lost_but_a_will_or_silence_is(
     lost = sorted(e.device for e in store.events(kind="device.lost"))
     assert lost == ["silent", "will"]
     assert {a.device for a in store.alarms()} == {"silent", "will"}
+
+
+def test_every_event_the_centre_raises_matches_the_contract(
+    make_config: Callable[..., ReceiverConfig], store: Store
+) -> None:
+    from jsonschema import Draft7Validator
+
+    from central.alarms import AlarmDesk
+    from tests.central.test_store import SentCommands, result_msg
+    from tests.contract.test_contract import SCHEMAS
+
+    definitions = json.loads((SCHEMAS / "payloads" / "centre.json").read_text())["definitions"]
+    intake = intake_for(make_config(supervision={"gap_grace": 0}), store)
+    cycle(intake, store, [heartbeat_msg(interval=1), Inbound("wardpost/s1/d1/status", b"[]", T0)]
+          + [event_msg(seq=s) for s in (1, 3)], T0)
+    cycle(intake, store, [heartbeat_msg(interval=1)], T0 + 1, supervise=True)  # gap
+    cycle(intake, store, [event_msg(seq=1)], T0 + 2)  # restarted
+    cycle(intake, store, [], T0 + 60, supervise=True)  # lost
+    cycle(intake, store, [heartbeat_msg(interval=1)], T0 + 61)  # restored
+    desk = AlarmDesk(store, SentCommands())
+    first, second, *_ = [a for a in store.alarms() if a.origin == "device"]
+    desk.acknowledge(first.id, "desk 1", "on our way")
+    desk.resolve(first.id, "desk 1")
+    cycle(intake, store, [result_msg("cmd-2", ok=True)], T0 + 62)
+    desk.acknowledge(second.id, "desk 1")
+    desk.follow_up(10**10, retry_every=1, confirm_within=1)
+    centre = [e for e in store.events(limit=10_000) if e.origin == "centre"]
+    assert {e.kind for e in centre} == set(definitions) - {"dc09.link_down", "dc09.link_up"}
+    for event in centre:
+        errors = list(Draft7Validator(definitions[event.kind]).iter_errors(event.payload))
+        assert not errors, f"{event.kind}: {[e.message for e in errors]}"

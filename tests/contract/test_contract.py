@@ -14,8 +14,8 @@ from jsonschema import Draft7Validator, FormatChecker
 from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
 
-from agent.monitor import command_message
 from agent.security import Signer, generate_keypair
+from central.alarms import command_message, unsigned
 from tests.support.agent import DEVICE, SITE, AgentHarness, Message, Recorder, wait_until
 from tests.support.broker import Broker
 
@@ -152,8 +152,8 @@ def traffic(tmp_path: Path, broker: Broker) -> Iterator[list[Message]]:
         agent = harness.start()
 
         def command(name: str, args: dict[str, Any] | None = None, signed: bool = True) -> str:
-            message = command_message(name, args or {}, None, site=SITE, device=DEVICE,
-                                      signer=signer if signed else None)
+            message = command_message(SITE, DEVICE, name, args or {},
+                                      sign=signer.sign if signed else unsigned)
             rec.publish(f"{BASE}/cmd/{name}", message)
             rec.wait_for(lambda msgs: any(m.topic == f"{BASE}/cmd_result/{message['id']}"
                                           for m in msgs), 10, f"the result of {name}")
@@ -193,3 +193,22 @@ def test_every_payload_on_the_wire_matches_the_contract(contract: Contract,
     assert channels == {"events", "status", "heartbeat", "cmd_result", "cmd", "receipts"}
     results = [m.json() for m in traffic if "/cmd_result/" in m.topic]
     assert {r["ok"] for r in results} == {True, False}
+
+
+# ------------------------------------------------------------------- commands
+
+
+def test_every_command_a_driver_or_the_core_registers_is_in_the_contract() -> None:
+    """One vocabulary: a command handled at the edge must be defined in command_args/."""
+    from contract.commands import command_names
+
+    root = CONTRACT.parent
+    registered = set()
+    for path in [*root.glob("agent/*.py"), *root.glob("drivers/*/*.py")]:
+        registered.update(re.findall(r'(?:on_command|register)\(\s*"([a-z][a-z0-9_.]*)"',
+                                     path.read_text()))
+    assert registered >= {"ack", "resolve", "silence", "test", "ping", "reload", "face.reject"}
+    assert registered <= set(command_names()), registered - set(command_names())
+    for name in command_names():
+        schema = json.loads((SCHEMAS / "command_args" / f"{name}.json").read_text())
+        assert schema["additionalProperties"] is False, f"{name}: args must be a closed object"

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from agent.monitor import BrokerOptions
 from agent.security import generate_keypair
+from central.monitor import BrokerOptions
 from tests.support.agent import DEVICE, SITE, Recorder
 from tests.support.broker import Broker, free_port
 from tests.support.tls import MOSQUITTO_DIR, Identity, TestPKI, shipped_broker_config

@@ -12,8 +12,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.monitor import Monitor, TerminalView, command_message
 from agent.security import Signer
+from central.alarms import command_message, unsigned
+from central.config import parse_receiver_config
+from central.monitor import Monitor, TerminalView
+from central.receiver import Receiver
 from tests.security.conftest import TLSSetup
 from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
 
@@ -69,7 +72,7 @@ def rejection_for(centre: Recorder, command_id: str) -> dict[str, Any]:
 
 
 def ping(signer: Signer | None, **changes: Any) -> dict[str, Any]:
-    message = command_message("ping", {}, None, site=SITE, device=DEVICE, signer=signer)
+    message = command_message(SITE, DEVICE, "ping", {}, sign=signer.sign if signer else unsigned)
     return {**message, **changes}
 
 
@@ -120,60 +123,92 @@ def test_a_replay_is_refused_even_after_a_restart(harness: AgentHarness, centre:
     assert send(centre, "ping", ping(signer))["ok"] is True, "fresh commands still work"
 
 
-def test_the_consoles_signed_ack_and_resolve_are_applied(harness: AgentHarness,
-                                                         centre: Recorder, tls: TLSSetup,
-                                                         signer: Signer) -> None:
+@pytest.fixture
+def receiver(tmp_path: Path, tls: TLSSetup) -> Iterator[Receiver]:
+    """The centre's receiver on the TLS broker as CN "receiver", signing its re-sends."""
+    config = parse_receiver_config({
+        "mqtt": {"host": tls.broker.host, "port": tls.broker.port, "client_id": "receiver",
+                 "tls": {"enabled": True, "ca_file": str(tls.pki.ca_file),
+                         "cert_file": str(tls.receiver.cert_file),
+                         "key_file": str(tls.receiver.key_file)}},
+        "store": {"url": f"sqlite:///{tmp_path / 'central.db'}"},
+        "supervision": {"check_every": 0.1},
+        "commands": {"signing_key": str(tls.centre_key), "retry_every": 1.0},
+    })
+    running = Receiver(config).start()
+    assert running.wait_connected(10)
+    yield running
+    running.stop()
+
+
+def shown_alarms(monitor: Monitor) -> dict[str, Any]:
+    monitor.tick()
+    return monitor.board.alarms
+
+
+def device_state(receiver: Receiver, wanted: str) -> Callable[[], bool]:
+    return lambda: any(a.device_state == wanted for a in receiver.store.alarms())
+
+
+def test_the_consoles_signed_ack_and_resolve_are_confirmed_by_the_device(
+        harness: AgentHarness, receiver: Receiver, tls: TLSSetup, signer: Signer) -> None:
     out = io.StringIO()
-    monitor = Monitor(tls.options(), SITE, signer=signer, operator="desk-2",
+    monitor = Monitor(tls.options(), receiver.store, SITE, signer=signer, operator="desk-2",
                       view=TerminalView(out, as_json=True))
     monitor.start()
     try:
         assert harness.agent is not None
         harness.agent.driver("panic").simulate("press", {})
-        wait_until(lambda: len(monitor.state.alarms) == 1, 10, "the alarm at the console")
-        alarm = next(iter(monitor.state.alarms.values()))
+        wait_until(lambda: bool(shown_alarms(monitor)), 10, "the alarm at the console")
+        (alarm,) = monitor.board.alarms.values()
         assert (alarm.state, alarm.kind, alarm.priority) == ("new", "panic.pressed", "critical")
-        assert alarm.where == f"{SITE}/{DEVICE} ward 3B, room 12"
+        assert monitor.board.where(alarm) == f"{SITE}/{DEVICE} ward 3B, room 12"
 
         reply = monitor.execute("ack")
         assert reply.ok, reply.text
-        wait_until(lambda: alarm.state == "acknowledged", 10, "the device's acknowledgement")
-        assert alarm.by == "desk-2"
+        wait_until(device_state(receiver, "confirmed"), 10, "the device's confirmation")
+        assert receiver.store.alarms()[0].acknowledged_by == "desk-2"
+        monitor.tick()
         monitor.execute("resolve 1")
-        wait_until(lambda: alarm.state == "resolved", 10, "the device's resolution")
+        wait_until(lambda: receiver.store.alarms()[0].state == "resolved", 10, "resolved")
+        wait_until(device_state(receiver, "confirmed"), 10, "the device's confirmation")
+        monitor.tick()
 
         records = [json.loads(line) for line in out.getvalue().splitlines()]
         results = [r for r in records if r["type"] == "cmd_result"]
-        assert [(r["name"], r["ok"], r["alarm_number"]) for r in results] == \
-            [("ack", True, 1), ("resolve", True, 1)]
-        states = [r["state"] for r in records if r["type"] == "alarm"]
-        assert states == ["new", "acknowledged", "resolved"]
+        assert [(r["name"], r["ok"]) for r in results] == [("ack", True), ("resolve", True)]
+        shown = [(r["state"], r["at_device"]) for r in records if r["type"] == "alarm"]
+        assert shown[0] == ("new", "") and shown[-1] == ("resolved", "resolve confirmed by device")
+        assert ("acknowledged", "ack confirmed by device") in shown
         assert harness.agent.dispatcher.counters["rejected"] == 0
     finally:
         monitor.stop()
 
 
 def test_an_unsigned_console_cannot_acknowledge(harness: AgentHarness, centre: Recorder,
-                                                tls: TLSSetup) -> None:
-    out = io.StringIO()
-    monitor = Monitor(tls.options(), SITE, signer=None, view=TerminalView(out, as_json=True))
+                                                receiver: Receiver, tls: TLSSetup) -> None:
+    monitor = Monitor(tls.options(), receiver.store, SITE, signer=None, operator="desk-3",
+                      view=TerminalView(io.StringIO(), as_json=True))
     monitor.start()
     try:
         assert harness.agent is not None
         harness.agent.driver("panic").simulate("press", {})
-        wait_until(lambda: len(monitor.state.alarms) == 1, 10, "the alarm at the console")
-        reply = monitor.execute("ack 1")
-        command_id = reply.record["id"]
+        wait_until(lambda: bool(shown_alarms(monitor)), 10, "the alarm at the console")
+        assert monitor.execute("ack 1").ok
+        wait_until(device_state(receiver, "refused"), 10, "the device's refusal")
+        (refused,) = receiver.store.alarms()
+        assert refused.at_device == "ack refused by device: rejected: unsigned command"
+        command_id = centre.on_topic("/cmd/ack")[0].json()["id"]
         assert rejection_for(centre, command_id)["payload"]["reason"] == "unsigned command"
-        wait_until(lambda: not monitor.state.pending, 10, "the result at the console")
-        assert next(iter(monitor.state.alarms.values())).state == "new"
     finally:
         monitor.stop()
 
 
-def test_monitor_run_reads_operator_lines_and_quits(tls: TLSSetup, signer: Signer) -> None:
+def test_monitor_run_reads_operator_lines_and_quits(tls: TLSSetup, signer: Signer,
+                                                   receiver: Receiver) -> None:
     out = io.StringIO()
-    monitor = Monitor(tls.options(), SITE, signer=signer, view=TerminalView(out, as_json=True))
+    monitor = Monitor(tls.options(), receiver.store, SITE, signer=signer, operator="desk-1",
+                      view=TerminalView(out, as_json=True))
     started = time.monotonic()
     assert monitor.run(duration=10, lines=iter(["devices", "ack", "quit"])) == 0
     assert time.monotonic() - started < 5, "quit ends the session"
