@@ -368,6 +368,10 @@ def loop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         for device, table in drivers.items():
             port = gate_link.port if device == GATE else broker.port
             doc = _agent_config(root, device, identities[device], pki, port, root / "centre.pub", table)
+            if device == CAMERA:
+                # One event in flight at a time, released by receipts only: the events behind
+                # it are accepted but not yet sent, which a forged receipt must not release.
+                doc["mqtt"].update(delivery="receipt", inflight_window=1)
             configs[device] = doc
             path = _write(root / device / "wardpost.toml", doc)
             agents[device] = AgentProcess(path, root / device / "state" / "control.sock")
@@ -381,9 +385,12 @@ def loop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             monitor=Service("monitor", [], root / "monitor.log"), arc=arc, agents=agents,
             configs=configs, gate_port=gate_port, gate_link=gate_link, centre_key=root / "centre.key", identities=identities,
         )
-        # A console that still offers to send receipts is told not to: the receiver does.
-        quiet = ["--no-receipts"] if "--no-receipts" in wardpost("monitor", "--help").stdout else []
-        loop.monitor.argv = [*WARDPOST, "monitor", "--json", "--no-input", *quiet,
+        # Older consoles sent receipts themselves (told not to: the receiver does); newer
+        # ones read the receiver's alarm store.
+        offered = wardpost("monitor", "--help").stdout
+        extra = [*(["--no-receipts"] if "--no-receipts" in offered else []),
+                 *(["--receiver-config", str(receiver_config)] if "--receiver-config" in offered else [])]
+        loop.monitor.argv = [*WARDPOST, "monitor", "--json", "--no-input", *extra,
                              "--key", str(loop.centre_key), *loop.broker_args(acl.console)]
         loop.start_receiver()
         cleanup.callback(receiver.stop)

@@ -76,6 +76,9 @@ def test_press_is_stored_acknowledged_at_the_button_then_resolved(loop: Loop) ->
     ack = device_event(loop, PANIC, "panic.acknowledged", alarm=event.id)
     assert ack is not None and ack["payload"]["by"] == "control room 1"
 
+    acknowledged = next(a for a in loop.alarms() if a.id == event.id)
+    assert getattr(acknowledged, "device_state", None) == "confirmed", acknowledged
+
     loop.operator("resolve", event.id, "--by", "guard 7")
     wait_for(lambda: button(loop).endswith("idle"), "the LED off (no active alarm)", timeout=20)
     resolved = device_event(loop, PANIC, "panic.resolved", alarm=event.id)
@@ -142,6 +145,28 @@ def test_only_the_receiver_may_publish_receipts(loop: Loop) -> None:
         f"console identity {loop.acl.console!r} may publish receipts (the ACL gives receipts and "
         f"commands to the same name)"
     )
+
+
+def test_a_forged_receipt_releases_nothing_that_was_not_sent(loop: Loop) -> None:
+    """Even with the receiver's own identity (a misconfigured ACL, a stolen key), a receipt
+    for an event the device has accepted but not yet sent must not delete it (defect 3)."""
+    loop.receiver.stop()
+    try:
+        for n in range(3):
+            loop.device_cli(CAMERA, "emit", "sim.unsent", "--payload", json.dumps({"n": n}))
+        pending = [e for e in loop.device_events(CAMERA) if e["kind"] == "sim.unsent"]
+        ids = [e["id"] for e in sorted(pending, key=lambda e: e["payload"]["n"])]
+        assert len(ids) == 3
+        # The window holds one event; with no receiver nothing is receipted, so the last
+        # one accepted is still waiting to be sent.
+        wait_for(lambda: loop.device_status(CAMERA)["link"]["in_flight"] >= 1, "one event in flight")
+        with HostileClient(loop.broker, loop.pki, loop.identities[loop.acl.receiver], "forger") as forger:
+            code = forger.publish(f"wardpost/{SITE}/{CAMERA}/receipts", json.dumps({"ids": [ids[-1]]}))
+            assert code == 0
+    finally:
+        loop.start_receiver()
+    wait_for(lambda: {e.id for e in stored(loop, CAMERA, "sim.unsent")} >= set(ids),
+             f"all three events at the centre (got {len(stored(loop, CAMERA, 'sim.unsent'))})")
 
 
 # ---------------------------------------------------------- 5. commands: malformed, reload
