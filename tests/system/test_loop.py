@@ -13,6 +13,7 @@ import pytest
 
 from tests.support.toml_writer import dumps
 from tests.system.conftest import (
+    ARC_ACCOUNT,
     CAMERA,
     DEADLINE,
     GATE,
@@ -125,9 +126,10 @@ def test_gate_alarm_reaches_the_alarm_receiving_centre(loop: Loop) -> None:
 
     # Defect 10: with the example's default receiver number pysiaalarm's ACK is accepted.
     wait_for(forwarded, "the bridge to record the ARC's ACK", timeout=30)
-    reports = [r for r in loop.arc.received() if str(getattr(r, "code", "")) or r]
-    assert reports, "pysiaalarm received nothing"
-    assert not stored(loop, "receiver", "dc09.link_down", since)
+    # Contact ID 1 150 (new event, 24-hour auxiliary) in partition 2, per the example's map.
+    reports = [(r.account, r.event_qualifier, r.event_type, r.partition) for r in loop.arc.received()]
+    assert (ARC_ACCOUNT, "1", "150", "02") in reports, reports
+    assert [e for e in loop.stored(kind="dc09.link_down") if e.stored_at >= since] == []
 
 
 # ------------------------------------------------------ 4. a hostile device: receipts
@@ -301,8 +303,8 @@ def test_poison_from_a_hostile_device_stops_nothing(loop: Loop) -> None:
     assert loop.receiver.running, loop.receiver.text()[-3000:]
     report = loop.operator("report", "--json").stdout
     assert "quarantin" in report.lower() and HOSTILE in report, report[-2000:]
-    wait_for(lambda: stored(loop, "", "centre.quarantined") or stored(loop, HOSTILE, "centre.quarantined"),
-             "a centre.quarantined event", timeout=15)
+    wait_for(lambda: [e for e in loop.stored(kind="centre.quarantined") if HOSTILE in e.body],
+             "a centre.quarantined event naming the hostile device", timeout=15)
 
     # After a restart the poison is not replayed forever: new events still get in.
     loop.receiver.stop()
