@@ -61,13 +61,16 @@ WARDPOST = [sys.executable, "-m", "agent.cli"]  # the `wardpost` console script,
 T = TypeVar("T")
 
 
-def wait_for(probe: Callable[[], T], what: str, timeout: float = DEADLINE, every: float = 0.1) -> T:
-    """Poll ``probe`` until it returns something truthy; fail naming ``what``."""
+def wait_for(probe: Callable[[], T], what: str | Callable[[], str], timeout: float = DEADLINE,
+             every: float = 0.1) -> T:
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` (a callable
+    ``what`` describes the state at the time of failure)."""
     deadline = time.monotonic() + timeout
     last: T = probe()
     while not last:
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            described = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {described}")
         time.sleep(every)
         last = probe()
     return last
@@ -212,6 +215,13 @@ class Loop:
         store = self.store()
         try:
             return store.events(limit=100_000, **filters)
+        finally:
+            store.close()
+
+    def devices(self) -> list[Any]:
+        store = self.store()
+        try:
+            return store.devices()
         finally:
             store.close()
 
@@ -400,16 +410,8 @@ def loop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             cleanup.callback(agent.kill)
             agent.start(timeout=DEADLINE)
         for device in agents:
-            wait_for(lambda d=device: any(s.device == d and s.state == "online" for s in _devices(loop)),  # type: ignore[misc]
+            wait_for(lambda d=device: any(s.device == d and s.state == "online" for s in loop.devices()),  # type: ignore[misc]
                      f"{device} online at the centre")
         yield loop
         if loop.figures:
             print(f"\nloop figures ({engine}): {json.dumps(loop.figures)}")
-
-
-def _devices(loop: Loop) -> list[Any]:
-    store = loop.store()
-    try:
-        return store.devices()
-    finally:
-        store.close()

@@ -73,7 +73,7 @@ def test_press_is_stored_acknowledged_at_the_button_then_resolved(loop: Loop) ->
     assert "acknowledged" in done.stdout
     # Defect 1: the device must understand the centre's ack: LED steady ("acknowledged").
     wait_for(lambda: f"alarm {event.id} acknowledged" in button(loop),
-             f"the button to show the centre's ack; it says: {button(loop)}", timeout=20)
+             lambda: f"the button to show the centre's ack; it says: {button(loop)}", timeout=20)
     ack = device_event(loop, PANIC, "panic.acknowledged", alarm=event.id)
     assert ack is not None and ack["payload"]["by"] == "control room 1"
 
@@ -168,7 +168,7 @@ def test_a_forged_receipt_releases_nothing_that_was_not_sent(loop: Loop) -> None
     finally:
         loop.start_receiver()
     wait_for(lambda: {e.id for e in stored(loop, CAMERA, "sim.unsent")} >= set(ids),
-             f"all three events at the centre (got {len(stored(loop, CAMERA, 'sim.unsent'))})")
+             lambda: f"all three events at the centre (got {len(stored(loop, CAMERA, 'sim.unsent'))})")
 
 
 # ---------------------------------------------------------- 5. commands: malformed, reload
@@ -235,6 +235,10 @@ def test_a_dead_link_is_noticed_while_an_event_waits(loop: Loop) -> None:
 
 
 def test_killed_device_is_lost_then_restored_and_a_stopped_one_is_not_lost(loop: Loop) -> None:
+    # Both devices alive in the centre's eyes first (the dead-link test may have left the
+    # gate marked lost), so each silence below is judged afresh.
+    wait_for(lambda: all(not d.lost for d in loop.devices() if d.device in (GATE, PANIC)),
+             "the gate and the button supervised as alive")
     since = time.time()
     try:
         loop.agents[GATE].terminate()  # systemctl stop: status "stopped"
@@ -277,7 +281,7 @@ def test_broker_outage_while_the_receiver_is_down_loses_nothing(loop: Loop) -> N
             loop.broker.start()
         loop.start_receiver()
     wait_for(lambda: len(stored(loop, PANIC, "sim.during_outage")) >= 20,
-             f"all 20 events of the outage at the centre (got {len(stored(loop, PANIC, 'sim.during_outage'))})",
+             lambda: f"all 20 events of the outage at the centre (got {len(stored(loop, PANIC, 'sim.during_outage'))})",
              timeout=30)
 
 
