@@ -191,7 +191,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"wardpost {status['version']}  site {status['site']}  device {status['device']}  up {status['uptime']:.0f}s  boot {status['boot']}"
     )
     print(
-        f"broker   {link['broker']}  {'connected' if link['connected'] else 'DISCONNECTED'}  delivery={link['delivery']}  in flight {link['in_flight']}"
+        f"broker   {link['broker']}  {'connected' if link['connected'] else 'DISCONNECTED'}  in flight {link['in_flight']}"
         + (f"  last error: {link['last_error']}" if link["last_error"] else "")
     )
     print(f"delivery {link['delivery']}: {link['guarantee']}")

@@ -106,6 +106,7 @@ class Outbox:
         self.seqs = SeqReserve(self.path.with_name(self.path.stem + ".seq"))
         self._seq_floor = 1  # the next seq according to the database
         self._persisted_seq = 0
+        self._memory_seq = 0  # the highest seq ever held in memory (may have been sent)
         self._conn: sqlite3.Connection | None = None
         self._sync_full: bool | None = None
         self._memory: dict[str, PendingRow] = {}  # accepted while the disk is failing
@@ -376,12 +377,16 @@ class Outbox:
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
+        """Commit what is queued and stop. Call it after the publisher has stopped: numbers
+        handed out but never stored are then free for the next run."""
         if self._thread is None:
             return
         self._queue.put(("stop", None))
         self._thread.join(timeout)
         self._thread = None
-        self.seqs.close()
+        # Everything submitted is now stored or in memory; a number above both was never
+        # sent either (the agent stops its publisher before its outbox).
+        self.seqs.close(max(self._persisted_seq, self._memory_seq) + 1)
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -735,6 +740,7 @@ class Outbox:
         with self._memory_lock:
             for _, row in adds:
                 self._memory[row.id] = row
+        self._memory_seq = max(self._memory_seq, *(row.seq for _, row in adds))
         self.counters["memory_fallback"] += len(adds)
         self._disk_fault = reason
         self._report_fault(reason)

@@ -43,7 +43,7 @@ import ssl
 import statistics
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +65,7 @@ log = logging.getLogger("wardpost.publisher")
 _START = (-1, -1)  # a cursor before every (rank, seq)
 _PROBE_AFTER = 1.0  # seconds of silence from the broker, while events wait, before a probe
 _PROBE_GRACE = 1.5  # a probe gets at least this long to be answered
+_RECENTLY_RELEASED = 4096  # ids remembered so a late duplicate receipt is not taken as forged
 
 
 @dataclass
@@ -189,6 +190,7 @@ class Publisher:
         self._inflight: dict[str, int] = {}  # event id -> mid, waiting for PUBACK
         self._awaiting: dict[str, _Sent] = {}  # event id -> sent, waiting for a receipt
         self._releasing: set[str] = set()  # released, until the outbox confirms
+        self._recently_released: OrderedDict[str, None] = OrderedDict()
         self._cursor = _START
         self._db_exhausted = False
         self._rewind_lock = threading.Lock()
@@ -600,8 +602,9 @@ class Publisher:
 
         A receipt naming anything else (an event not sent yet, one from an earlier link,
         an unknown id) releases nothing: it may be forged, and releasing an event the
-        centre never had would lose it. Such ids are counted; a late duplicate of a
-        receipt already honoured is not."""
+        centre never had would lose it. Such ids are counted; a receipt for an event
+        released a moment ago (a duplicate, or one following the PUBACK in broker mode)
+        is not."""
         try:
             ids = json.loads(payload)["ids"]
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
@@ -618,7 +621,7 @@ class Publisher:
             if mid is not None:
                 sent = self._by_mid.pop(mid, None) or sent
             if sent is None:
-                if event_id not in self._releasing and event_id not in releases:
+                if event_id not in self._recently_released and event_id not in releases:
                     ignored += 1
                 continue
             self.stats.add(now - sent.accepted)
@@ -630,10 +633,15 @@ class Publisher:
                 "(not sent yet, unknown or forged)",
                 ignored,
                 self.topics.receipts,
+                extra={"repeat_key": "receipt ids ignored"},
             )
 
     def _release(self, ids: list[str]) -> None:
         self._releasing.update(ids)
+        for event_id in ids:
+            self._recently_released[event_id] = None
+        while len(self._recently_released) > _RECENTLY_RELEASED:
+            self._recently_released.popitem(last=False)
         self.counters["confirmed"] += len(ids)
         self.outbox.release(ids)
         with self._live_lock:

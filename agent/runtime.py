@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import queue
@@ -253,6 +254,11 @@ class Agent:
             raise ValueError(
                 f"invalid event kind {kind!r}: use dotted lowercase words like 'gate.alarm'"
             )
+        body = dict(payload or {})
+        try:  # before numbering: an event that cannot be sent must not leave a hole in seq
+            json.dumps(body)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"payload of {kind!r} is not JSON: {exc}") from None
         event = Event(
             kind=kind,
             source=source,
@@ -260,7 +266,7 @@ class Agent:
             site=self.config.agent.site,
             device=self.config.agent.device,
             seq=self.outbox.next_seq(),
-            payload=dict(payload or {}),
+            payload=body,
             test=test,
         )
         emission = Emission(event)
@@ -475,15 +481,14 @@ class Agent:
         section changed are restarted) or is named in ``restart_needed`` and keeps its
         running value, so the running config always says what is in force. A config that
         fails validation, or whose ``[commands]`` cannot be put in force (an unreadable
-        key), is rejected and the running one kept."""
+        key), is rejected and the running one kept. The centre's public keys are read
+        again on every reload, so a key replaced in the same file takes effect."""
         source = path or self.config.source
         try:
             new = load_config(source)
             validate_drivers(new)
             changed = changed_fields(self.config, new)
-            verifier = (
-                verifier_for(new) if any(f.startswith("commands.") for f in changed) else None
-            )
+            verifier = verifier_for(new)  # the key files are read again: a rotated key applies
         except ConfigError as exc:
             log.error("reload rejected, keeping the running config: %s", exc)
             return {"ok": False, "error": str(exc)}
@@ -493,8 +498,8 @@ class Agent:
         new_sections = {s.name: s for s in new.drivers if s.enabled}
         stopped, started = [], []
         with self._lock:
-            if verifier is not None:  # before any driver starts taking commands
-                self.verifier = self.dispatcher.verifier = verifier
+            # Before any driver starts taking commands.
+            self.verifier = self.dispatcher.verifier = verifier
             running = self.config
             self.config = dataclasses.replace(
                 new,

@@ -10,8 +10,8 @@ restored from an older copy).
 
 The next block is reserved on a background thread once half the current one is used,
 so an emitting thread waits for the disk only if a whole half block is numbered during
-one fsync. A clean stop writes the exact next number back, so a restart leaves no gap;
-after a crash, the unused rest of the block is reported as skipped (see
+one fsync. A clean stop writes back the number after the last one stored or sent, so a
+restart leaves no gap; after a crash, the unused rest of the block is reported as skipped (see
 :attr:`SeqReserve.skipped`) so the centre does not count those numbers as lost.
 """
 
@@ -43,6 +43,7 @@ class SeqReserve:
         self._next = 1
         self._limit = 1  # numbers below this are reserved on disk
         self._extending = False
+        self._closed = False
         self._failed_at = -_RETRY_AFTER
         self.fault: str | None = None
         #: ``(first, last)``: numbers an earlier run reserved that the outbox does not hold.
@@ -72,7 +73,7 @@ class SeqReserve:
 
     def next(self) -> int:
         with self._lock:
-            while self._next >= self._limit and self.fault is None:
+            while self._next >= self._limit and self.fault is None and not self._closed:
                 if not self._extending:  # reserve here: nothing else will in time
                     self._extending = True
                     self._lock.release()
@@ -85,7 +86,8 @@ class SeqReserve:
             seq = self._next
             self._next += 1
             if (
-                self._limit - self._next < self.block // 2
+                not self._closed
+                and self._limit - self._next < self.block // 2
                 and not self._extending
                 and time.monotonic() - self._failed_at >= _RETRY_AFTER
             ):
@@ -98,14 +100,15 @@ class SeqReserve:
                 ).start()
             return seq
 
-    def close(self) -> None:
-        """A clean stop: give the unused rest of the block back (no gap after a restart)."""
+    def close(self, used_below: int) -> None:
+        """A clean stop: give back the numbers from ``used_below`` on (no gap after a
+        restart). The caller vouches that none of them is stored or was ever sent; numbers
+        handed out from here on are neither (the outbox has closed), so none is reserved."""
         with self._lock:
             while self._extending:
                 self._extended.wait(1.0)
-            self._extending = True
-            exact = self._next
-        self._write_mark(exact)
+            self._extending = self._closed = True
+        self._write_mark(min(used_below, self._next))
 
     def _reserve(self, limit: int) -> None:
         with self._lock:

@@ -30,7 +30,8 @@ Rules, because operators act on what this module decides:
 * sequence numbers may arrive out of order (the edge sends by priority), so a
   hole becomes a ``sequence.gap`` only when the device's heartbeat reports an
   empty backlog ``gap_grace`` seconds after the hole opened, or after
-  ``gap_timeout`` in any case;
+  ``gap_timeout`` in any case. Numbers a crashed agent reserved and never stored,
+  named by its next ``agent.started`` (``seq_skipped``), are not holes;
 * a new event id with a ``seq`` already seen in the current numbering, or a fresh
   ``online`` status whose boot counter went backwards, means the device's
   numbering restarted (new SD card, restored image): ``sequence.restarted``, the
@@ -59,6 +60,7 @@ log = logging.getLogger("wardpost.central.intake")
 #: Bound on out-of-order sequence numbers remembered per device before holes are reported anyway.
 MAX_OPEN_SEQUENCES = 10_000
 CENTRE_SOURCE = "receiver"
+AGENT_SOURCE = "agent"  # the edge core's own events (agent.started, ...)
 #: Largest message judged at all (the agent's events are far smaller; watchlists go the other way).
 MAX_MESSAGE_BYTES = 256 * 1024
 #: Deepest nesting of objects and arrays accepted (the contract's deepest is 4).
@@ -88,6 +90,21 @@ class Outcome:
     receipts: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     rejected: int = 0
     duplicates: int = 0
+
+    def merge(self, other: Outcome) -> None:
+        """Add ``other`` (committed separately) to this outcome, for receipts and counters."""
+        for key, ids in other.receipts.items():
+            self.receipts.setdefault(key, []).extend(ids)
+        self.rejected += other.rejected
+        self.duplicates += other.duplicates
+        mine, theirs = self.batch, other.batch
+        mine.events += theirs.events
+        mine.devices.update(theirs.devices)
+        mine.alarms += theirs.alarms
+        mine.links += theirs.links
+        mine.forwards += theirs.forwards
+        mine.command_results += theirs.command_results
+        mine.quarantined += theirs.quarantined
 
 
 class Rejected(ValueError):
@@ -281,7 +298,17 @@ class Intake:
         #: Per device: when ``centre.quarantined`` was last raised, and what came since.
         self._quarantine_notes: dict[tuple[str, str], _QuarantineNote] = {}
 
+    def reload(self, devices: Iterable[DeviceState]) -> None:
+        """Forget what this process made of messages the store did not take: its state again."""
+        self.devices = {d.key: d for d in devices}
+
     # --- messages ---
+    def quarantined(self, msg: Inbound, reason: str, now: float) -> Outcome:
+        """An outcome that only quarantines ``msg``."""
+        out = Outcome()
+        self._quarantine(msg, reason, out, now)
+        return out
+
     def process(self, messages: Sequence[Inbound], now: float) -> Outcome:
         out = Outcome()
         parsed: list[tuple[Inbound, str, str, list[str], dict[str, Any] | None]] = []
@@ -367,8 +394,10 @@ class Intake:
     def _event_body(self, msg: Inbound, site: str, device: str, rest: list[str]) -> dict[str, Any]:
         body = self._json(msg)
         event_id = _require(body, "id", str)
-        if not 8 <= len(event_id) <= 64 or not _column_text(event_id):
+        if not 8 <= len(event_id) <= 64:
             raise Rejected(f"event id {event_id[:70]!r} has a bad length")
+        if not _column_text(event_id):
+            raise Rejected(f"event id {event_id!r} holds a NUL character")
         if body.get("site") != site or body.get("device") != device:
             raise Rejected(
                 f"event {event_id} names {body.get('site')}/{body.get('device')},"
@@ -403,9 +432,10 @@ class Intake:
         out: Outcome,
     ) -> None:
         event_id = body["id"]
-        out.receipts.setdefault((site, device), []).append(event_id)
+        receipts = out.receipts.setdefault((site, device), [])
         if event_id in known:
             out.duplicates += 1
+            receipts.append(event_id)
             return
         known.add(event_id)
         event_time = body.pop("_time")
@@ -424,10 +454,13 @@ class Intake:
             msg.payload.decode("utf-8"),
         )
         self._store(stored, out.batch)
+        receipts.append(event_id)  # only once it is in the batch: never a receipt for less
         state = self._device(site, device, now, out.batch)
         self._alive(state, now, out.batch, "event")
         if stored.seq is not None:
             self._sequence(state, stored.seq, now, out.batch)
+        if stored.kind == "agent.started" and stored.source == AGENT_SOURCE:
+            self._skipped(state, body.get("payload", {}).get("seq_skipped"), now, out.batch)
 
     def _store(self, event: StoredEvent, batch: Batch) -> None:
         batch.events.append(event)
@@ -572,17 +605,42 @@ class Intake:
             state.seq_upto, state.seq_first = seq - 1, seq
         if seq <= state.seq_upto or seq in state.seq_above:
             return
-        above = sorted([*state.seq_above, seq])
+        self._count(state, [seq])
+        if state.seq_above and state.hole_since is None:
+            state.hole_since = now
+        if len(state.seq_above) > MAX_OPEN_SEQUENCES:
+            self._report_gaps(state, now, batch, "too many numbers out of order")
+
+    def _skipped(self, state: DeviceState, skipped: Any, now: float, batch: Batch) -> None:
+        """``agent.started`` names ``[from, to]``: numbers an earlier run reserved and never
+        stored (it crashed). None of them is a lost event: count them as seen, so only real
+        holes become gaps. One that was used (published, then the crash) arrived already."""
+        if not (
+            isinstance(skipped, list)
+            and len(skipped) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in skipped)
+            and 0 <= skipped[0] <= skipped[1]
+            and state.seq_upto is not None
+        ):
+            return
+        first = max(skipped[0], state.seq_upto + 1)
+        # Bounded like any out-of-order numbers: a bigger reservation only waits a little longer.
+        last = min(skipped[1], first + MAX_OPEN_SEQUENCES - len(state.seq_above) - 1)
+        if first <= last:
+            self._count(state, range(first, last + 1))
+            batch.devices[state.key] = state
+
+    @staticmethod
+    def _count(state: DeviceState, numbers: Iterable[int]) -> None:
+        """Numbers accounted for: seq_upto moves over every one now contiguous."""
+        assert state.seq_upto is not None
+        above = sorted({*state.seq_above, *numbers})
         upto = state.seq_upto
         while above and above[0] == upto + 1:
             upto = above.pop(0)
         state.seq_upto, state.seq_above = upto, above
         if not above:
             state.hole_since = None
-        elif state.hole_since is None:
-            state.hole_since = now
-        if len(above) > MAX_OPEN_SEQUENCES:
-            self._report_gaps(state, now, batch, "too many numbers out of order")
 
     def _restarted(
         self, state: DeviceState, now: float, batch: Batch, why: str, seq: int | None = None

@@ -25,6 +25,7 @@ actions, :class:`TerminalView` renders, and :class:`Monitor` owns the connection
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 import sys
 import threading
@@ -53,6 +54,8 @@ from central.alarms import (
 )
 from central.store import Alarm, Store
 from contract.commands import ContractError
+
+log = logging.getLogger("wardpost.central.monitor")
 
 LOST_AFTER_INTERVALS = 2.5
 #: Closed alarms still listed, newest first, after the open ones.
@@ -334,6 +337,9 @@ class Console:
                 return self._execute(verb, rest)
         except (_Refused, AlarmError, ContractError) as exc:
             return Reply(str(exc), ok=False)
+        except Exception as exc:  # the store or the link failed: say so, keep the console
+            log.exception("operator line %r failed", line)
+            return Reply(f"{verb} failed: {type(exc).__name__}: {exc}", ok=False)
 
     def _execute(self, verb: str, rest: list[str]) -> Reply:
         if verb in ("help", "?"):

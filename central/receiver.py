@@ -22,7 +22,10 @@ never blocks the messages behind it nor comes back after a restart.
 Alarm commands the devices have not confirmed are followed up on the writer thread
 too (:meth:`central.alarms.AlarmDesk.follow_up`), whichever process sent them first.
 
-If the store fails, the batch is kept and retried; nothing is receipted meanwhile.
+If the store is down, the batch is kept and retried; nothing is receipted meanwhile.
+If the store refuses a batch for what is in it (a value no rule foresaw), the
+messages are judged again one by one from the store's state and the one refused
+is quarantined with the store's reason: only an outage pauses intake.
 """
 
 from __future__ import annotations
@@ -56,11 +59,11 @@ class ReceiverStats:
     messages: int = 0
     stored: int = 0
     duplicates: int = 0
-    rejected: int = 0
     quarantined: int = 0
     receipts: int = 0
     batches: int = 0
     store_errors: int = 0
+    store_refusals: int = 0
     connects: int = 0
 
 
@@ -137,6 +140,7 @@ class Receiver:
             target=self._write_loop, name="receiver-writer", daemon=True
         )
         self._listeners: list[Callable[[Outcome], None]] = []
+        self._refusal = ""  # why the store last refused a batch
         mq = config.mqtt
         self.client = make_client(
             mq, mq.client_id, persistent=True, manual_ack=True, password=config.password()
@@ -260,7 +264,8 @@ class Receiver:
         outcome = self.intake.process(messages, now)
         if supervise:
             self.intake.supervise(now, outcome.batch)
-        self._commit(outcome)
+        if not self._commit(outcome):
+            outcome = self._one_by_one(messages, now)
         self._receipt(outcome)
         for msg in messages:
             if msg.qos > 0:
@@ -268,7 +273,6 @@ class Receiver:
         self.stats.messages += len(messages)
         self.stats.stored += sum(1 for e in outcome.batch.events if e.origin == "device")
         self.stats.duplicates += outcome.duplicates
-        self.stats.rejected += outcome.rejected
         self.stats.quarantined += len(outcome.batch.quarantined)
         self.stats.batches += 1
         for listener in self._listeners:
@@ -289,13 +293,19 @@ class Receiver:
                 alarm.at_device,
             )
 
-    def _commit(self, outcome: Outcome) -> None:
+    def _commit(self, outcome: Outcome) -> bool:
+        """Write the batch, retrying while the store is down. False: the store refused it."""
         delay = 0.1
         while True:
             try:
                 self.store.write(outcome.batch)
-                return
+                return True
             except Exception as exc:
+                if self.store.refuses(exc):
+                    self.stats.store_refusals += 1
+                    self._refusal = f"the store refused it ({type(exc).__name__}: {exc})"
+                    log.error("%s", self._refusal)
+                    return False
                 self.stats.store_errors += 1
                 log.error(
                     "store write failed (%s); nothing receipted, retrying in %.1f s", exc, delay
@@ -308,6 +318,21 @@ class Receiver:
                     self.store.reconnect()
                 except ConnectionError as again:
                     log.error("%s", again)
+
+    def _one_by_one(self, messages: list[Inbound], now: float) -> Outcome:
+        """Each message of a refused batch alone, from the state the store holds; the one the
+        store refuses again is quarantined with its reason."""
+        self.intake.reload(self.store.devices())
+        total = Outcome()
+        for msg in messages:
+            one = self.intake.process([msg], now)
+            if not self._commit(one):
+                self.intake.reload(self.store.devices())
+                one = self.intake.quarantined(msg, self._refusal, now)
+                if not self._commit(one):  # not even its quarantine row: log it, let it go
+                    log.error("dropped a message on %s the store refuses to keep", msg.topic)
+            total.merge(one)
+        return total
 
     def _receipt(self, outcome: Outcome) -> None:
         prefix = self.config.mqtt.topic_prefix

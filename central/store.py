@@ -109,7 +109,9 @@ _ALARM_COLUMNS = (
     " device_last_sent_at, device_attempts, device_detail, device_confirmed_at"
 )
 #: What a device's cmd_result does to the alarm its command was about.
-_CONFIRMED_FROM = ("sent", "unconfirmed")  # a late confirmation still counts
+#: A late confirmation still counts, and one attempt's success outweighs another's refusal
+#: (an attempt queued while the device was away may arrive expired, a later one not).
+_CONFIRMED_FROM = ("sent", "unconfirmed", "refused")
 _REFUSED_FROM = ("sent",)
 #: Raw bytes kept of a quarantined message (its full size is recorded beside them).
 QUARANTINE_RAW_KEPT = 16 * 1024
@@ -389,9 +391,15 @@ class Store(abc.ABC):
     """The store interface; subclasses supply the connection and the placeholder style."""
 
     engine = "abstract"
+    #: Errors meaning "this batch holds a value the store will not take", not "the store is
+    #: down": the receiver then quarantines the message at fault instead of waiting.
+    refused_errors: tuple[type[BaseException], ...] = (OverflowError, UnicodeError, ValueError)
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
+
+    def refuses(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.refused_errors)
 
     # --- engine hooks ---
     @abc.abstractmethod
@@ -803,6 +811,7 @@ class SQLiteStore(Store):
     """SQLite in WAL mode with full fsync on commit."""
 
     engine = "sqlite"
+    refused_errors = (*Store.refused_errors, sqlite3.IntegrityError, sqlite3.DataError)
 
     def __init__(self, path: str | Path):
         super().__init__()
@@ -844,6 +853,7 @@ class PostgresStore(Store):
 
         super().__init__()
         self._psycopg = psycopg
+        self.refused_errors = (*Store.refused_errors, psycopg.DataError, psycopg.IntegrityError)
         self.url = url
         self.schema = schema
         self._conn = self._open()

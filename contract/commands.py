@@ -4,9 +4,9 @@ Both sides read the same files:
 
 * a driver takes its argument names with :func:`arg` at import time, so a name the
   contract does not define fails when the driver loads, not in the field;
-* the centre checks what it is about to send with :func:`validate_args` (needs
-  ``jsonschema``, part of the ``central`` extra), so a misspelt argument is an
-  error at the centre instead of a command no device recognises.
+* the centre checks what it is about to send with :func:`validate_args`
+  (``jsonschema``), so a misspelt argument is an error at the centre instead of a
+  command no device recognises.
 """
 
 from __future__ import annotations

@@ -318,3 +318,26 @@ def test_dead_link_noticed_fast_at_the_default_config_and_criticals_go_first(
     assert busy_noticed < 8.0
     assert idle_noticed < 15.0
     assert publisher.counters["link_timeouts"] >= 1
+
+
+def test_late_receipts_for_released_events_are_not_taken_as_forged(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """In broker mode the PUBACK releases an event and the centre's receipt follows it; a
+    centre also answers every re-sent copy. Neither is a forged receipt."""
+    with Recorder(broker, receipts=True) as centre:
+        h = AgentHarness(tmp_path, broker, mqtt={"delivery": "broker"})
+        agent = h.start()
+        publisher = agent.publisher
+        assert publisher is not None
+        emissions = [agent.emit("t", "x.y", {"n": i}, "normal") for i in range(200)]
+        assert all(e.wait_delivered(20) for e in emissions)
+        receipts = f"{BASE}/receipts"
+        centre.wait_for(
+            lambda m: sum(1 for x in m if x.topic == receipts) >= 200, 20, "every receipt sent"
+        )
+        time.sleep(1.0)  # the agent takes in the last of them
+        centre.publish(receipts, {"ids": ["0193-never-sent"]})
+        wait_until(lambda: publisher.counters["receipt_ids_ignored"] >= 1, 10, "the unknown id")
+        assert publisher.counters["receipt_ids_ignored"] == 1
+        h.stop()

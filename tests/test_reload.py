@@ -159,7 +159,15 @@ def test_require_signature_switched_on_by_reload_takes_effect(rig: Rig) -> None:
     assert result["ok"] and "commands.require_signature" in result["applied"]
     refused = ping("unsigned-2")
     assert not refused["ok"] and "unsigned command" in refused["error"]
-    assert ping("signed-1", Signer.from_file(str(rig.key)))["ok"]
+    old_signer = Signer.from_file(str(rig.key))
+    assert ping("signed-1", old_signer)["ok"]
+    # A key rotated in the same file: same config, new key in force after the reload.
+    rotated = rig.tmp_path / "rotated.key"
+    generate_keypair(rotated, rig.tmp_path / "rotated.pub")
+    (rig.tmp_path / "centre.pub").write_bytes((rig.tmp_path / "rotated.pub").read_bytes())
+    assert agent.reload()["ok"]
+    assert not ping("signed-2", old_signer)["ok"], "the replaced key still accepted"
+    assert ping("signed-3", Signer.from_file(str(rotated)))["ok"]
 
 
 def test_a_reload_keeps_what_needs_a_restart_in_force(rig: Rig) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agent.config import parse_config
 from agent.runtime import Agent
 from tests.support.agent import AgentHarness, Recorder, agent_config, wait_until
@@ -45,3 +47,12 @@ def test_started_event_and_healthy(tmp_path: Path, broker: Broker) -> None:
         started = rec.wait_events("agent.started")[0]
         assert started["payload"]["drivers"] == ["sim"] and started["source"] == "agent"
         assert h.agent is not None and h.agent.healthy()
+
+
+def test_a_payload_that_cannot_be_sent_leaves_no_hole_in_seq(tmp_path: Path, broker: Broker) -> None:
+    with AgentHarness(tmp_path, broker) as h:
+        assert h.agent is not None
+        before = h.agent.emit("t", "x.y", {"n": 1}).event.seq
+        with pytest.raises(ValueError, match=r"payload of 'x\.y' is not JSON"):
+            h.agent.emit("t", "x.y", {"when": object()})
+        assert h.agent.emit("t", "x.y", {"n": 2}).event.seq == before + 1

@@ -41,7 +41,7 @@ def schema(name: str) -> Draft7Validator:
 def receiver(broker: Broker, make_config: Callable[..., ReceiverConfig]) -> Iterator[Receiver]:
     receiver = Receiver(make_config(
         broker, supervision={"check_every": 0.1},
-        commands={"retry_every": 0.5, "confirm_within": 60})).start()
+        commands={"retry_every": 2.0, "confirm_within": 60})).start()
     assert receiver.wait_connected(10)
     yield receiver
     receiver.stop()
@@ -82,7 +82,9 @@ def test_press_ack_resolve_confirmed_by_the_real_panic_button(
             body = message.json()
             assert not list(schema("command.json").iter_errors(body))
             assert not list(schema(f"command_args/{name}.json").iter_errors(body["args"]))
-        assert [m.topic.rsplit("/", 1)[1] for m in sent[:2]] == ["ack", "resolve"]
+        names = [m.topic.rsplit("/", 1)[1] for m in sent]
+        # A slow answer may be asked for again (a new command each time): more than one is fine.
+        assert names[0] == "ack" and set(names) == {"ack", "resolve"}
 
 
 def confirmed(receiver: Receiver, alarm_id: str) -> Any:

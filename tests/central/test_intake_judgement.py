@@ -7,13 +7,18 @@ exactly what slipped through before.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from central.config import ReceiverConfig
 from central.intake import MAX_DEPTH, MAX_MESSAGE_BYTES, Inbound
 from central.store import Store
+from tests.central.test_receiver import REPO
 from tests.central.test_store import (
     T0,
     cycle,
@@ -106,7 +111,7 @@ def test_a_device_whose_numbering_restarts_is_reported_without_false_gaps(
     intake = intake_for(make_config(supervision={"gap_grace": 0}), store)
     cycle(intake, store, [event_msg(seq=s, priority="normal", kind="gate.transit")
                           for s in (1, 2, 3)], T0)
-    # The same events again (a re-send after a crash) are duplicates, not a restart.
+    # The same events again (a re-send after a crash) are re-sends, not a restart.
     assert kinds(store) == []
     # A new SD card: seq 1 again, with new event ids.
     cycle(intake, store, [event_msg(seq=s, priority="normal", kind="gate.transit")
@@ -190,3 +195,46 @@ def test_every_event_the_centre_raises_matches_the_contract(
     for event in centre:
         errors = list(Draft7Validator(definitions[event.kind]).iter_errors(event.payload))
         assert not errors, f"{event.kind}: {[e.message for e in errors]}"
+
+
+def started(seq: int, skipped: list[int] | None) -> Inbound:
+    """The core's agent.started after a crash, naming the numbers it reserved and never stored."""
+    body = json.loads(event_msg(seq=seq, kind="agent.started", priority="normal").payload)
+    body.update(source="agent", payload={"version": "1", "boot": 2, "config": "c", "drivers": [],
+                                         "seq_first": seq, "seq_skipped": skipped})
+    return Inbound("wardpost/s1/d1/events/agent.started", json.dumps(body).encode(), T0)
+
+
+@pytest.mark.parametrize(("skipped", "gaps"), [([4, 6], []), ([4, 5], [(6, 6)]), (None, [(4, 6)])],
+                         ids=["all announced", "one really lost", "nothing announced"])
+def test_numbers_a_crashed_run_reserved_and_never_stored_are_not_gaps(
+    make_config: Callable[..., ReceiverConfig], store: Store, skipped: list[int] | None,
+    gaps: list[tuple[int, int]],
+) -> None:
+    intake = intake_for(make_config(supervision={"gap_grace": 0}), store)
+    cycle(intake, store, [event_msg(seq=s, priority="normal", kind="gate.transit")
+                          for s in (1, 2, 3)], T0)
+    cycle(intake, store, [started(7, skipped)], T0 + 1)
+    cycle(intake, store, [heartbeat_msg(backlog=0)], T0 + 2, supervise=True)
+    found = [(e.payload["first"], e.payload["last"]) for e in store.events(kind="sequence.gap")]
+    assert found == gaps
+    assert "sequence.restarted" not in kinds(store)
+    assert store.devices()[0].seq_upto == 7
+
+
+def test_the_report_lists_quarantined_messages_per_device(
+    make_config: Callable[..., ReceiverConfig], store: Store, store_section: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    intake = intake_for(make_config(), store)
+    cycle(intake, store, [Inbound("wardpost/s1/evil/events/x.y", b"\xff\xfe{", T0)], T0)
+    cycle(intake, store, [Inbound("wardpost/s1/evil/heartbeat", b"[]", T0 + 1)], T0 + 1)
+    config = tmp_path / "central.toml"
+    config.write_text("[store]\n" + "".join(f'{k} = "{v}"\n' for k, v in store_section.items()))
+    done = subprocess.run([sys.executable, "-m", "central", "report", "--json", "--config",
+                           str(config)], cwd=REPO, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)["quarantine"]
+    assert (row["site"], row["device"], row["count"]) == ("s1", "evil", 2)
+    assert row["last_reason"] == "payload is not a JSON object"

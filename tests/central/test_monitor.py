@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +19,9 @@ from central.alarms import AlarmDesk
 from central.config import ReceiverConfig
 from central.monitor import LOST_AFTER_INTERVALS, AlarmBoard, Console, LiveView, TerminalView
 from central.store import Store
+from tests.central.test_receiver import REPO, _write_config
 from tests.central.test_store import T0, SentCommands, cycle, event_msg, intake_for, result_msg
+from tests.support.broker import Broker
 
 BASE = "wardpost/north/ward3-pi"
 LOCATION = {"ward": "3B", "room": "12", "floor": ""}
@@ -157,3 +163,20 @@ def test_terminal_view_plain_text_and_json(desk: Desk) -> None:
     lines = [json.loads(line) for line in as_json.getvalue().splitlines()]
     assert [line["type"] for line in lines] == ["alarm", "event", "alarms"]
     assert lines[2]["alarms"][0]["state"] == "new"
+
+
+def test_wardpost_monitor_runs_through_the_entry_point(
+    desk: Desk, broker: Broker, store_section: dict[str, Any], tmp_path: Path
+) -> None:
+    """`wardpost monitor` is the centre's verb now, plugged in through `wardpost.cli`."""
+    alarm_id = desk.raise_alarm(1)
+    config = _write_config(tmp_path / "central.toml", broker, store_section, "console")
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "monitor", "--port", str(broker.port),
+         "--receiver-config", str(config), "--no-input", "--duration", "1", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["id"], r["state"]) for r in records if r["type"] == "alarm"] == [(alarm_id, "new")]

@@ -57,3 +57,48 @@ def test_poison_flood_is_quarantined_and_others_are_stored_across_a_restart(
         receiver.stop()
         hostile.stop(clean=False)
         nurse.stop(clean=False)
+
+
+def refuse_source(store_section: dict[str, str], source: str) -> None:
+    """Make the real database refuse events from ``source`` (a trigger): a value that passes
+    every rule of the intake and still cannot be stored."""
+    url = store_section["url"]
+    if url.startswith("sqlite:///"):
+        import sqlite3
+
+        with sqlite3.connect(url[len("sqlite:///"):]) as conn:
+            conn.execute(f"CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.source = "
+                         f"'{source}' BEGIN SELECT RAISE(ABORT, 'this store refuses {source}'); END")
+        return
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'SET search_path TO "{store_section["schema"]}"')
+        conn.execute(f"""CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN
+            IF NEW.source = '{source}' THEN
+              RAISE EXCEPTION 'this store refuses {source}' USING ERRCODE = '22023';
+            END IF; RETURN NEW; END $$ LANGUAGE plpgsql""")
+        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON events FOR EACH ROW"
+                     " EXECUTE FUNCTION refuse()")
+
+
+def test_a_message_the_store_itself_refuses_is_quarantined_not_retried_for_ever(
+    broker: Broker, make_config: Callable[..., ReceiverConfig], store_section: dict[str, str]
+) -> None:
+    receiver = Receiver(make_config(broker)).start()
+    device = SimulatedDevice(broker.host, broker.port, "s1", "ward3", resend_after=60).start()
+    try:
+        assert receiver.wait_connected(10)
+        refuse_source(store_section, "cursed")
+        before = device.event("gate.transit")
+        cursed = device.event("gate.transit", source="cursed")
+        after = device.event("panic.pressed", "critical")
+        wait_until(lambda: {before, after} <= device.receipted, 30, "the others receipted")
+        assert cursed not in device.receipted
+        (kept,) = wait_until(receiver.store.quarantined, 30, "the quarantined message")
+        assert kept.device == "ward3" and "this store refuses cursed" in kept.reason
+        assert receiver.store.alarm(after) is not None
+        assert receiver.store.event(cursed) is None and receiver.store.event(before) is not None
+    finally:
+        device.stop(clean=False)
+        receiver.stop()

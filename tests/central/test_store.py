@@ -419,3 +419,21 @@ class Version1Store:
             conn.execute(f'SET search_path TO "{schema}"')
             for statement in statements:
                 conn.execute(statement)
+
+
+def test_one_attempts_success_outweighs_anothers_refusal(
+    make_config: Callable[..., ReceiverConfig], store: Store
+) -> None:
+    """Attempts queued while the device was away arrive together: the first may be refused
+    as expired, the next one done. The device did it: confirmed."""
+    intake = intake_for(make_config(), store)
+    cycle(intake, store, [event_msg(seq=1)], T0)
+    (alarm,) = store.alarms()
+    desk = AlarmDesk(store, SentCommands())
+    sent_at = desk.acknowledge(alarm.id, "desk 1").device_sent_at
+    assert sent_at is not None
+    desk.follow_up(sent_at + 6, retry_every=5, confirm_within=60)
+    cycle(intake, store, [result_msg("cmd-1", ok=False, error="rejected: expired"),
+                          result_msg("cmd-2", ok=True)], T0 + 70)
+    confirmed = store.alarm(alarm.id)
+    assert confirmed is not None and confirmed.at_device == "ack confirmed by device"

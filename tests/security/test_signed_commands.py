@@ -133,7 +133,7 @@ def receiver(tmp_path: Path, tls: TLSSetup) -> Iterator[Receiver]:
                          "key_file": str(tls.receiver.key_file)}},
         "store": {"url": f"sqlite:///{tmp_path / 'central.db'}"},
         "supervision": {"check_every": 0.1},
-        "commands": {"signing_key": str(tls.centre_key), "retry_every": 1.0},
+        "commands": {"signing_key": str(tls.centre_key), "retry_every": 5.0},
     })
     running = Receiver(config).start()
     assert running.wait_connected(10)
@@ -176,7 +176,8 @@ def test_the_consoles_signed_ack_and_resolve_are_confirmed_by_the_device(
 
         records = [json.loads(line) for line in out.getvalue().splitlines()]
         results = [r for r in records if r["type"] == "cmd_result"]
-        assert [(r["name"], r["ok"]) for r in results] == [("ack", True), ("resolve", True)]
+        # A slow answer may have been asked for again (a new signed command): each is ok.
+        assert {(r["name"], r["ok"]) for r in results} == {("ack", True), ("resolve", True)}
         shown = [(r["state"], r["at_device"]) for r in records if r["type"] == "alarm"]
         assert shown[0] == ("new", "") and shown[-1] == ("resolved", "resolve confirmed by device")
         assert ("acknowledged", "ack confirmed by device") in shown
