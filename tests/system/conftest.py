@@ -207,6 +207,8 @@ class Loop:
     centre_key: Path
     identities: dict[str, Identity]
     figures: dict[str, float] = field(default_factory=dict)
+    #: device -> time its state was wiped: events stored since belong to a new numbering.
+    new_numbering_since: dict[str, float] = field(default_factory=dict)
 
     def store(self) -> Store:
         return open_store(parse_receiver_config({"store": {"url": self.store_url}}, "<test>").store)

@@ -6,7 +6,9 @@ See conftest.py for the parts and README.md for which test covers which defect.
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -255,6 +257,18 @@ def test_killed_device_is_lost_then_restored_and_a_stopped_one_is_not_lost(loop:
     wait_for(lambda: stored(loop, PANIC, "device.restored", since), "device.restored")
 
 
+def test_a_device_with_a_new_sd_card_is_noticed(loop: Loop) -> None:
+    """The gate comes back with empty state (new SD card, restored image): its numbering
+    starts again at 1, which the centre must notice rather than take as repeats (defect 4)."""
+    since = loop.new_numbering_since[GATE] = time.time()
+    agent = loop.agents[GATE]
+    agent.terminate()
+    shutil.rmtree(Path(loop.configs[GATE]["agent"]["state_dir"]))
+    agent.start(timeout=DEADLINE)
+    wait_for(lambda: stored(loop, GATE, "sequence.restarted", since), "sequence.restarted for the gate")
+    wait_for(lambda: stored(loop, GATE, "agent.started", since), "the new numbering's first event stored")
+
+
 # ------------------------------------------------------------------- 7. broker outage
 
 
@@ -322,12 +336,18 @@ def test_poison_from_a_hostile_device_stops_nothing(loop: Loop) -> None:
 
 
 def test_no_two_events_share_a_device_and_seq(loop: Loop) -> None:
-    seen: dict[tuple[str, str, int], str] = {}
+    """Over the whole run (the button's agent was killed with SIGKILL, the broker killed):
+    one event per (device, boot's numbering, seq), and no false gap reported (defect 4)."""
+    seen: dict[tuple[str, str, int, bool], str] = {}
     for event in loop.stored():
         if event.origin != "device" or event.seq is None:
             continue
-        key = (event.site, event.device, event.seq)
+        # The gate's new SD card starts a second numbering: keep the two apart.
+        numbering = event.stored_at >= loop.new_numbering_since.get(event.device, float("inf"))
+        key = (event.site, event.device, event.seq, numbering)
         assert seen.setdefault(key, event.id) == event.id, f"{key} is two events: {seen[key]}, {event.id}"
+    gaps = [json.loads(e.body) for e in loop.stored(kind="sequence.gap") if e.device in (PANIC, CAMERA)]
+    assert gaps == [], f"false sequence gaps: {gaps}"
 
 
 def test_the_console_followed_the_loop(loop: Loop) -> None:
