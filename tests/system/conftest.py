@@ -98,9 +98,11 @@ class Service:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: BinaryIO | None = None
+        self._log_start = 0
 
     def start(self) -> Service:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
+        self._log_start = self._log.tell()
         self.proc = subprocess.Popen(
             self.argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=self._log,
             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
@@ -127,9 +129,11 @@ class Service:
             self._log = None
         return code
 
-    def text(self) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")
+    def text(self, this_run: bool = False) -> str:
+        """The whole log, or only what the current (last started) process wrote."""
+        with contextlib.suppress(OSError), open(self.log_path, "rb") as f:
+            f.seek(self._log_start if this_run else 0)
+            return f.read().decode(errors="replace")
         return ""
 
 
@@ -273,9 +277,9 @@ class Loop:
 
     def start_receiver(self) -> None:
         self.receiver.start()
-        wait_for(lambda: "receiver running" in self.receiver.text() or not self.receiver.running,
-                 "the receiver to start")
-        assert self.receiver.running, self.receiver.text()[-3000:]
+        wait_for(lambda: "subscribed to" in self.receiver.text(this_run=True) or not self.receiver.running,
+                 "the receiver to subscribe")
+        assert self.receiver.running, self.receiver.text(this_run=True)[-3000:]
 
 
 def example_config(name: str) -> dict[str, Any]:
