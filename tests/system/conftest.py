@@ -214,29 +214,22 @@ class Loop:
     #: device -> time its state was wiped: events stored since belong to a new numbering.
     new_numbering_since: dict[str, float] = field(default_factory=dict)
 
-    def store(self) -> Store:
-        return open_store(parse_receiver_config({"store": {"url": self.store_url}}, "<test>").store)
+    def read(self, query: Callable[[Store], T]) -> T:
+        """One look at the centre's store, as an observer (opened and closed each time)."""
+        store = open_store(parse_receiver_config({"store": {"url": self.store_url}}, "<test>").store)
+        try:
+            return query(store)
+        finally:
+            store.close()
 
     def stored(self, **filters: Any) -> list[Any]:
-        store = self.store()
-        try:
-            return store.events(limit=100_000, **filters)
-        finally:
-            store.close()
+        return self.read(lambda store: store.events(limit=100_000, **filters))
 
     def devices(self) -> list[Any]:
-        store = self.store()
-        try:
-            return store.devices()
-        finally:
-            store.close()
+        return self.read(lambda store: store.devices())
 
     def alarms(self) -> list[Any]:
-        store = self.store()
-        try:
-            return store.alarms()
-        finally:
-            store.close()
+        return self.read(lambda store: store.alarms())
 
     def device_cli(self, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``wardpost --config <that device's config> ...`` (status, events, simulate, reload)."""

@@ -119,11 +119,7 @@ def test_gate_alarm_reaches_the_alarm_receiving_centre(loop: Loop) -> None:
     (event,) = wait_for(lambda: stored(loop, GATE, "gate.alarm", since), "gate.alarm stored")
 
     def forwarded() -> bool:
-        store = loop.store()
-        try:
-            state = store.forward_state(event.id)
-        finally:
-            store.close()
+        state = loop.read(lambda store: store.forward_state(event.id))
         return state is not None and state[0] is not None
 
     # Defect 10: with the example's default receiver number pysiaalarm's ACK is accepted.
