@@ -14,9 +14,7 @@ from agent.security import generate_keypair
 from central.monitor import BrokerOptions
 from tests.support.agent import DEVICE, SITE, Recorder
 from tests.support.broker import Broker, free_port
-from tests.support.tls import Identity, TestPKI
-
-MOSQUITTO_DIR = Path(__file__).resolve().parents[2] / "config" / "mosquitto"
+from tests.support.tls import MOSQUITTO_DIR, Identity, TestPKI, shipped_broker_config
 
 
 @dataclass
@@ -53,14 +51,6 @@ class TLSSetup:
         rec.client.tls_set(ca_certs=str(self.pki.ca_file), certfile=str(who.cert_file),
                            keyfile=str(who.key_file))
         return rec
-
-
-def shipped_broker_config(cert_dir: Path, port: int) -> str:
-    """config/mosquitto/wardpost.conf with its paths pointed at ``cert_dir``, on loopback."""
-    text = (MOSQUITTO_DIR / "wardpost.conf").read_text()
-    assert "listener 8883\n" in text and "/etc/mosquitto/wardpost/" in text
-    return (text.replace("listener 8883\n", f"listener {port} 127.0.0.1\n")
-            .replace("/etc/mosquitto/wardpost/", f"{cert_dir}/"))
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+MOSQUITTO_DIR = Path(__file__).resolve().parents[2] / "config" / "mosquitto"
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -108,3 +110,11 @@ class TestPKI:
         identity.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(identity.key_file, key)
         return identity
+
+
+def shipped_broker_config(cert_dir: Path, port: int) -> str:
+    """config/mosquitto/wardpost.conf with its paths pointed at ``cert_dir``, on loopback."""
+    text = (MOSQUITTO_DIR / "wardpost.conf").read_text()
+    assert "listener 8883\n" in text and "/etc/mosquitto/wardpost/" in text
+    return (text.replace("listener 8883\n", f"listener {port} 127.0.0.1\n")
+            .replace("/etc/mosquitto/wardpost/", f"{cert_dir}/"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,10 +33,15 @@ def dumps(doc: Mapping[str, Any]) -> str:
         for k, v in scalars.items():
             lines.append(f"{json.dumps(str(k))} = {_value(v)}")
         for k, v in tables.items():
-            table(f"{prefix}.{k}" if prefix else k, v)
+            table(f"{prefix}.{_key(k)}" if prefix else _key(k), v)
 
     table("", doc)
     return "\n".join(lines) + "\n"
+
+
+def _key(key: str) -> str:
+    """A table name part: bare when it can be, quoted otherwise (``dc09.map."gate.alarm"``)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
 
 
 def _is_table(v: Mapping[str, Any]) -> bool:
