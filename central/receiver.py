@@ -202,8 +202,15 @@ class Receiver:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking messages, commit and receipt what has arrived, disconnect."""
-        self.client.unsubscribe(self._filters())
+        """Commit and receipt what has arrived, disconnect.
+
+        A receiver with its own persistent session stays subscribed: the broker keeps
+        queueing what devices send while it restarts, and a message that arrives now and
+        is not committed is never acknowledged, so the broker hands it over again on the
+        next connection. A member of a share group leaves the group first, so that the
+        others take the new messages at once."""
+        if self.config.mqtt.share_group:
+            self.client.unsubscribe(self._filters())
         self._stopping.set()
         self._writer.join(timeout=timeout)
         if self.bridge is not None:

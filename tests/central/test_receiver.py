@@ -198,6 +198,38 @@ def test_receiver_killed_mid_stream_loses_nothing_and_stores_nothing_twice(
         assert receiver.wait(15) == 0, receiver.stderr.read().decode() if receiver.stderr else ""
 
 
+def test_events_sent_during_a_clean_restart_are_stored_at_once(
+    broker: Broker,
+    store_section: dict[str, Any],
+    tmp_path: Path,
+    devices: Callable[..., SimulatedDevice],
+) -> None:
+    """``systemctl restart``: the broker keeps the receiver's subscriptions, so what a device
+    sends meanwhile is handed over on reconnect, not left to the device's re-send (here an
+    hour away, so only the broker can deliver it)."""
+    config = _write_config(
+        tmp_path / "central.toml", broker, store_section, f"rx-{tmp_path.name[-12:]}"
+    )
+    receiver = _start(config)
+    device = devices("r1", resend_after=1.0)  # until the receiver is up and subscribed
+    try:
+        store = wait_until(lambda: _try_open(store_section), DEADLINE, "the store")
+        first = device.event("gate.transit")
+        wait_until(lambda: store.count_events() > 0 and not device.pending, DEADLINE, "the first event")
+        device.resend_after = 3600.0
+        receiver.send_signal(signal.SIGTERM)
+        assert receiver.wait(15) == 0
+        during = [device.event("panic.pressed", "critical") for _ in range(3)]
+        receiver = _start(config)
+        assert device.wait_receipted(DEADLINE), f"{len(device.pending)} sent during the restart never stored"
+        ids = {e.id for e in store.events(limit=100)}
+        assert {first, *during} <= ids
+        store.close()
+    finally:
+        receiver.send_signal(signal.SIGTERM)
+        assert receiver.wait(15) == 0, receiver.stderr.read().decode() if receiver.stderr else ""
+
+
 def _try_open(store_section: dict[str, Any]) -> Store | None:
     try:
         return open_store(parse_receiver_config({"store": store_section}).store)
