@@ -19,7 +19,14 @@ from typing import Any
 
 import pytest
 
-from agent.config import CORE_SECTIONS, Config, core_field_paths, load_config, lookup
+from agent.config import (
+    CORE_SECTIONS,
+    EXTRA_SECTIONS,
+    Config,
+    core_field_paths,
+    load_config,
+    lookup,
+)
 from agent.runtime import Agent
 from agent.security import Signer, generate_keypair
 from tests.support.agent import write_config
@@ -29,11 +36,11 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "wardpost.example.
 
 
 def _field_type(path: str) -> Any:
-    """The declared type of dotted config field ``path``."""
-    cls: Any = Config
-    for name in path.split("."):
-        tp = typing.get_type_hints(cls)[name]
-        cls = tp
+    """The declared type of dotted config field ``path`` (core or extra section)."""
+    section, *names = path.split(".")
+    cls: Any = {**typing.get_type_hints(Config), **EXTRA_SECTIONS}[section]
+    for name in names:
+        cls = typing.get_type_hints(cls)[name]
     return cls
 
 
@@ -71,6 +78,8 @@ class Rig:
             "outbox.path": str(self.tmp_path / "other.db"),
             "commands.public_keys": [str(self.tmp_path / "centre.pub")],
             "metrics.listen": "127.0.0.1:9199",
+            "homeassistant.discovery_prefix": "ha-test",
+            "homeassistant.device_name": "Entrance A",
         }
         if path in special:
             return special[path]
