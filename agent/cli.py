@@ -235,7 +235,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"delivery {link['delivery']}: {link['guarantee']}")
     ignored = link["counters"].get("receipt_ids_ignored", 0)
     if ignored:
-        print(f"receipts {ignored} receipt ids ignored: no such event in flight (not sent yet, unknown or forged)")
+        print(
+            f"receipts {ignored} receipt ids ignored: no such event in flight (not sent yet, unknown or forged)"
+        )
     age = backlog["oldest_age"]
     print(
         f"backlog  {backlog['count']} events"
@@ -339,7 +341,11 @@ def cmd_reload(args: argparse.Namespace) -> int:
     print(
         f"reloaded: started {reply['started']}, stopped {reply['stopped']}"
         + (f"; applied {', '.join(reply['applied'])}" if reply.get("applied") else "")
-        + (f"; restart needed for {', '.join(reply['restart_needed'])}" if reply["restart_needed"] else "")
+        + (
+            f"; restart needed for {', '.join(reply['restart_needed'])}"
+            if reply["restart_needed"]
+            else ""
+        )
     )
     return 0
 
@@ -385,6 +391,7 @@ def _allow_insecure_argument(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accept a config or trusted key that every user may change (a warning, not an error)",
     )
+
 
 def _common_options(default: Any) -> argparse.ArgumentParser:
     """--config/--socket, accepted before or after the sub-command."""

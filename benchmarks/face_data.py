@@ -71,23 +71,40 @@ def _photos(folder: Path, limit: int = 0) -> list[tuple[str, int, Path]]:
     return found
 
 
-def _key(folder: Path, pipeline: FacePipeline, detect_width: int, limit: int,
-         scale: float) -> str:
+def _key(folder: Path, pipeline: FacePipeline, detect_width: int, limit: int, scale: float) -> str:
     digest = hashlib.sha256()
     detector = pipeline.detector
-    for part in (str(folder.resolve()), pipeline.embedder.model.sha256, str(detect_width),
-                 str(DETECT_FLOOR), "v2" if not limit else f"v2-{limit}",
-                 # (the sets' photos are at most 400 px wide: no refinement at 640)
-                 *(() if detect_width >= 640 or (detector.refine_below, detector.refine_side)
-                   == (64, 128) else (str(detector.refine_below), str(detector.refine_side))),
-                 *(() if scale == 1.0 else (f"scale {scale}", str(detector.refine_below),
-                                            str(detector.refine_side)))):
+    for part in (
+        str(folder.resolve()),
+        pipeline.embedder.model.sha256,
+        str(detect_width),
+        str(DETECT_FLOOR),
+        "v2" if not limit else f"v2-{limit}",
+        # (the sets' photos are at most 400 px wide: no refinement at 640)
+        *(
+            ()
+            if detect_width >= 640 or (detector.refine_below, detector.refine_side) == (64, 128)
+            else (str(detector.refine_below), str(detector.refine_side))
+        ),
+        *(
+            ()
+            if scale == 1.0
+            else (f"scale {scale}", str(detector.refine_below), str(detector.refine_side))
+        ),
+    ):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
 
-def load(folder: Path, pipeline: FacePipeline, detect_width: int = 640, *, limit: int = 0,
-         progress: bool = True, scale: float = 1.0) -> FaceSet:
+def load(
+    folder: Path,
+    pipeline: FacePipeline,
+    detect_width: int = 640,
+    *,
+    limit: int = 0,
+    progress: bool = True,
+    scale: float = 1.0,
+) -> FaceSet:
     """Every face of every photo under ``folder``, from the cache when it is there.
 
     ``detect_width``: photos wider than this are shrunk for detection only, as the
@@ -99,14 +116,28 @@ def load(folder: Path, pipeline: FacePipeline, detect_width: int = 640, *, limit
     photos = _photos(folder, limit)
     if path.is_file():
         data = np.load(path, allow_pickle=False)
-        return FaceSet(identity=[i for i, _, _ in photos],
-                       **{k: data[k] for k in data.files if k != "identity"})
+        return FaceSet(
+            identity=[i for i, _, _ in photos],
+            **{k: data[k] for k in data.files if k != "identity"},
+        )
     detector = pipeline.detector
     detector.max_width = detect_width
     embedder = pipeline.embedder
-    rows: dict[str, list[Any]] = {k: [] for k in (
-        "photo", "box", "score", "landmarks", "yaw", "pitch", "sharpness", "norm",
-        "embedding", "mirrored")}
+    rows: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "photo",
+            "box",
+            "score",
+            "landmarks",
+            "yaw",
+            "pitch",
+            "sharpness",
+            "norm",
+            "embedding",
+            "mirrored",
+        )
+    }
     numbers, shapes = [], []
     for index, (_, number, photo_path) in enumerate(photos):
         image = cv2.imread(str(photo_path), cv2.IMREAD_COLOR)
@@ -133,8 +164,9 @@ def load(folder: Path, pipeline: FacePipeline, detect_width: int = 640, *, limit
             rows["mirrored"].append(unit(mirrored))
         if progress and index % 500 == 499:
             print(f"  {folder.name}: {index + 1}/{len(photos)} photos", flush=True)
-    arrays = {k: np.array(v, dtype=np.int32 if k == "photo" else np.float32)
-              for k, v in rows.items()}
+    arrays = {
+        k: np.array(v, dtype=np.int32 if k == "photo" else np.float32) for k, v in rows.items()
+    }
     arrays["number"] = np.array(numbers, np.int32)
     arrays["shape"] = np.array(shapes, np.int32)
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -43,8 +43,12 @@ def judged_faces(faces: FaceSet, gate: QualityGate) -> Array:
     judged = np.zeros(len(faces.photo), bool)
     for row in range(len(faces.photo)):
         face = Face(tuple(faces.box[row]), faces.landmarks[row], float(faces.score[row]))
-        quality = Quality(float(faces.sharpness[row]), float(faces.yaw[row]),
-                          float(faces.pitch[row]), float(faces.norm[row]))
+        quality = Quality(
+            float(faces.sharpness[row]),
+            float(faces.yaw[row]),
+            float(faces.pitch[row]),
+            float(faces.norm[row]),
+        )
         judged[row] = gate.size_reason(face) is None and gate.image_reason(quality) is None
     return judged
 
@@ -86,8 +90,9 @@ class Gallery:
         return out
 
 
-def build_gallery(faces: FaceSet, names: list[str], protocol: Protocol,
-                  photos: dict[str, list[int]]) -> tuple[Gallery, set[int]]:
+def build_gallery(
+    faces: FaceSet, names: list[str], protocol: Protocol, photos: dict[str, list[int]]
+) -> tuple[Gallery, set[int]]:
     """Templates from the first ``enrol_photos`` photos of each name; also the photos used."""
     rows, owners, used = [], [], set()
     kept = []
@@ -144,8 +149,11 @@ def verification(faces: FaceSet, protocol: Protocol) -> dict[str, float]:
     mask[np.arange(len(probe_photos)), owner] = False
     impostor = best[mask]
     acquired = genuine > MISSING
-    out = {"probes": float(len(probe_photos)), "enrolled": float(len(gallery.names)),
-           "fta": float(np.mean(~acquired))}
+    out = {
+        "probes": float(len(probe_photos)),
+        "enrolled": float(len(gallery.names)),
+        "fta": float(np.mean(~acquired)),
+    }
     for far in (1e-2, 1e-3):
         out[f"tar@{far:g}"], out[f"t@{far:g}"] = tar_at_far(genuine, impostor, far)
     return out
@@ -202,19 +210,26 @@ def dir_at_fpir(outcomes: Outcomes, fpir: float) -> tuple[float, float]:
 
 def dir_at(outcomes: Outcomes, threshold: float) -> tuple[float, float]:
     """DIR and FPIR at a threshold."""
-    return (float(np.mean(outcomes.identified(threshold))),
-            float(np.mean(outcomes.stranger_score >= threshold)))
+    return (
+        float(np.mean(outcomes.identified(threshold))),
+        float(np.mean(outcomes.stranger_score >= threshold)),
+    )
 
 
 def _sample(faces: FaceSet, row: int, box: tuple[float, float, float, float]) -> FaceSample:
     face = Face(box, faces.landmarks[row], float(faces.score[row]))
-    quality = Quality(float(faces.sharpness[row]), float(faces.yaw[row]),
-                      float(faces.pitch[row]), float(faces.norm[row]))
+    quality = Quality(
+        float(faces.sharpness[row]),
+        float(faces.yaw[row]),
+        float(faces.pitch[row]),
+        float(faces.norm[row]),
+    )
     return FaceSample(face, None, None, faces.embedding[row], quality)
 
 
-def walk_through(faces: FaceSet, photos: list[int], judged: Array, gallery: Gallery,
-                 min_frames: int) -> tuple[Searches, list[Searches], list[float]]:
+def walk_through(
+    faces: FaceSet, photos: list[int], judged: Array, gallery: Gallery, min_frames: int
+) -> tuple[Searches, list[Searches], list[float]]:
     """A person's photos as frames of one walk-through, through the driver's tracker.
 
     The largest judged face of each photo is the walker (the nearest to the camera)
@@ -238,27 +253,32 @@ def walk_through(faces: FaceSet, photos: list[int], judged: Array, gallery: Gall
         if not rows:
             continue
         walker = max(rows, key=lambda r: faces.box[r, 2] * faces.box[r, 3])
-        samples = [_sample(faces, r, walker_box if r == walker else tuple(faces.box[r]))
-                   for r in rows]
+        samples = [
+            _sample(faces, r, walker_box if r == walker else tuple(faces.box[r])) for r in rows
+        ]
         for tracked in tracker.link(step * 0.1, samples):
             track, sample = tracked.track, tracked.sample
             if sample.face.box == walker_box and track.id not in walker_tracks:
                 walker_tracks.append(track.id)
             assert sample.quality is not None
-            tracker.add(track, sample, float(quality_weight(sample.face.score, sample.quality.norm)))
+            tracker.add(
+                track, sample, float(quality_weight(sample.face.score, sample.quality.norm))
+            )
             if track.scorer.ready:
                 searches.setdefault(track.id, []).append(search(track.scorer.vector()))
     for track in tracker.expire(1e9, everything=True):
         if not track.scorer.ready:
             searches.setdefault(track.id, []).append(search(track.scorer.vector()))
     walker_searches = [searches.get(t, []) for t in walker_tracks]
-    bystanders = [max(s for _, s in found) for t, found in searches.items()
-                  if t not in walker_tracks]
+    bystanders = [
+        max(s for _, s in found) for t, found in searches.items() if t not in walker_tracks
+    ]
     return walker_searches[0] if walker_searches else [], walker_searches[1:], bystanders
 
 
-def photo_outcomes(faces: FaceSet, protocol: Protocol, gallery: Gallery, used: set[int],
-                   strangers: list[str]) -> Outcomes:
+def photo_outcomes(
+    faces: FaceSet, protocol: Protocol, gallery: Gallery, used: set[int], strangers: list[str]
+) -> Outcomes:
     """Single-frame watchlist outcomes: every judged face of a photo is a one-frame track."""
     photos = by_identity(faces)
     judged = judged_faces(faces, protocol.gate)
@@ -273,21 +293,26 @@ def photo_outcomes(faces: FaceSet, protocol: Protocol, gallery: Gallery, used: s
     decisions = []
     for p in mated:
         person = position[faces.identity[p]]
-        decisions.append([[(bool(scores[k].argmax() == person), float(scores[k].max()))]
-                          for k in by_photo.get(p, [])])
+        decisions.append(
+            [
+                [(bool(scores[k].argmax() == person), float(scores[k].max()))]
+                for k in by_photo.get(p, [])
+            ]
+        )
     every = [float(scores[by_photo[p]].max()) if p in by_photo else MISSING for p in others]
     stranger = []
     for p in others:
         ks = by_photo.get(p, [])
-        largest = max(ks, key=lambda k: faces.box[rows[k], 2] * faces.box[rows[k], 3],
-                      default=None)
+        largest = max(ks, key=lambda k: faces.box[rows[k], 2] * faces.box[rows[k], 3], default=None)
         stranger.append(MISSING if largest is None else float(scores[largest].max()))
-    return Outcomes(decisions, np.array(stranger), np.array([not d for d in decisions]),
-                    np.array(every))
+    return Outcomes(
+        decisions, np.array(stranger), np.array([not d for d in decisions]), np.array(every)
+    )
 
 
-def track_outcomes(faces: FaceSet, protocol: Protocol, gallery: Gallery, used: set[int],
-                   strangers: list[str]) -> Outcomes:
+def track_outcomes(
+    faces: FaceSet, protocol: Protocol, gallery: Gallery, used: set[int], strangers: list[str]
+) -> Outcomes:
     """Track-level outcomes: each person's photos, ``track_length`` at a time, as one
     walk-through (:func:`walk_through`). A stranger's walk-through is a false alarm when
     any of its tracks, walker or bystander, decides for anyone."""
@@ -298,7 +323,7 @@ def track_outcomes(faces: FaceSet, protocol: Protocol, gallery: Gallery, used: s
 
     def walks(name: str) -> list[list[int]]:
         mine = [p for p in photos[name] if p not in used]
-        return [mine[i:i + length] for i in range(0, len(mine), length)]
+        return [mine[i : i + length] for i in range(0, len(mine), length)]
 
     decisions, fta = [], []
     for name in gallery.names:
@@ -308,13 +333,18 @@ def track_outcomes(faces: FaceSet, protocol: Protocol, gallery: Gallery, used: s
         for walk in walks(name):
             first, others, _ = walk_through(faces, walk, judged, gallery, protocol.min_frames)
             fta.append(not first)
-            decisions.append([[(index == person, score) for index, score in searches]
-                              for searches in [first, *others]])
+            decisions.append(
+                [
+                    [(index == person, score) for index, score in searches]
+                    for searches in [first, *others]
+                ]
+            )
     stranger, every = [], []
     for name in strangers:
         for walk in walks(name):
-            first, others, bystanders = walk_through(faces, walk, judged, gallery,
-                                                     protocol.min_frames)
+            first, others, bystanders = walk_through(
+                faces, walk, judged, gallery, protocol.min_frames
+            )
             scores = [s for searches in [first, *others] for _, s in searches]
             stranger.append(max(scores, default=MISSING))
             every.append(max(scores + bystanders, default=MISSING))
@@ -322,15 +352,16 @@ def track_outcomes(faces: FaceSet, protocol: Protocol, gallery: Gallery, used: s
 
 
 def summarise(outcomes: Outcomes, default_threshold: float) -> dict[str, float]:
-    out = {"mated": float(len(outcomes.mated)),
-           "non_mated": float(len(outcomes.stranger_score)),
-           "fta": float(np.mean(outcomes.mated_fta))}
+    out = {
+        "mated": float(len(outcomes.mated)),
+        "non_mated": float(len(outcomes.stranger_score)),
+        "fta": float(np.mean(outcomes.mated_fta)),
+    }
     for fpir in (1e-2, 1e-3):
         out[f"dir@{fpir:g}"], out[f"t@{fpir:g}"] = dir_at_fpir(outcomes, fpir)
     out["dir@default"], out["fpir@default"] = dir_at(outcomes, default_threshold)
     out["fpir_every@default"] = float(np.mean(outcomes.stranger_every >= default_threshold))
     return out
-
 
 
 def merge(galleries: list[Gallery]) -> Gallery:
@@ -353,13 +384,17 @@ def lfw_pairs(faces: FaceSet, pairs_file: Path) -> tuple[float | None, int, int]
     lines = pairs_file.read_text().split("\n")
     folds, per = (int(x) for x in lines[0].split())
     rows = [line.split() for line in lines[1:] if line.strip()][: folds * 2 * per]
-    photo_of = {(name, int(number)): index
-                for index, (name, number) in enumerate(zip(faces.identity, faces.number,
-                                                           strict=True))}
+    photo_of = {
+        (name, int(number)): index
+        for index, (name, number) in enumerate(zip(faces.identity, faces.number, strict=True))
+    }
     scores, labels, fold_of = [], [], []
     for index, row in enumerate(rows):
-        a, b = (((row[0], int(row[1])), (row[0], int(row[2]))) if len(row) == 3
-                else ((row[0], int(row[1])), (row[2], int(row[3]))))
+        a, b = (
+            ((row[0], int(row[1])), (row[0], int(row[2])))
+            if len(row) == 3
+            else ((row[0], int(row[1])), (row[2], int(row[3])))
+        )
         face_a = largest_face(faces, photo_of[a]) if a in photo_of else None
         face_b = largest_face(faces, photo_of[b]) if b in photo_of else None
         if face_a is None or face_b is None:

@@ -295,7 +295,7 @@ def _check_scale_out(config: ReceiverConfig) -> None:
     """Settings that only make sense together."""
     if config.mqtt.share_group:
         if config.mqtt.protocol != "5":
-            raise ConfigError("a shared subscription needs MQTT protocol \"5\"", "mqtt.share_group")
+            raise ConfigError('a shared subscription needs MQTT protocol "5"', "mqtt.share_group")
         if config.store.url.startswith("sqlite:"):
             raise ConfigError(
                 "receivers sharing the devices' topics must share a PostgreSQL store"

@@ -136,7 +136,9 @@ class SimulatedDevice:
                         "handled_by": ["sim"],
                         "time": utc_iso(self.clock()),
                     }
-                    client.publish(f"{self.base}/cmd_result/{body['id']}", json.dumps(result), qos=1)
+                    client.publish(
+                        f"{self.base}/cmd_result/{body['id']}", json.dumps(result), qos=1
+                    )
         except Exception:  # a bad message must not kill paho's thread
             return
 

@@ -168,7 +168,10 @@ class Receiver:
         # devices send again, since nothing was receipted.
         self._persistent = not mq.share_group
         self.client = make_client(
-            mq, mq.client_id, persistent=self._persistent, manual_ack=True,
+            mq,
+            mq.client_id,
+            persistent=self._persistent,
+            manual_ack=True,
             password=config.password(),
         )
         self.client.on_connect = self._on_connect
@@ -325,9 +328,7 @@ class Receiver:
         self.stats.supervising = self.store.hold_lease(SUPERVISION_LEASE, self.name, sup.lease)
         if not self.stats.supervising:
             return
-        due = self.store.supervision_due(
-            now, sup.lost_after, sup.default_interval, sup.gap_timeout
-        )
+        due = self.store.supervision_due(now, sup.lost_after, sup.default_interval, sup.gap_timeout)
         if due:
             with self.store.devices_locked(due) as stored:
                 batch = Batch()
@@ -339,7 +340,11 @@ class Receiver:
         commands = self.config.commands
         for alarm in self.desk.follow_up(now, commands.retry_every, commands.confirm_within):
             log.warning(
-                "%s/%s: alarm %s (%s): %s", alarm.site, alarm.device, alarm.id, alarm.kind,
+                "%s/%s: alarm %s (%s): %s",
+                alarm.site,
+                alarm.device,
+                alarm.id,
+                alarm.kind,
                 alarm.at_device,
             )
 

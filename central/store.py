@@ -602,7 +602,9 @@ class Store(abc.ABC):
                 " WHERE leases.holder = excluded.holder OR leases.expires_at < ?",
                 (name, holder, now + seconds, now),
             )
-            return bool(self._rows("SELECT holder FROM leases WHERE name = ?", (name,))[0][0] == holder)
+            return bool(
+                self._rows("SELECT holder FROM leases WHERE name = ?", (name,))[0][0] == holder
+            )
 
     def release_lease(self, name: str, holder: str) -> None:
         """Give lease ``name`` up at once (a clean stop), so another receiver takes it now."""
@@ -692,8 +694,15 @@ class Store(abc.ABC):
             " WHERE id = (SELECT alarm_id FROM commands WHERE id = ?)"
             " AND device_command = (SELECT name FROM commands WHERE id = ?)"
             f" AND device_state IN ({_marks(len(allowed))})",
-            ("confirmed" if ok else "refused", detail, int(ok), at, command_id, command_id,
-             *allowed),
+            (
+                "confirmed" if ok else "refused",
+                detail,
+                int(ok),
+                at,
+                command_id,
+                command_id,
+                *allowed,
+            ),
         )
 
     # --- reading ---
@@ -830,7 +839,9 @@ class Store(abc.ABC):
         """Alarms whose ack/resolve the device has not confirmed yet (state ``sent``)."""
         return self._alarms_where("device_state = 'sent'")
 
-    def device_unconfirmed(self, alarm_id: str, command: str, detail: str, audit: StoredEvent) -> bool:
+    def device_unconfirmed(
+        self, alarm_id: str, command: str, detail: str, audit: StoredEvent
+    ) -> bool:
         """``command`` of the alarm got no confirmation in time: say so, with ``audit``."""
         with self.transaction():
             changed = self._exec(
@@ -1020,7 +1031,7 @@ class SQLiteStore(Store):
             raise StoreBusy(
                 f"{self.path}: another receiver (pid {holder}) already runs on this SQLite"
                 " store; SQLite serves one receiver. To run several, store in PostgreSQL"
-                " ([store] url = \"postgresql://...\") and share the devices' topics"
+                ' ([store] url = "postgresql://...") and share the devices\' topics'
                 " ([mqtt] share_group)"
             ) from None
         os.ftruncate(fd, 0)

@@ -173,8 +173,9 @@ def _list(args: argparse.Namespace) -> int:
         watchlist.close()
     threshold = options.threshold_for(summary["embeddings"])
     if args.json:
-        print(json.dumps({**summary, "threshold": round(threshold, 4), "entries": persons},
-                         indent=2))
+        print(
+            json.dumps({**summary, "threshold": round(threshold, 4), "entries": persons}, indent=2)
+        )
         return 0
     print(
         f"watchlist version {summary['version']}, model {summary['model'] or '(none yet)'}, "

@@ -123,8 +123,9 @@ class FaceTracker:
     track of the same person gives no event (counted in ``cooled_down``).
     """
 
-    def __init__(self, min_frames: int, cooldown: float, track_timeout: float,
-                 max_tracks: int = 32):
+    def __init__(
+        self, min_frames: int, cooldown: float, track_timeout: float, max_tracks: int = 32
+    ):
         self.min_frames = min_frames
         self.cooldown = cooldown
         self.track_timeout = track_timeout

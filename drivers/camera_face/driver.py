@@ -136,9 +136,7 @@ class CameraFaceDriver(Driver):
         tracker = FaceTracker(config.min_frames, config.cooldown, config.track_timeout)
         self._watchlist = watchlist
         gallery = watchlist.gallery()
-        self._judge = WatchlistJudge(
-            pipeline, gallery, config.threshold_for(len(gallery)), tracker
-        )
+        self._judge = WatchlistJudge(pipeline, gallery, config.threshold_for(len(gallery)), tracker)
         if not self._commands_registered:
             self.ctx.on_command("watchlist.add", self._add_command)
             self.ctx.on_command("watchlist.remove", self._remove_command)

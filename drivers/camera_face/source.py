@@ -391,9 +391,7 @@ class PicameraCapture:
         picamera_class = picamera2.Picamera2
         cameras = picamera_class.global_camera_info()
         if number >= len(cameras):
-            raise SourceLost(
-                f"Pi camera {number} not found ({len(cameras)} connected: unplugged?)"
-            )
+            raise SourceLost(f"Pi camera {number} not found ({len(cameras)} connected: unplugged?)")
         try:
             self._camera = picamera_class(number)
             main: dict[str, Any] = {"format": "RGB888"}

@@ -187,13 +187,17 @@ def cmd_sniff(args: argparse.Namespace) -> int:
     return 0
 
 
-def encode_frame(dialect_name: str, body_text: str, body_hex: str, rule: int, values: Sequence[str]) -> bytes:
+def encode_frame(
+    dialect_name: str, body_text: str, body_hex: str, rule: int, values: Sequence[str]
+) -> bytes:
     """The frame ``serial-encode`` prints: a body framed as the dialect's device sends it."""
     dialect = load_dialect(dialect_name, "--dialect")
     try:
         base = bytes.fromhex(body_hex) if body_hex else body_text.encode("latin-1")
     except (ValueError, UnicodeEncodeError):
-        raise ConfigError("must be hex digits (--hex) or single-byte text (--body)", "body") from None
+        raise ConfigError(
+            "must be hex digits (--hex) or single-byte text (--body)", "body"
+        ) from None
     if values:
         if not 0 <= rule < len(dialect.rules):
             raise ConfigError(f"the dialect has rules 0..{len(dialect.rules) - 1}", "--rule")
@@ -300,6 +304,8 @@ def add_cli(subparsers: Any) -> None:
     encode.add_argument("--dialect", required=True, metavar="D", help="built-in name or .toml path")
     encode.add_argument("--body", default="", help="the body as text")
     encode.add_argument("--hex", default="", help="the body (or the bytes under the fields) as hex")
-    encode.add_argument("--rule", type=int, default=0, help="the rule whose layout FIELD=VALUE fill (0-based)")
+    encode.add_argument(
+        "--rule", type=int, default=0, help="the rule whose layout FIELD=VALUE fill (0-based)"
+    )
     encode.add_argument("values", nargs="*", metavar="FIELD=VALUE")
     encode.set_defaults(func=cmd_encode)

@@ -187,7 +187,9 @@ class Framing:
     #: Byte stuffing (hex byte, e.g. "7D"): inside a frame, this byte and the next
     #: stand for one byte: the next XOR ``escape_xor`` (HDLC: 0x20), or the next
     #: byte itself when ``escape_xor`` is 0 (DLE doubling).
-    escape: str = field(default="", metadata=check(_one_hex_byte, 'must be one hex byte, e.g. "7D"'))
+    escape: str = field(
+        default="", metadata=check(_one_hex_byte, 'must be one hex byte, e.g. "7D"')
+    )
     escape_xor: int = field(default=0x20, metadata=check(minimum=0, maximum=255))
     #: Bytes (hex) the sender escapes besides the frame markers and the escape byte.
     escaped: str = field(default="", metadata=HEX_BYTES)
@@ -245,7 +247,7 @@ class Framing:
             if self.length_offset + self.length_size > self.max_length:
                 raise ConfigError("the length field lies beyond max_length", "length_offset")
         if self.type == "stx_etx" and self.stx == self.etx:
-            raise ConfigError("stx and etx must differ (same byte both ends: type = \"flag\")", "etx")
+            raise ConfigError('stx and etx must differ (same byte both ends: type = "flag")', "etx")
         if self.escape and int(self.escape, 16) in self.marker_bytes:
             raise ConfigError("the escape byte cannot be a frame marker", "escape")
         if self.escape and self.type not in ("stx_etx", "flag") and self.escape_xor == 0:
@@ -254,12 +256,15 @@ class Framing:
                 " (a marker must never appear inside a frame)",
                 "escape_xor",
             )
-        if self.escape and self.escape_xor and any(
-            (m ^ self.escape_xor) in self.marker_bytes for m in self.marker_bytes
+        if (
+            self.escape
+            and self.escape_xor
+            and any((m ^ self.escape_xor) in self.marker_bytes for m in self.marker_bytes)
         ):
             raise ConfigError("escaped markers would still be markers", "escape_xor")
         if self.checksum_separator and (
-            self.checksum == "none" or (self.type == "stx_etx" and self.checksum_position == "after_etx")
+            self.checksum == "none"
+            or (self.type == "stx_etx" and self.checksum_position == "after_etx")
         ):
             raise ConfigError(
                 "a separator sits between body and checksum inside the frame", "checksum_separator"
@@ -436,9 +441,14 @@ class Rule:
                 raise ConfigError(f"field {spec.name!r} is given twice", f"layout[{index}].name")
             names.add(spec.name)
             if spec.name in groups or spec.name in self.constants:
-                raise ConfigError(f"field {spec.name!r} is also a regex group or constant", f"layout[{index}].name")
+                raise ConfigError(
+                    f"field {spec.name!r} is also a regex group or constant",
+                    f"layout[{index}].name",
+                )
         if self.time_format and DEVICE_TIME not in groups | {f.name for f in self.layout}:
-            raise ConfigError(f"no regex group or layout field named {DEVICE_TIME!r}", "time_format")
+            raise ConfigError(
+                f"no regex group or layout field named {DEVICE_TIME!r}", "time_format"
+            )
         if self.time_format and "%" not in self.time_format:
             raise ConfigError("expected a strptime format like %y%m%d%H%M%S", "time_format")
         if self.clears and not self.state:
@@ -512,7 +522,8 @@ class Dialect:
         for index, rule in enumerate(self.rules):
             if rule.clears and rule.state not in set_states:
                 raise ConfigError(
-                    f"no rule sets the state {rule.state!r} this one clears", f"rules[{index}].state"
+                    f"no rule sets the state {rule.state!r} this one clears",
+                    f"rules[{index}].state",
                 )
             for position, spec in enumerate(rule.layout):
                 end = spec.bits[1] // 8 + 1 if spec.bits else spec.offset + spec.size

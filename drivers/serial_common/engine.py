@@ -242,7 +242,9 @@ class DialectEngine:
                 fields[name] = converters.get(name, str)(value)
             except ValueError:
                 conversion = compiled.rule.fields.get(name, "str")
-                raise Rejected("bad_field", f"field {name!r}: {value!r} is not {conversion}") from None
+                raise Rejected(
+                    "bad_field", f"field {name!r}: {value!r} is not {conversion}"
+                ) from None
         return fields
 
     def _derived_fields(
@@ -287,7 +289,9 @@ class DialectEngine:
                     "bad_field", f"{DEVICE_TIME}: {text!r} does not fit {rule.time_format!r}"
                 ) from None
             if trace:
-                trace.append(f"{DEVICE_TIME}: {text!r} ({rule.time_format}) -> {fields[DEVICE_TIME]}")
+                trace.append(
+                    f"{DEVICE_TIME}: {text!r} ({rule.time_format}) -> {fields[DEVICE_TIME]}"
+                )
 
     def _payload(self, frame: Frame) -> bytes:
         """The bytes layout fields read: the body, or what its hex digits spell."""

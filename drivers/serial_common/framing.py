@@ -232,7 +232,9 @@ class Framer(abc.ABC):
         self.check = FrameCheck(framing)
         self.stuffing = Stuffing(framing) if framing.escape else None
         #: DLE-style stuffing: a marker after an escape byte is data, not a marker.
-        self._literal = self.stuffing if self.stuffing is not None and not self.stuffing.xor else None
+        self._literal = (
+            self.stuffing if self.stuffing is not None and not self.stuffing.xor else None
+        )
         #: Checks beyond parity: checksum, separator or trailer.
         self._checked = bool(self.check.tail or self.check.trailer)
         #: line and flag framing: inside a frame already reported as overlong, dropping its tail.
@@ -346,7 +348,9 @@ class Framer(abc.ABC):
         self.check.verify(body, start, end, received)
         return body, received
 
-    def _accept(self, out: list[Frame | Unparsed], raw: bytes, content: bytes, start: bytes, end: bytes) -> bool:
+    def _accept(
+        self, out: list[Frame | Unparsed], raw: bytes, content: bytes, start: bytes, end: bytes
+    ) -> bool:
         """Check and emit one delimited frame; False (reported) if it failed a check."""
         try:
             body, received = self._open(content, start, end)
@@ -356,7 +360,9 @@ class Framer(abc.ABC):
         self._emit(out, body, raw, received)
         return True
 
-    def _emit(self, out: list[Frame | Unparsed], body: bytes, raw: bytes, check: bytes = b"") -> None:
+    def _emit(
+        self, out: list[Frame | Unparsed], body: bytes, raw: bytes, check: bytes = b""
+    ) -> None:
         if self._garbage_count:  # (tested here: this runs for every frame)
             self._flush_garbage(out)
         if self._parity_checked and PARITY_ERROR in raw:
@@ -485,7 +491,9 @@ class StxEtxFramer(Framer):
             if self._raw_before:
                 inner = self._inner_start(buf, end)
                 if inner:
-                    self._reject(out, "incomplete", "incomplete frame (a later STX checks)", buf[:inner])
+                    self._reject(
+                        out, "incomplete", "incomplete frame (a later STX checks)", buf[:inner]
+                    )
                     del buf[:inner]
                     continue
                 settled = self._settle_end(buf, end)
@@ -539,7 +547,9 @@ class StxEtxFramer(Framer):
         tail = raw[end + 1 :]
         try:
             if self.check.trailer and not tail.endswith(self.check.trailer):
-                raise Rejected("bad_trailer", f"frame does not end with {self.check.trailer.hex(' ')}")
+                raise Rejected(
+                    "bad_trailer", f"frame does not end with {self.check.trailer.hex(' ')}"
+                )
             body = self.stuffing.decode(content) if self.stuffing is not None else content
             if not self._after:
                 body, received = self.check.split(body, with_trailer=False)

@@ -25,7 +25,6 @@ from tests.support.receivers import wait_until
 REPO = Path(__file__).parents[2]
 
 
-
 @pytest.fixture
 def devices(broker: Broker) -> Iterator[Callable[..., SimulatedDevice]]:
     started: list[SimulatedDevice] = []
@@ -215,13 +214,17 @@ def test_events_sent_during_a_clean_restart_are_stored_at_once(
     try:
         store = wait_until(lambda: _try_open(store_section), DEADLINE, "the store")
         first = device.event("gate.transit")
-        wait_until(lambda: store.count_events() > 0 and not device.pending, DEADLINE, "the first event")
+        wait_until(
+            lambda: store.count_events() > 0 and not device.pending, DEADLINE, "the first event"
+        )
         device.resend_after = 3600.0
         receiver.send_signal(signal.SIGTERM)
         assert receiver.wait(15) == 0
         during = [device.event("panic.pressed", "critical") for _ in range(3)]
         receiver = _start(config)
-        assert device.wait_receipted(DEADLINE), f"{len(device.pending)} sent during the restart never stored"
+        assert device.wait_receipted(DEADLINE), (
+            f"{len(device.pending)} sent during the restart never stored"
+        )
         ids = {e.id for e in store.events(limit=100)}
         assert {first, *during} <= ids
         store.close()

@@ -41,10 +41,7 @@ LEASE = 1.0
 PERIOD = LOST_AFTER * HEARTBEAT
 
 
-
-def test_a_second_receiver_on_one_sqlite_store_is_refused(
-    broker: Broker, tmp_path: Path
-) -> None:
+def test_a_second_receiver_on_one_sqlite_store_is_refused(broker: Broker, tmp_path: Path) -> None:
     def config(name: str) -> ReceiverConfig:
         return parse_receiver_config(
             {
@@ -58,14 +55,32 @@ def test_a_second_receiver_on_one_sqlite_store_is_refused(
         with pytest.raises(StoreBusy, match=r"another receiver \(pid \d+\).*PostgreSQL"):
             Receiver(config("rx-2"))
         # The service says so and exits, rather than starting a second writer.
-        second = ReceiverProcess(tmp_path, "rx", {
-            "mqtt": {"host": broker.host, "port": broker.port, "client_id": "rx"},
-            "store": {"url": f"sqlite:///{tmp_path / 'central.db'}"},
-        })
+        second = ReceiverProcess(
+            tmp_path,
+            "rx",
+            {
+                "mqtt": {"host": broker.host, "port": broker.port, "client_id": "rx"},
+                "store": {"url": f"sqlite:///{tmp_path / 'central.db'}"},
+            },
+        )
         done = subprocess.run(
-            [sys.executable, "-m", "central", "run", "--config", str(second.config_path),
-             "--instance", "2", "--duration", "5"],
-            check=False, capture_output=True, text=True, timeout=60, cwd=REPO,
+            [
+                sys.executable,
+                "-m",
+                "central",
+                "run",
+                "--config",
+                str(second.config_path),
+                "--instance",
+                "2",
+                "--duration",
+                "5",
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
         )
         assert done.returncode == 2
         assert f"another receiver (pid {os.getpid()}) already runs" in done.stderr
@@ -132,12 +147,18 @@ def test_sequence_gaps_are_exact_when_a_device_is_split_over_receivers(
     broker = private_broker
 
     def config(name: str) -> ReceiverConfig:
-        return parse_receiver_config({
-            "mqtt": {"host": broker.host, "port": broker.port, "client_id": name,
-                     "share_group": "gaps"},
-            "store": {"url": postgres_url, "schema": "wardpost"},
-            "supervision": {"gap_grace": 0.5, "check_every": 0.2, "lease": 1.0},
-        })
+        return parse_receiver_config(
+            {
+                "mqtt": {
+                    "host": broker.host,
+                    "port": broker.port,
+                    "client_id": name,
+                    "share_group": "gaps",
+                },
+                "store": {"url": postgres_url, "schema": "wardpost"},
+                "supervision": {"gap_grace": 0.5, "check_every": 0.2, "lease": 1.0},
+            }
+        )
 
     receivers = [Receiver(config(f"gap-rx-{i}")).start() for i in (1, 2)]
     device = None
@@ -154,8 +175,9 @@ def test_sequence_gaps_are_exact_when_a_device_is_split_over_receivers(
         wait_until(lambda: len(store.events(kind="sequence.gap")) >= 2, 30, "two gaps")
         device.heartbeat(backlog=0)
         time.sleep(1.0)
-        gaps = sorted((g.payload["first"], g.payload["last"])
-                      for g in store.events(kind="sequence.gap"))
+        gaps = sorted(
+            (g.payload["first"], g.payload["last"]) for g in store.events(kind="sequence.gap")
+        )
         assert gaps == [(7, 7), (19, 20)]
         assert not store.events(kind="sequence.restarted")
     finally:
@@ -230,8 +252,12 @@ def test_three_receivers_kill_and_long_stop_lose_and_double_nothing(
         )
         fleet = [
             SimulatedDevice(
-                broker.host, broker.port, "s1", f"d{i:02d}",
-                resend_after=3.0, heartbeat_interval=HEARTBEAT,
+                broker.host,
+                broker.port,
+                "s1",
+                f"d{i:02d}",
+                resend_after=3.0,
+                heartbeat_interval=HEARTBEAT,
             ).start()
             for i in range(DEVICES)
         ]
@@ -275,9 +301,7 @@ def test_three_receivers_kill_and_long_stop_lose_and_double_nothing(
         silent_since = time.time()
         supervisor.kill()
         burst(range(EVENTS_PER_DEVICE, EVENTS_PER_DEVICE + 5))  # the others keep storing
-        lost = wait_until(
-            lambda: store.events(kind="device.lost"), 4 * PERIOD + 30, "device.lost"
-        )
+        lost = wait_until(lambda: store.events(kind="device.lost"), 4 * PERIOD + 30, "device.lost")
         time.sleep(max(0.0, silent_since + PERIOD + LEASE + 1.0 - time.time()))
         supervisor.start()
         new_holder = store.lease_holder(SUPERVISION_LEASE)
@@ -305,8 +329,9 @@ def test_three_receivers_kill_and_long_stop_lose_and_double_nothing(
             " GROUP BY device, seq HAVING count(*) > 1",
         )
         # Each alarm once: the silent device lost once and restored once, nothing else.
-        centre = Counter((e.kind, e.device) for e in store.events(limit=100_000)
-                         if e.origin == "centre")
+        centre = Counter(
+            (e.kind, e.device) for e in store.events(limit=100_000) if e.origin == "centre"
+        )
         assert centre == {("device.lost", silent.device): 1, ("device.restored", silent.device): 1}
         (lost_event,) = lost
         # Supervised throughout: reported within one period of becoming due, lease handover
@@ -316,7 +341,9 @@ def test_three_receivers_kill_and_long_stop_lose_and_double_nothing(
             {"panic.pressed": panics, "device.lost": 1}
         )
         first_seen = Counter(
-            (link.device, link.reason) for link in store.link_history() if link.reason == "first seen"
+            (link.device, link.reason)
+            for link in store.link_history()
+            if link.reason == "first seen"
         )
         assert set(first_seen.values()) == {1} and len(first_seen) == DEVICES
         # Each DC-09 forward sent once: one message (sequence number) per panic zone, one

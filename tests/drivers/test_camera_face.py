@@ -134,9 +134,7 @@ def enrolment(pipeline: FacePipeline) -> dict[str, np.ndarray]:
 
 def enrol_all(state_dir: Path, enrolment: dict[str, np.ndarray]) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
-    watchlist = Watchlist(
-        state_dir / FILE_NAME, DEFAULT_EMBEDDER, EMBEDDER_SHA, 128
-    )
+    watchlist = Watchlist(state_dir / FILE_NAME, DEFAULT_EMBEDDER, EMBEDDER_SHA, 128)
     for person, vector in enrolment.items():
         watchlist.add(
             person, person.replace("_", " "), [vector], list_name="high-risk", source="test"
@@ -252,7 +250,9 @@ def test_enrolled_people_match_and_strangers_do_not(
                     assert match is not None and match.score < threshold, (person, number, match)
 
 
-def sample_at(box: tuple[float, float, float, float], vector: np.ndarray, norm: float = 18.0) -> FaceSample:
+def sample_at(
+    box: tuple[float, float, float, float], vector: np.ndarray, norm: float = 18.0
+) -> FaceSample:
     """A judged face at ``box`` whose embedding is ``vector`` (made unit length)."""
     face = Face(box, np.zeros((5, 2), np.float32), 0.9)
     unit = (vector / np.linalg.norm(vector)).astype(np.float32)
@@ -316,15 +316,19 @@ def test_video_gives_one_event_per_person_passing(
     event = matches[0]
     assert event.priority.label == "high"
     assert event.payload["name"] == "Abdullah Gul" and event.payload["list"] == "high-risk"
-    assert event.payload["score"] >= event.payload["threshold"] == round(
-        options("x").threshold_for(4), 4
+    assert (
+        event.payload["score"]
+        >= event.payload["threshold"]
+        == round(options("x").threshold_for(4), 4)
     )
     assert event.payload["camera"] == "cam" and event.payload["frames"] == 3
     assert event.payload["watchlist_version"] == 4
     assert "crop_jpeg" not in event.payload
     health = driver.health()
     assert health.state == "ok"
-    assert health.detail.endswith(f"4 persons (4 photos), threshold {options('x').threshold_for(4):.3f}")
+    assert health.detail.endswith(
+        f"4 persons (4 photos), threshold {options('x').threshold_for(4):.3f}"
+    )
     assert health.counters["suppressed_cooldown"] >= 1 and health.counters["faces"] >= 20
     assert health.counters["watchlist_entries"] == 4
     assert not [e for e in ctx.events if e.kind.startswith("device.")]
@@ -452,14 +456,21 @@ def test_centre_commands_add_remove_and_reject(
     assert driver.health().counters["watchlist_version"] == 3
     # More photos of P1, several at once, up to 5 in all.
     (result,) = command(
-        ctx, "watchlist.add", id="P1", name="Bill Gates", list="banned",
+        ctx,
+        "watchlist.add",
+        id="P1",
+        name="Bill Gates",
+        list="banned",
         images=[jpeg_base64(photo("Bill_Gates", n)) for n in (2, 4)],
     )
     assert result["embeddings_added"] == 2 and result["version"] == 4
     wait_until(lambda: counter(driver, "watchlist_photos") == 3, what="the new photos in use")
     with pytest.raises(CommandError, match="'P1' would have 6 photos; at most 5 per person"):
         command(
-            ctx, "watchlist.add", id="P1", name="Bill Gates",
+            ctx,
+            "watchlist.add",
+            id="P1",
+            name="Bill Gates",
             images=[jpeg_base64(photo("Bill_Gates", n)) for n in (5, 6, 7)],
         )
 
@@ -468,9 +479,7 @@ def test_watchlist_refuses_another_model(
     tmp_path: Path, enrolment: dict[str, np.ndarray], run_driver: Any
 ) -> None:
     enrol_all(tmp_path / "state", enrolment)
-    with pytest.raises(
-        WatchlistError, match=rf"holds 4 embeddings of model '{DEFAULT_EMBEDDER}'"
-    ):
+    with pytest.raises(WatchlistError, match=rf"holds 4 embeddings of model '{DEFAULT_EMBEDDER}'"):
         Watchlist(tmp_path / "state" / FILE_NAME, "mobilefacenet-128.tflite", "1" * 64, 128)
     ctx = RecordingContext(tmp_path / "state", name="cam")
     driver = CameraFaceDriver(
@@ -730,7 +739,11 @@ def test_fetch_models_needs_neither_opencv_nor_numpy(tmp_path: Path) -> None:
     dest = tmp_path / "models"
     done = subprocess.run(
         [sys.executable, "-c", _WITHOUT_OPENCV, "--from", str(MODELS), "--dest", str(dest)],
-        cwd=root, capture_output=True, text=True, timeout=120, check=False,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert f"{DEFAULT_EMBEDDER}: installed from" in done.stdout
@@ -740,9 +753,21 @@ def test_fetch_models_needs_neither_opencv_nor_numpy(tmp_path: Path) -> None:
     damaged.mkdir()
     (damaged / "face_detection_yunet_2023mar.onnx").write_bytes(b"not the model")
     done = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_OPENCV, "--from", str(damaged), "--dest",
-         str(tmp_path / "other"), "face_detection_yunet_2023mar.onnx"],
-        cwd=root, capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-c",
+            _WITHOUT_OPENCV,
+            "--from",
+            str(damaged),
+            "--dest",
+            str(tmp_path / "other"),
+            "face_detection_yunet_2023mar.onnx",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 1 and "expected 8f2383e4" in done.stderr
 
@@ -758,10 +783,14 @@ def test_command_arguments_follow_the_contract() -> None:
         return True
 
     photo_b64 = jpeg_base64(photo("Bill_Gates", 1))
-    assert valid("watchlist.add", {"id": "P1", "name": "B", "list": "banned",
-                                   "images": [photo_b64, photo_b64, photo_b64]})
-    assert valid("watchlist.add", {"id": "P2", "name": "A", "embeddings": ["AAAA"],
-                                   "model_sha256": EMBEDDER_SHA})
+    assert valid(
+        "watchlist.add",
+        {"id": "P1", "name": "B", "list": "banned", "images": [photo_b64, photo_b64, photo_b64]},
+    )
+    assert valid(
+        "watchlist.add",
+        {"id": "P2", "name": "A", "embeddings": ["AAAA"], "model_sha256": EMBEDDER_SHA},
+    )
     assert not valid("watchlist.add", {"id": "P3", "name": "C"})  # neither photos nor embeddings
     assert not valid("watchlist.add", {"id": "P3", "name": "C", "images": [photo_b64] * 6})
     assert valid("watchlist.remove", {"id": "P1"})

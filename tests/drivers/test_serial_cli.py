@@ -39,9 +39,22 @@ def test_sniff_shows_bytes_and_dialects_and_captures_for_replay(
     device = PtyDevice(tmp_path / "ttyGATE")
     capture = tmp_path / "gate.jsonl"
     proc = subprocess.Popen(
-        [str(WARDPOST), "serial-sniff", str(device.link), "--dialect", "text-gate", "--dialect", "rdm6300",
-         "--capture", str(capture), "--duration", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            str(WARDPOST),
+            "serial-sniff",
+            str(device.link),
+            "--dialect",
+            "text-gate",
+            "--dialect",
+            "rdm6300",
+            "--capture",
+            str(capture),
+            "--duration",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         read_until(proc, " open")
@@ -66,11 +79,15 @@ def test_sniff_shows_bytes_and_dialects_and_captures_for_replay(
     assert "text-gate: bytes 37" in replay
 
 
-def test_replay_of_a_raw_dump_through_a_dialect_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_replay_of_a_raw_dump_through_a_dialect_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     dump = tmp_path / "dump.bin"
     dump.write_bytes(b"BEEP4;BEEP5;noise;BEE")
     dialect = tmp_path / "lobby.toml"
-    dialect.write_text("[framing]\nterminators=[';']\n[[rules]]\nmatch='BEEP(?P<z>\\d)'\nkind='gate.alarm'\n")
+    dialect.write_text(
+        "[framing]\nterminators=[';']\n[[rules]]\nmatch='BEEP(?P<z>\\d)'\nkind='gate.alarm'\n"
+    )
     assert main(["serial-replay", str(dump), "--dialect", str(dialect)]) == 0
     out = capsys.readouterr().out
     assert out.count("lobby: gate.alarm") == 2
@@ -82,12 +99,20 @@ def test_replay_of_a_raw_dump_through_a_dialect_file(tmp_path: Path, capsys: pyt
     ("content", "args", "message"),
     [
         (None, ["--dialect", "rdm6300"], "capture file does not exist"),
-        ('{"capture": 1}\n{"t": 0, "rx": "zz"}\n', ["--dialect", "rdm6300"], "line 2 is not a capture record"),
+        (
+            '{"capture": 1}\n{"t": 0, "rx": "zz"}\n',
+            ["--dialect", "rdm6300"],
+            "line 2 is not a capture record",
+        ),
         ("x", ["--dialect", "nope"], "unknown dialect 'nope'"),
     ],
 )
 def test_replay_errors_are_clear(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, args: list[str], message: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str | None,
+    args: list[str],
+    message: str,
 ) -> None:
     path = tmp_path / "capture.jsonl"
     if content is not None:
@@ -100,8 +125,22 @@ def test_replay_explain_shows_framing_checksum_and_every_field(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dump = tmp_path / "panel.bin"
-    assert main(["serial-encode", "--dialect", "hdlc-panel", "--hex", "0110", "address=1", "zones=1,3",
-                 "intensity=126", "device_time=2026-01-29T21:15:30+00:00"]) == 0
+    assert (
+        main(
+            [
+                "serial-encode",
+                "--dialect",
+                "hdlc-panel",
+                "--hex",
+                "0110",
+                "address=1",
+                "zones=1,3",
+                "intensity=126",
+                "device_time=2026-01-29T21:15:30+00:00",
+            ]
+        )
+        == 0
+    )
     frame = bytes.fromhex(capsys.readouterr().out.split("|")[0])
     assert b"\x7d\x5e" in frame  # the intensity 0x7E travels escaped
     dump.write_bytes(frame)
@@ -116,13 +155,27 @@ def test_replay_explain_shows_framing_checksum_and_every_field(
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--dialect", "nmea-gate", "--body", "GTTMP,DOOR"],
-         ['$GTTMP,DOOR*60\\r\\n|', 'nmea-gate: gate.tamper {"detail": "DOOR"}']),
-        (["--dialect", "wiegand34-hex", "facility=1234", "card=42"],
-         ["|209A40054\\r\\n|", '{"card": "00042", "facility": 1234, "tag": "209A40054"}']),
-        (["--dialect", "xray-binary", "--hex", "0001", "bag=2317", "threat=weapon", "operator=OP17",
-          "tunnel_temperature=-5"],
-         ['"bag": "00002317"', '"threat": "weapon"', '"tunnel_temperature": -5']),
+        (
+            ["--dialect", "nmea-gate", "--body", "GTTMP,DOOR"],
+            ["$GTTMP,DOOR*60\\r\\n|", 'nmea-gate: gate.tamper {"detail": "DOOR"}'],
+        ),
+        (
+            ["--dialect", "wiegand34-hex", "facility=1234", "card=42"],
+            ["|209A40054\\r\\n|", '{"card": "00042", "facility": 1234, "tag": "209A40054"}'],
+        ),
+        (
+            [
+                "--dialect",
+                "xray-binary",
+                "--hex",
+                "0001",
+                "bag=2317",
+                "threat=weapon",
+                "operator=OP17",
+                "tunnel_temperature=-5",
+            ],
+            ['"bag": "00002317"', '"threat": "weapon"', '"tunnel_temperature": -5'],
+        ),
     ],
 )
 def test_encode_frames_a_body_and_decodes_it_back(
@@ -137,20 +190,58 @@ def test_encode_frames_a_body_and_decodes_it_back(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--dialect", "hdlc-panel", "adress=1"], "adress=1: expected FIELD=VALUE with a layout field (address, "),
-        (["--dialect", "hdlc-panel", "address=x"], "address=x: address: 'x' is not a value for uint"),
-        (["--dialect", "hdlc-panel", "address=1"], "FIELD=VALUE: no value for zones, intensity, device_time"),
-        (["--dialect", "hdlc-panel", "--rule", "7", "address=1"], "--rule: the dialect has rules 0..2"),
+        (
+            ["--dialect", "hdlc-panel", "adress=1"],
+            "adress=1: expected FIELD=VALUE with a layout field (address, ",
+        ),
+        (
+            ["--dialect", "hdlc-panel", "address=x"],
+            "address=x: address: 'x' is not a value for uint",
+        ),
+        (
+            ["--dialect", "hdlc-panel", "address=1"],
+            "FIELD=VALUE: no value for zones, intensity, device_time",
+        ),
+        (
+            ["--dialect", "hdlc-panel", "--rule", "7", "address=1"],
+            "--rule: the dialect has rules 0..2",
+        ),
         (["--dialect", "xray-binary", "--hex", "zz"], "body: must be hex digits"),
-        (["--dialect", "wiegand34-hex", "facility=70000", "card=1"],
-         "cannot write these values: facility: 70000 does not fit in 16 bits"),
-        (["--dialect", "xray-binary", "--hex", "0001", "bag=1", "threat=1", "operator=TOOLONG",
-          "tunnel_temperature=0"], "operator: 'TOOLONG' does not fit in 4 bytes"),
-        (["--dialect", "xray-binary", "--hex", "0001", "bag=1", "threat=1", "operator=A",
-          "tunnel_temperature=40000"], "tunnel_temperature: 40000 does not fit in 16 signed bits"),
+        (
+            ["--dialect", "wiegand34-hex", "facility=70000", "card=1"],
+            "cannot write these values: facility: 70000 does not fit in 16 bits",
+        ),
+        (
+            [
+                "--dialect",
+                "xray-binary",
+                "--hex",
+                "0001",
+                "bag=1",
+                "threat=1",
+                "operator=TOOLONG",
+                "tunnel_temperature=0",
+            ],
+            "operator: 'TOOLONG' does not fit in 4 bytes",
+        ),
+        (
+            [
+                "--dialect",
+                "xray-binary",
+                "--hex",
+                "0001",
+                "bag=1",
+                "threat=1",
+                "operator=A",
+                "tunnel_temperature=40000",
+            ],
+            "tunnel_temperature: 40000 does not fit in 16 signed bits",
+        ),
     ],
 )
-def test_encode_errors_name_what_is_wrong(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+def test_encode_errors_name_what_is_wrong(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
     assert main(["serial-encode", *args]) == 1
     assert message in capsys.readouterr().err
 
@@ -160,8 +251,13 @@ COOKBOOK = Path(__file__).parent / "cookbook"
 
 @pytest.mark.parametrize(
     ("capture", "dialect"),
-    [("nmea.bin", "nmea-gate"), ("hdlc.bin", "hdlc-panel"), ("xray.bin", "xray-binary"),
-     ("w34.bin", "wiegand34-hex"), ("zones.bin", "polled-zones")],
+    [
+        ("nmea.bin", "nmea-gate"),
+        ("hdlc.bin", "hdlc-panel"),
+        ("xray.bin", "xray-binary"),
+        ("w34.bin", "wiegand34-hex"),
+        ("zones.bin", "polled-zones"),
+    ],
 )
 def test_cookbook_outputs_are_what_serial_replay_prints(
     capsys: pytest.CaptureFixture[str], capture: str, dialect: str

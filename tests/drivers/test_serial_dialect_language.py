@@ -208,8 +208,15 @@ def test_a_wiegand34_card_with_a_flipped_bit_is_never_taken_for_another_checkpoi
     other = encode_frame("wiegand34-hex", "", "", 0, ["facility=1234", "card=43"])
     flipped = f"{int(good[:9], 16) ^ (1 << 1):09X}\r\n".encode()  # card 42 -> 43 on the wire
     tags = {good[:9].decode(): "East stairs", other[:9].decode(): "Pharmacy door"}
-    patrol = start(RfidPatrolDriver, ctx, device, drivers, dialect="wiegand34-hex",
-                   checkpoints=tags, unparsed_burst=5)
+    patrol = start(
+        RfidPatrolDriver,
+        ctx,
+        device,
+        drivers,
+        dialect="wiegand34-hex",
+        checkpoints=tags,
+        unparsed_burst=5,
+    )
     device.write(flipped + good)
     [read] = ctx.wait_for("patrol.checkpoint", timeout=DEADLINE)
     assert read.payload["checkpoint"] == "East stairs"

@@ -20,8 +20,23 @@ FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthChe
 
 # Bytes biased towards what the framers care about.
 interesting = st.sampled_from(
-    [b"\x02", b"\x03", b"\r", b"\n", b"\r\n", b"\xaa\x55", b"ALARM Z3 I9", b"M0001 ", b"0",
-     b"~", b"}", b"\x10", b"\xa5", b"$", b"*"]
+    [
+        b"\x02",
+        b"\x03",
+        b"\r",
+        b"\n",
+        b"\r\n",
+        b"\xaa\x55",
+        b"ALARM Z3 I9",
+        b"M0001 ",
+        b"0",
+        b"~",
+        b"}",
+        b"\x10",
+        b"\xa5",
+        b"$",
+        b"*",
+    ]
 )
 noisy = st.lists(st.one_of(st.binary(max_size=64), interesting), max_size=40).map(b"".join)
 
@@ -65,7 +80,12 @@ EXTRA_DIALECTS = {
         }
     },
     "length-nosync-crc8": {
-        "framing": {"type": "length", "length_counts": "data", "checksum": "CRC-8", "max_length": 64}
+        "framing": {
+            "type": "length",
+            "length_counts": "data",
+            "checksum": "CRC-8",
+            "max_length": 64,
+        }
     },
     "line-start-checksum": {
         "framing": {

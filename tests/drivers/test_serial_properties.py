@@ -300,14 +300,25 @@ def test_wiegand34_every_flipped_card_bit_fails_its_parity(
     intensity=st.integers(0, 255),
     clock=st.integers(0, 2**32 - 1),
 )
-def test_hdlc_panel_alarms_round_trip(address: int, zones: list[int], intensity: int, clock: int) -> None:
-    values = [f"address={address}", f"zones={','.join(map(str, zones))}", f"intensity={intensity}",
-              f"device_time={clock}"]
+def test_hdlc_panel_alarms_round_trip(
+    address: int, zones: list[int], intensity: int, clock: int
+) -> None:
+    values = [
+        f"address={address}",
+        f"zones={','.join(map(str, zones))}",
+        f"intensity={intensity}",
+        f"device_time={clock}",
+    ]
     frame = encode_frame("hdlc-panel", "", "0110", 0, values)
-    assert decoded(run(load_dialect("hdlc-panel"), [frame])) == [{
-        "address": address, "zones": zones, "intensity": intensity, "class": "standard",
-        "device_time": datetime.fromtimestamp(clock, UTC).isoformat(),
-    }]
+    assert decoded(run(load_dialect("hdlc-panel"), [frame])) == [
+        {
+            "address": address,
+            "zones": zones,
+            "intensity": intensity,
+            "class": "standard",
+            "device_time": datetime.fromtimestamp(clock, UTC).isoformat(),
+        }
+    ]
 
 
 @PROPERTY
@@ -317,10 +328,22 @@ def test_hdlc_panel_alarms_round_trip(address: int, zones: list[int], intensity:
     operator=st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=1, max_size=4),
     temperature=st.integers(-0x8000, 0x7FFF),
 )
-def test_xray_binary_alerts_round_trip(bag: int, threat: str, operator: str, temperature: int) -> None:
-    values = [f"bag={bag}", f"threat={threat}", f"operator={operator}", f"tunnel_temperature={temperature}"]
+def test_xray_binary_alerts_round_trip(
+    bag: int, threat: str, operator: str, temperature: int
+) -> None:
+    values = [
+        f"bag={bag}",
+        f"threat={threat}",
+        f"operator={operator}",
+        f"tunnel_temperature={temperature}",
+    ]
     frame = encode_frame("xray-binary", "", "0001", 0, values)
-    assert decoded(run(load_dialect("xray-binary"), [frame])) == [{
-        "bag": f"{bag:08d}", "threat": threat, "operator": operator, "tunnel_temperature": temperature,
-        "class": "automatic",
-    }]
+    assert decoded(run(load_dialect("xray-binary"), [frame])) == [
+        {
+            "bag": f"{bag:08d}",
+            "threat": threat,
+            "operator": operator,
+            "tunnel_temperature": temperature,
+            "class": "automatic",
+        }
+    ]

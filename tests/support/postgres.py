@@ -80,31 +80,57 @@ class PostgresCluster:
 
     def start(self, timeout: float = 60.0) -> PostgresCluster:
         self._run(
-            str(self.bin / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
-            "--auth=trust", "--encoding=UTF8", "--no-sync", "--no-instructions",
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-sync",
+            "--no-instructions",
         )
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [
-                    str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
-                    "-c", f"listen_addresses={self.host}",
-                    "-c", f"unix_socket_directories={self.directory}",
-                    "-c", "fsync=off", "-c", "synchronous_commit=off",
-                    "-c", "full_page_writes=off", "-c", "max_connections=200",
+                    str(self.bin / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-p",
+                    str(self.port),
+                    "-c",
+                    f"listen_addresses={self.host}",
+                    "-c",
+                    f"unix_socket_directories={self.directory}",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=200",
                 ],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self._env(), **self._as_user,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env(),
+                **self._as_user,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited with {self.proc.returncode}: {self.log_tail()}")
+                raise RuntimeError(
+                    f"postgres exited with {self.proc.returncode}: {self.log_tail()}"
+                )
             with contextlib.suppress(Exception):
                 self._admin_execute("SELECT 1")
                 return self
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"postgres did not accept connections within {timeout}s: {self.log_tail()}")
+        raise RuntimeError(
+            f"postgres did not accept connections within {timeout}s: {self.log_tail()}"
+        )
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{database}"

@@ -61,8 +61,12 @@ WARDPOST = [sys.executable, "-m", "agent.cli"]  # the `wardpost` console script,
 T = TypeVar("T")
 
 
-def wait_for(probe: Callable[[], T], what: str | Callable[[], str], timeout: float = DEADLINE,
-             every: float = 0.1) -> T:
+def wait_for(
+    probe: Callable[[], T],
+    what: str | Callable[[], str],
+    timeout: float = DEADLINE,
+    every: float = 0.1,
+) -> T:
     """Poll ``probe`` until it returns something truthy; fail naming ``what`` (a callable
     ``what`` describes the state at the time of failure)."""
     deadline = time.monotonic() + timeout
@@ -76,11 +80,18 @@ def wait_for(probe: Callable[[], T], what: str | Callable[[], str], timeout: flo
     return last
 
 
-def wardpost(*args: str, timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+def wardpost(
+    *args: str, timeout: float = 60.0, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run one ``wardpost`` command as the operator would."""
     done = subprocess.run(
-        [*WARDPOST, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(REPO)}, check=False,
+        [*WARDPOST, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
     )
     if check and done.returncode != 0:
         raise AssertionError(
@@ -104,8 +115,12 @@ class Service:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
         self._log_start = self._log.tell()
         self.proc = subprocess.Popen(
-            self.argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+            self.argv,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
         )
         return self
 
@@ -162,7 +177,8 @@ def acl_identities(acl: Path) -> AclIdentities:
             writes[user].add(m.group(2))
     receivers = [u for u, topics in writes.items() if any(t.endswith("/receipts") for t in topics)]
     consoles = [
-        u for u, topics in writes.items()
+        u
+        for u, topics in writes.items()
         if any("/cmd/" in t for t in topics) and not any(t.endswith("/receipts") for t in topics)
     ]
     assert receivers, f"{acl}: no identity may write receipts"
@@ -216,7 +232,9 @@ class Loop:
 
     def read(self, query: Callable[[Store], T]) -> T:
         """One look at the centre's store, as an observer (opened and closed each time)."""
-        store = open_store(parse_receiver_config({"store": {"url": self.store_url}}, "<test>").store)
+        store = open_store(
+            parse_receiver_config({"store": {"url": self.store_url}}, "<test>").store
+        )
         try:
             return query(store)
         finally:
@@ -231,7 +249,9 @@ class Loop:
     def alarms(self) -> list[Any]:
         return self.read(lambda store: store.alarms())
 
-    def device_cli(self, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def device_cli(
+        self, name: str, *args: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """``wardpost --config <that device's config> ...`` (status, events, simulate, reload)."""
         return wardpost("--config", str(self.agents[name].config_path), *args, check=check)
 
@@ -245,33 +265,64 @@ class Loop:
 
     def broker_args(self, identity: str) -> list[str]:
         who = self.identities[identity]
-        return ["--host", self.broker.host, "--port", str(self.broker.port),
-                "--ca-file", str(self.pki.ca_file), "--cert-file", str(who.cert_file),
-                "--key-file", str(who.key_file)]
+        return [
+            "--host",
+            self.broker.host,
+            "--port",
+            str(self.broker.port),
+            "--ca-file",
+            str(self.pki.ca_file),
+            "--cert-file",
+            str(who.cert_file),
+            "--key-file",
+            str(who.key_file),
+        ]
 
     def operator(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``wardpost receiver <args> --config central.toml``."""
         return wardpost("receiver", *args, "--config", str(self.receiver_config), check=check)
 
-    def command(self, device: str, name: str, args: dict[str, Any], *, key: bool = True,
-                target: str | None = None, timeout: float = 20.0) -> dict[str, Any]:
+    def command(
+        self,
+        device: str,
+        name: str,
+        args: dict[str, Any],
+        *,
+        key: bool = True,
+        target: str | None = None,
+        timeout: float = 20.0,
+    ) -> dict[str, Any]:
         """``wardpost command`` from the operator console; returns the device's result."""
         done = wardpost(
-            "command", f"{SITE}/{device}", name, "--args", json.dumps(args),
-            "--timeout", str(timeout), *(["--key", str(self.centre_key)] if key else []),
+            "command",
+            f"{SITE}/{device}",
+            name,
+            "--args",
+            json.dumps(args),
+            "--timeout",
+            str(timeout),
+            *(["--key", str(self.centre_key)] if key else []),
             *(["--target", target] if target else []),
-            *self.broker_args(self.acl.console), check=False, timeout=timeout + 30,
+            *self.broker_args(self.acl.console),
+            check=False,
+            timeout=timeout + 30,
         )
         try:
             result: dict[str, Any] = json.loads(done.stdout)
         except json.JSONDecodeError:
-            raise AssertionError(f"wardpost command printed no result: {done.stdout}\n{done.stderr}") from None
+            raise AssertionError(
+                f"wardpost command printed no result: {done.stdout}\n{done.stderr}"
+            ) from None
         return result
 
     def start_receiver(self) -> None:
         self.receiver.start()
-        wait_for(lambda: "subscribed to" in self.receiver.text(this_run=True) or not self.receiver.running,
-                 "the receiver to subscribe")
+        wait_for(
+            lambda: (
+                "subscribed to" in self.receiver.text(this_run=True) or not self.receiver.running
+            ),
+            "the receiver to subscribe",
+        )
         assert self.receiver.running, self.receiver.text(this_run=True)[-3000:]
 
 
@@ -280,22 +331,39 @@ def example_config(name: str) -> dict[str, Any]:
         return tomllib.load(f)
 
 
-def _agent_config(loop_root: Path, device: str, tls: Identity, pki: TestPKI, port: int,
-                  centre_pub: Path, drivers: dict[str, Any]) -> dict[str, Any]:
+def _agent_config(
+    loop_root: Path,
+    device: str,
+    tls: Identity,
+    pki: TestPKI,
+    port: int,
+    centre_pub: Path,
+    drivers: dict[str, Any],
+) -> dict[str, Any]:
     example = example_config("wardpost.example.toml")
     return {
-        "agent": {"site": SITE, "device": device, "state_dir": str(loop_root / device / "state"),
-                  "heartbeat_interval": 1.0},
+        "agent": {
+            "site": SITE,
+            "device": device,
+            "state_dir": str(loop_root / device / "state"),
+            "heartbeat_interval": 1.0,
+        },
         "mqtt": {
             # keepalive and the dead-link settings stay at their defaults (defect 6).
-            "host": "127.0.0.1", "port": port,
+            "host": "127.0.0.1",
+            "port": port,
             # The delivery guarantee the shipped example gives a hospital (issue: defect 5).
             "delivery": example["mqtt"]["delivery"],
             # Re-send unreceipted events after 5 s, not 30: the outage test waits for them.
             "receipt_timeout": 5.0,
-            "reconnect_min_delay": 0.05, "reconnect_max_delay": 1.0,
-            "tls": {"enabled": True, "ca_file": str(pki.ca_file),
-                    "cert_file": str(tls.cert_file), "key_file": str(tls.key_file)},
+            "reconnect_min_delay": 0.05,
+            "reconnect_max_delay": 1.0,
+            "tls": {
+                "enabled": True,
+                "ca_file": str(pki.ca_file),
+                "cert_file": str(tls.cert_file),
+                "key_file": str(tls.key_file),
+            },
         },
         "commands": {"require_signature": True, "public_keys": [str(centre_pub)]},
         "drivers": drivers,
@@ -310,7 +378,9 @@ def _write(path: Path, doc: dict[str, Any]) -> Path:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def loop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
+def loop(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Loop]:
     if not (MODELS / DEFAULT_EMBEDDER).is_file() or not FACES.is_dir():
         pytest.fail(f"face models/photos not found in {SHARED} (set WARDPOST_SHARED)")
     engine: str = request.param
@@ -324,11 +394,20 @@ def loop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         for device in (PANIC, GATE, CAMERA, HOSTILE):
             identities[device] = pki.issue(f"{SITE}/{device}")
         port = free_port()
-        broker = Broker(root / "broker", port=port, extra_config=shipped_broker_config(pki.directory, port))
+        broker = Broker(
+            root / "broker", port=port, extra_config=shipped_broker_config(pki.directory, port)
+        )
         broker.start()
         cleanup.callback(broker.stop)
 
-        wardpost("keys", "generate", "--private", str(root / "centre.key"), "--public", str(root / "centre.pub"))
+        wardpost(
+            "keys",
+            "generate",
+            "--private",
+            str(root / "centre.key"),
+            "--public",
+            str(root / "centre.pub"),
+        )
 
         if engine == "sqlite":
             store_url = f"sqlite:///{root / 'central.db'}"
@@ -341,34 +420,81 @@ def loop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
         central = example_config("central.example.toml")
         receiver_tls = identities[acl.receiver]
-        receiver_config = _write(root / "central.toml", {
-            "log_level": "info",
-            "mqtt": {"host": broker.host, "port": broker.port, "client_id": f"wardpost-receiver-{engine}",
-                     "keepalive": 5,
-                     "tls": {"enabled": True, "ca_file": str(pki.ca_file),
-                             "cert_file": str(receiver_tls.cert_file), "key_file": str(receiver_tls.key_file)}},
-            "store": {"url": store_url},
-            "supervision": {"lost_after": 2.5, "default_interval": 1.0, "check_every": 0.2,
-                            "gap_grace": 3.0, "gap_timeout": 30.0},
-            "commands": {"signing_key": str(root / "centre.key")},
-            # The example's bridge and Contact ID map, receiver number left at its default.
-            "dc09": {"enabled": True, "host": "127.0.0.1", "port": arc.port, "transport": "tcp",
-                     "account": ARC_ACCOUNT, "timeout": 3.0, "attempts": 2, "retry_every": 1.0,
-                     "null_interval": 0.0, "map": central["dc09"]["map"]},
-        })
-        receiver = Service("receiver", [*WARDPOST, "receiver", "run", "--config", str(receiver_config)],
-                           root / "receiver.log")
+        receiver_config = _write(
+            root / "central.toml",
+            {
+                "log_level": "info",
+                "mqtt": {
+                    "host": broker.host,
+                    "port": broker.port,
+                    "client_id": f"wardpost-receiver-{engine}",
+                    "keepalive": 5,
+                    "tls": {
+                        "enabled": True,
+                        "ca_file": str(pki.ca_file),
+                        "cert_file": str(receiver_tls.cert_file),
+                        "key_file": str(receiver_tls.key_file),
+                    },
+                },
+                "store": {"url": store_url},
+                "supervision": {
+                    "lost_after": 2.5,
+                    "default_interval": 1.0,
+                    "check_every": 0.2,
+                    "gap_grace": 3.0,
+                    "gap_timeout": 30.0,
+                },
+                "commands": {"signing_key": str(root / "centre.key")},
+                # The example's bridge and Contact ID map, receiver number left at its default.
+                "dc09": {
+                    "enabled": True,
+                    "host": "127.0.0.1",
+                    "port": arc.port,
+                    "transport": "tcp",
+                    "account": ARC_ACCOUNT,
+                    "timeout": 3.0,
+                    "attempts": 2,
+                    "retry_every": 1.0,
+                    "null_interval": 0.0,
+                    "map": central["dc09"]["map"],
+                },
+            },
+        )
+        receiver = Service(
+            "receiver",
+            [*WARDPOST, "receiver", "run", "--config", str(receiver_config)],
+            root / "receiver.log",
+        )
 
         gate_port = PtyDevice(root / "gate-tty")
         cleanup.callback(gate_port.close)
         video = root / "door.avi"
         write_video(video, [(None, 4), (photo(WATCHED, 3), 8), (None, 4)])
         drivers: dict[str, dict[str, Any]] = {
-            PANIC: {"button": {"type": "panic_button", "pin": 17, "led_pin": 22, "pin_factory": "mock",
-                               "stuck_after": 0.0, "location": {"ward": "Ward 3", "room": "12"}}},
-            GATE: {"gate": {"type": "serial_gate", "port": str(gate_port.link), "dialect": "text-gate"}},
-            CAMERA: {"door": {"type": "camera_face", "source": str(video), "source_type": "video_file",
-                              "loop": True, "models_dir": str(MODELS), "max_fps": 5.0, "cooldown": 1.0}},
+            PANIC: {
+                "button": {
+                    "type": "panic_button",
+                    "pin": 17,
+                    "led_pin": 22,
+                    "pin_factory": "mock",
+                    "stuck_after": 0.0,
+                    "location": {"ward": "Ward 3", "room": "12"},
+                }
+            },
+            GATE: {
+                "gate": {"type": "serial_gate", "port": str(gate_port.link), "dialect": "text-gate"}
+            },
+            CAMERA: {
+                "door": {
+                    "type": "camera_face",
+                    "source": str(video),
+                    "source_type": "video_file",
+                    "loop": True,
+                    "models_dir": str(MODELS),
+                    "max_fps": 5.0,
+                    "cooldown": 1.0,
+                }
+            },
         }
         configs: dict[str, dict[str, Any]] = {}
         agents: dict[str, AgentProcess] = {}
@@ -376,7 +502,9 @@ def loop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         cleanup.callback(gate_link.stop)
         for device, table in drivers.items():
             port = gate_link.port if device == GATE else broker.port
-            doc = _agent_config(root, device, identities[device], pki, port, root / "centre.pub", table)
+            doc = _agent_config(
+                root, device, identities[device], pki, port, root / "centre.pub", table
+            )
             if device == CAMERA:
                 # One event in flight at a time, released by receipts only: the events behind
                 # it are accepted but not yet sent, which a forged receipt must not release.
@@ -384,23 +512,61 @@ def loop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             configs[device] = doc
             path = _write(root / device / "wardpost.toml", doc)
             agents[device] = AgentProcess(path, root / device / "state" / "control.sock")
-        wardpost("watchlist", "add", "--config", str(agents[CAMERA].config_path), "--driver", "door",
-                 "--id", "W-17", "--name", WATCHED.replace("_", " "), "--list", "banned",
-                 str(photo(WATCHED, 1)))
+        wardpost(
+            "watchlist",
+            "add",
+            "--config",
+            str(agents[CAMERA].config_path),
+            "--driver",
+            "door",
+            "--id",
+            "W-17",
+            "--name",
+            WATCHED.replace("_", " "),
+            "--list",
+            "banned",
+            str(photo(WATCHED, 1)),
+        )
 
         loop = Loop(
-            engine=engine, root=root, pki=pki, broker=broker, acl=acl, store_url=store_url,
-            receiver_config=receiver_config, receiver=receiver,
-            monitor=Service("monitor", [], root / "monitor.log"), arc=arc, agents=agents,
-            configs=configs, gate_port=gate_port, gate_link=gate_link, centre_key=root / "centre.key", identities=identities,
+            engine=engine,
+            root=root,
+            pki=pki,
+            broker=broker,
+            acl=acl,
+            store_url=store_url,
+            receiver_config=receiver_config,
+            receiver=receiver,
+            monitor=Service("monitor", [], root / "monitor.log"),
+            arc=arc,
+            agents=agents,
+            configs=configs,
+            gate_port=gate_port,
+            gate_link=gate_link,
+            centre_key=root / "centre.key",
+            identities=identities,
         )
         # Older consoles sent receipts themselves (told not to: the receiver does); newer
         # ones read the receiver's alarm store.
         offered = wardpost("monitor", "--help").stdout
-        extra = [*(["--no-receipts"] if "--no-receipts" in offered else []),
-                 *(["--receiver-config", str(receiver_config)] if "--receiver-config" in offered else [])]
-        loop.monitor.argv = [*WARDPOST, "monitor", "--json", "--no-input", *extra,
-                             "--key", str(loop.centre_key), *loop.broker_args(acl.console)]
+        extra = [
+            *(["--no-receipts"] if "--no-receipts" in offered else []),
+            *(
+                ["--receiver-config", str(receiver_config)]
+                if "--receiver-config" in offered
+                else []
+            ),
+        ]
+        loop.monitor.argv = [
+            *WARDPOST,
+            "monitor",
+            "--json",
+            "--no-input",
+            *extra,
+            "--key",
+            str(loop.centre_key),
+            *loop.broker_args(acl.console),
+        ]
         loop.start_receiver()
         cleanup.callback(receiver.stop)
         loop.monitor.start()
@@ -409,8 +575,10 @@ def loop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             cleanup.callback(agent.kill)
             agent.start(timeout=DEADLINE)
         for device in agents:
-            wait_for(lambda d=device: any(s.device == d and s.state == "online" for s in loop.devices()),  # type: ignore[misc]
-                     f"{device} online at the centre")
+            wait_for(
+                lambda d=device: any(s.device == d and s.state == "online" for s in loop.devices()),  # type: ignore[misc]
+                f"{device} online at the centre",
+            )
         yield loop
         if loop.figures:
             print(f"\nloop figures ({engine}): {json.dumps(loop.figures)}")

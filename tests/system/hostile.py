@@ -30,8 +30,11 @@ class HostileClient:
             client_id=f"{name}-{uuid.uuid4().hex[:8]}",
             protocol=mqtt.MQTTv5,
         )
-        self.client.tls_set(ca_certs=str(pki.ca_file), certfile=str(identity.cert_file),
-                            keyfile=str(identity.key_file))
+        self.client.tls_set(
+            ca_certs=str(pki.ca_file),
+            certfile=str(identity.cert_file),
+            keyfile=str(identity.key_file),
+        )
         self.broker = broker
         self._acks: dict[int, int] = {}
         self._cond = threading.Condition()
@@ -70,8 +73,15 @@ class HostileClient:
 
 def well_formed_event(site: str, device: str, **overrides: Any) -> dict[str, Any]:
     """An event exactly as an agent would publish it, with fields overridden."""
-    event = Event(kind="test.probe", source="probe", priority=Priority.NORMAL, site=site,
-                  device=device, seq=1, payload={})
+    event = Event(
+        kind="test.probe",
+        source="probe",
+        priority=Priority.NORMAL,
+        site=site,
+        device=device,
+        seq=1,
+        payload={},
+    )
     return {**event.to_dict(), **overrides}
 
 
@@ -82,15 +92,30 @@ def poison(site: str, device: str) -> list[tuple[str, bytes, str]]:
     def event(**overrides: Any) -> bytes:
         return json.dumps(well_formed_event(site, device, **overrides)).encode()
 
-    lone = json.dumps(well_formed_event(site, device, payload={"note": "X"})).replace('"X"', '"\\ud800"')
-    huge = json.dumps(well_formed_event(site, device, payload={"n": 0})).replace('"n": 0', '"n": ' + "9" * 5000)
-    status = json.dumps({"state": "online", "boot": 2**70, "connection": 1, "version": "0",
-                         "time": "2026-01-01T00:00:00Z"}).encode()
+    lone = json.dumps(well_formed_event(site, device, payload={"note": "X"})).replace(
+        '"X"', '"\\ud800"'
+    )
+    huge = json.dumps(well_formed_event(site, device, payload={"n": 0})).replace(
+        '"n": 0', '"n": ' + "9" * 5000
+    )
+    status = json.dumps(
+        {
+            "state": "online",
+            "boot": 2**70,
+            "connection": 1,
+            "version": "0",
+            "time": "2026-01-01T00:00:00Z",
+        }
+    ).encode()
     return [
         ("events/test.probe", event(seq=2**64), "seq 2**64"),
         ("status", status, "status with boot 2**70"),
         ("events/test.probe", deep.encode(), "100,000 levels of nesting"),
-        ("events/test.probe", json.dumps(well_formed_event(site, device)).encode("utf-16"), "UTF-16"),
+        (
+            "events/test.probe",
+            json.dumps(well_formed_event(site, device)).encode("utf-16"),
+            "UTF-16",
+        ),
         ("events/test.probe", lone.encode(), "a lone surrogate"),
         ("events/test.probe", huge.encode(), "a 5,000-digit number"),
         ("events/test.probe", b"\xff\xfenot json at all {", "not JSON"),

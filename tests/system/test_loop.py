@@ -67,15 +67,20 @@ def press(loop: Loop) -> float:
 def test_press_is_stored_acknowledged_at_the_button_then_resolved(loop: Loop) -> None:
     since = press(loop)
     (event,) = wait_for(lambda: stored(loop, PANIC, "panic.pressed", since), "panic.pressed stored")
-    alarm = wait_for(lambda: [a for a in loop.alarms() if a.id == event.id], "the alarm at the centre")[0]
+    alarm = wait_for(
+        lambda: [a for a in loop.alarms() if a.id == event.id], "the alarm at the centre"
+    )[0]
     assert alarm.state == "new" and alarm.kind == "panic.pressed"
     wait_for(lambda: f"alarm {event.id} delivered" in button(loop), "the LED to show delivered")
 
     done = loop.operator("ack", event.id, "--by", "control room 1")
     assert "acknowledged" in done.stdout
     # Defect 1: the device must understand the centre's ack: LED steady ("acknowledged").
-    wait_for(lambda: f"alarm {event.id} acknowledged" in button(loop),
-             lambda: f"the button to show the centre's ack; it says: {button(loop)}", timeout=20)
+    wait_for(
+        lambda: f"alarm {event.id} acknowledged" in button(loop),
+        lambda: f"the button to show the centre's ack; it says: {button(loop)}",
+        timeout=20,
+    )
     ack = device_event(loop, PANIC, "panic.acknowledged", alarm=event.id)
     assert ack is not None and ack["payload"]["by"] == "control room 1"
 
@@ -93,7 +98,9 @@ def test_press_is_stored_acknowledged_at_the_button_then_resolved(loop: Loop) ->
 
 
 def test_face_match_rejected_by_the_centre_is_not_repeated(loop: Loop) -> None:
-    match = wait_for(lambda: stored(loop, CAMERA, "face.watchlist_match"), "a watchlist match at the centre")[0]
+    match = wait_for(
+        lambda: stored(loop, CAMERA, "face.watchlist_match"), "a watchlist match at the centre"
+    )[0]
     body = json.loads(match.body)
     assert body["payload"]["person_id"] == "W-17"
     result = loop.command(CAMERA, "face.reject", {"event_id": match.id})
@@ -106,7 +113,9 @@ def test_face_match_rejected_by_the_centre_is_not_repeated(loop: Loop) -> None:
 
     # The video loops: the same face comes back and is now recognised as "not W-17".
     wait_for(lambda: suppressed() >= 2, "the rejected face seen again and suppressed", timeout=60)
-    later = [e for e in stored(loop, CAMERA, "face.watchlist_match") if e.event_time > rejected_at + 1]
+    later = [
+        e for e in stored(loop, CAMERA, "face.watchlist_match") if e.event_time > rejected_at + 1
+    ]
     assert later == [], f"{len(later)} matches of W-17 after face.reject"
 
 
@@ -125,7 +134,9 @@ def test_gate_alarm_reaches_the_alarm_receiving_centre(loop: Loop) -> None:
     # Defect 10: with the example's default receiver number pysiaalarm's ACK is accepted.
     wait_for(forwarded, "the bridge to record the ARC's ACK", timeout=30)
     # Contact ID 1 150 (new event, 24-hour auxiliary) in partition 2, per the example's map.
-    reports = [(r.account, r.event_qualifier, r.event_type, r.partition) for r in loop.arc.received()]
+    reports = [
+        (r.account, r.event_qualifier, r.event_type, r.partition) for r in loop.arc.received()
+    ]
     assert (ARC_ACCOUNT, "1", "150", "02") in reports, reports
     assert [e for e in loop.stored(kind="dc09.link_down") if e.stored_at >= since] == []
 
@@ -139,7 +150,9 @@ def test_only_the_receiver_may_publish_receipts(loop: Loop) -> None:
         assert device.publish(f"wardpost/{SITE}/{PANIC}/receipts", forged) == NOT_AUTHORIZED
         assert device.publish(f"wardpost/{SITE}/{HOSTILE}/receipts", forged) == NOT_AUTHORIZED
     # Defect 3: a leaked operator console key must not be able to forge receipts either.
-    with HostileClient(loop.broker, loop.pki, loop.identities[loop.acl.console], "console") as console:
+    with HostileClient(
+        loop.broker, loop.pki, loop.identities[loop.acl.console], "console"
+    ) as console:
         code = console.publish(f"wardpost/{SITE}/{PANIC}/receipts", forged)
     assert code == NOT_AUTHORIZED, (
         f"console identity {loop.acl.console!r} may publish receipts (the ACL gives receipts and "
@@ -159,14 +172,22 @@ def test_a_forged_receipt_releases_nothing_that_was_not_sent(loop: Loop) -> None
         assert len(ids) == 3
         # The window holds one event; with no receiver nothing is receipted, so the last
         # one accepted is still waiting to be sent.
-        wait_for(lambda: loop.device_status(CAMERA)["link"]["in_flight"] >= 1, "one event in flight")
-        with HostileClient(loop.broker, loop.pki, loop.identities[loop.acl.receiver], "forger") as forger:
-            code = forger.publish(f"wardpost/{SITE}/{CAMERA}/receipts", json.dumps({"ids": [ids[-1]]}))
+        wait_for(
+            lambda: loop.device_status(CAMERA)["link"]["in_flight"] >= 1, "one event in flight"
+        )
+        with HostileClient(
+            loop.broker, loop.pki, loop.identities[loop.acl.receiver], "forger"
+        ) as forger:
+            code = forger.publish(
+                f"wardpost/{SITE}/{CAMERA}/receipts", json.dumps({"ids": [ids[-1]]})
+            )
             assert code == 0
     finally:
         loop.start_receiver()
-    wait_for(lambda: {e.id for e in stored(loop, CAMERA, "sim.unsent")} >= set(ids),
-             lambda: f"all three events at the centre (got {len(stored(loop, CAMERA, 'sim.unsent'))})")
+    wait_for(
+        lambda: {e.id for e in stored(loop, CAMERA, "sim.unsent")} >= set(ids),
+        lambda: f"all three events at the centre (got {len(stored(loop, CAMERA, 'sim.unsent'))})",
+    )
 
 
 # ---------------------------------------------------------- 5. commands: malformed, reload
@@ -182,17 +203,22 @@ def test_malformed_commands_leave_a_trace_at_the_centre(loop: Loop) -> None:
         b'{"id": "c2", "issued_at": 1, "args": ' + b'{"a":' * 50_000 + b"1" + b"}" * 50_000 + b"}",
         b'{"id": "c3", "issued_at": 1' + b"0" * 5000 + b', "args": {}}',
     ]
-    with HostileClient(loop.broker, loop.pki, loop.identities[loop.acl.console], "console") as console:
+    with HostileClient(
+        loop.broker, loop.pki, loop.identities[loop.acl.console], "console"
+    ) as console:
         for payload in malformed:
             assert console.publish(topic, payload) == 0
 
     def reported() -> list[Any]:
-        return [e for e in stored(loop, GATE, "security.command_rejected", since)
-                if "json" in json.loads(e.body)["payload"].get("reason", "").lower()]
+        return [
+            e
+            for e in stored(loop, GATE, "security.command_rejected", since)
+            if "json" in json.loads(e.body)["payload"].get("reason", "").lower()
+        ]
 
     wait_for(reported, "security.command_rejected for a command that is not JSON", timeout=20)
     log = loop.agents[GATE].log_path.read_text(errors="replace")
-    assert "Traceback" not in log, log[log.index("Traceback") - 200:][:2000]
+    assert "Traceback" not in log, log[log.index("Traceback") - 200 :][:2000]
 
 
 def test_reload_turning_signatures_on_takes_effect(loop: Loop) -> None:
@@ -208,7 +234,9 @@ def test_reload_turning_signatures_on_takes_effect(loop: Loop) -> None:
     # Defect 7: the change takes effect at once, or the reload says a restart is needed.
     if "require_signature" not in reloaded:
         result = loop.command(GATE, "ping", {}, key=False)
-        assert not result.get("ok"), f"an unsigned command was obeyed after `{reloaded.strip()}`: {result}"
+        assert not result.get("ok"), (
+            f"an unsigned command was obeyed after `{reloaded.strip()}`: {result}"
+        )
     assert loop.command(GATE, "ping", {}).get("ok")
 
 
@@ -218,8 +246,11 @@ def test_a_dead_link_is_noticed_while_an_event_waits(loop: Loop) -> None:
     try:
         cut = time.monotonic()
         loop.device_cli(GATE, "emit", "gate.probe", "--priority", "high", "--test")
-        wait_for(lambda: not loop.device_status(GATE)["link"]["connected"],
-                 "the gate to notice its dead link", timeout=40)
+        wait_for(
+            lambda: not loop.device_status(GATE)["link"]["connected"],
+            "the gate to notice its dead link",
+            timeout=40,
+        )
         noticed = time.monotonic() - cut
     finally:
         loop.gate_link.set_pass()
@@ -235,17 +266,23 @@ def test_a_dead_link_is_noticed_while_an_event_waits(loop: Loop) -> None:
 def test_killed_device_is_lost_then_restored_and_a_stopped_one_is_not_lost(loop: Loop) -> None:
     # Both devices alive in the centre's eyes first (the dead-link test may have left the
     # gate marked lost), so each silence below is judged afresh.
-    wait_for(lambda: all(not d.lost for d in loop.devices() if d.device in (GATE, PANIC)),
-             "the gate and the button supervised as alive")
+    wait_for(
+        lambda: all(not d.lost for d in loop.devices() if d.device in (GATE, PANIC)),
+        "the gate and the button supervised as alive",
+    )
     since = time.time()
     try:
         loop.agents[GATE].terminate()  # systemctl stop: status "stopped"
         loop.agents[PANIC].kill()  # power cut: the Last Will says offline
-        wait_for(lambda: stored(loop, PANIC, "device.lost", since), "device.lost for the killed device")
+        wait_for(
+            lambda: stored(loop, PANIC, "device.lost", since), "device.lost for the killed device"
+        )
         # Supervision has judged both silences by now (same interval, checked every 0.2 s);
         # one more second of margin, then: a clean stop is not an alarm (defect 9).
         time.sleep(1.0)
-        assert stored(loop, GATE, "device.lost", since) == [], "a cleanly stopped device raised device.lost"
+        assert stored(loop, GATE, "device.lost", since) == [], (
+            "a cleanly stopped device raised device.lost"
+        )
     finally:
         for name in (PANIC, GATE):
             if not loop.agents[name].running:
@@ -261,8 +298,12 @@ def test_a_device_with_a_new_sd_card_is_noticed(loop: Loop) -> None:
     agent.terminate()
     shutil.rmtree(Path(loop.configs[GATE]["agent"]["state_dir"]))
     agent.start(timeout=DEADLINE)
-    wait_for(lambda: stored(loop, GATE, "sequence.restarted", since), "sequence.restarted for the gate")
-    wait_for(lambda: stored(loop, GATE, "agent.started", since), "the new numbering's first event stored")
+    wait_for(
+        lambda: stored(loop, GATE, "sequence.restarted", since), "sequence.restarted for the gate"
+    )
+    wait_for(
+        lambda: stored(loop, GATE, "agent.started", since), "the new numbering's first event stored"
+    )
 
 
 # ------------------------------------------------------------------- 7. broker outage
@@ -290,9 +331,13 @@ def test_broker_outage_while_the_receiver_is_down_loses_nothing(loop: Loop) -> N
         if not loop.broker.running:
             loop.broker.start()
         loop.start_receiver()
-    wait_for(lambda: len(stored(loop, PANIC, "sim.during_outage")) >= 20,
-             lambda: f"all 20 events of the outage at the centre (got {len(stored(loop, PANIC, 'sim.during_outage'))})",
-             timeout=30)
+    wait_for(
+        lambda: len(stored(loop, PANIC, "sim.during_outage")) >= 20,
+        lambda: (
+            f"all 20 events of the outage at the centre (got {len(stored(loop, PANIC, 'sim.during_outage'))})"
+        ),
+        timeout=30,
+    )
 
 
 # ----------------------------------------------------- 8. a hostile device: poison
@@ -308,8 +353,10 @@ def test_poison_from_a_hostile_device_stops_nothing(loop: Loop) -> None:
                 code = hostile.publish(f"{base}/{suffix}", payload)
                 assert code == 0, f"the ACL refused the device's own {what} ({code})"
         pressed = press(loop)
-        (event,) = wait_for(lambda: stored(loop, PANIC, "panic.pressed", since),
-                            "a panic from another device stored despite the poison")
+        (event,) = wait_for(
+            lambda: stored(loop, PANIC, "panic.pressed", since),
+            "a panic from another device stored despite the poison",
+        )
     loop.figures["panic_stored_under_poison_s"] = round(event.stored_at - pressed, 3)
     assert event.stored_at - pressed < 10.0, loop.figures
 
@@ -317,15 +364,20 @@ def test_poison_from_a_hostile_device_stops_nothing(loop: Loop) -> None:
     assert loop.receiver.running, loop.receiver.text()[-3000:]
     report = loop.operator("report", "--json").stdout
     assert "quarantin" in report.lower() and HOSTILE in report, report[-2000:]
-    wait_for(lambda: [e for e in loop.stored(kind="centre.quarantined") if HOSTILE in e.body],
-             "a centre.quarantined event naming the hostile device", timeout=15)
+    wait_for(
+        lambda: [e for e in loop.stored(kind="centre.quarantined") if HOSTILE in e.body],
+        "a centre.quarantined event naming the hostile device",
+        timeout=15,
+    )
 
     # After a restart the poison is not replayed forever: new events still get in.
     loop.receiver.stop()
     loop.start_receiver()
     again = time.time()
     loop.device_cli(PANIC, "emit", "duress.pressed", "--priority", "critical", "--test")
-    wait_for(lambda: stored(loop, PANIC, "duress.pressed", again), "an event stored after a restart")
+    wait_for(
+        lambda: stored(loop, PANIC, "duress.pressed", again), "an event stored after a restart"
+    )
 
 
 # ------------------------------------------------------------------- 9. invariants
@@ -342,7 +394,9 @@ def test_no_two_events_share_a_device_and_seq(loop: Loop) -> None:
         # The gate's new SD card starts a second numbering: keep the two apart.
         numbering = event.stored_at >= loop.new_numbering_since.get(event.device, float("inf"))
         key = (event.site, event.device, event.seq, numbering)
-        assert seen.setdefault(key, event.id) == event.id, f"{key} is two events: {seen[key]}, {event.id}"
+        assert seen.setdefault(key, event.id) == event.id, (
+            f"{key} is two events: {seen[key]}, {event.id}"
+        )
         seqs.setdefault((event.device, numbering), set()).add(event.seq)
     # A gap must name an event the device accepted and the centre does not have; numbers
     # never used (reserved by an agent killed mid-write) or events that arrived are no loss.
@@ -361,6 +415,10 @@ def test_no_two_events_share_a_device_and_seq(loop: Loop) -> None:
 
 def test_the_console_followed_the_loop(loop: Loop) -> None:
     assert loop.monitor.running, loop.monitor.text()[-3000:]
-    records = [json.loads(line) for line in loop.monitor.text().splitlines() if line.startswith("{")]
+    records = [
+        json.loads(line) for line in loop.monitor.text().splitlines() if line.startswith("{")
+    ]
     kinds = {(r.get("device"), r.get("kind")) for r in records}
-    assert (PANIC, "panic.pressed") in kinds and (GATE, "gate.alarm") in kinds, sorted(map(str, kinds))[:40]
+    assert (PANIC, "panic.pressed") in kinds and (GATE, "gate.alarm") in kinds, sorted(
+        map(str, kinds)
+    )[:40]
