@@ -40,7 +40,8 @@ from central.config import parse_receiver_config
 from central.store import Store, open_store
 from drivers.camera_face.models import DEFAULT_EMBEDDER
 from tests.drivers.serial_pty import PtyDevice
-from tests.drivers.test_camera_face import FACES, MODELS, SHARED, photo, write_video
+from tests.drivers.test_camera_face import photo, write_video
+from tests.support.shared import FACES, MODELS, require
 from tests.support.broker import Broker, free_port
 from tests.support.postgres import PostgresCluster
 from tests.support.process import REPO, AgentProcess
@@ -381,8 +382,7 @@ def _write(path: Path, doc: dict[str, Any]) -> Path:
 def loop(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Loop]:
-    if not (MODELS / DEFAULT_EMBEDDER).is_file() or not FACES.is_dir():
-        pytest.fail(f"face models/photos not found in {SHARED} (set WARDPOST_SHARED)")
+    require(MODELS / DEFAULT_EMBEDDER, FACES)
     engine: str = request.param
     root = tmp_path_factory.mktemp(f"loop-{engine}")
     with contextlib.ExitStack() as cleanup:
