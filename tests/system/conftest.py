@@ -41,11 +41,11 @@ from central.store import Store, open_store
 from drivers.camera_face.models import DEFAULT_EMBEDDER
 from tests.drivers.serial_pty import PtyDevice
 from tests.drivers.test_camera_face import photo, write_video
-from tests.support.shared import FACES, MODELS, require
 from tests.support.broker import Broker, free_port
 from tests.support.postgres import PostgresCluster
 from tests.support.process import REPO, AgentProcess
 from tests.support.proxy import TcpProxy
+from tests.support.shared import FACES, MODELS, require
 from tests.support.tls import MOSQUITTO_DIR, Identity, TestPKI, shipped_broker_config
 from tests.support.toml_writer import dumps
 
