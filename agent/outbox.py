@@ -83,6 +83,54 @@ class StorageReport:
     priority: Priority = Priority.HIGH
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A command result: kept on disk until the broker has it, like an event."""
+
+    id: str
+    topic: str
+    body: str
+    created: float
+
+
+# What the writer thread is asked to do, in the order asked.
+@dataclass(frozen=True, slots=True)
+class _Add:
+    emission: Emission
+    row: PendingRow
+
+
+@dataclass(frozen=True, slots=True)
+class _Release:
+    ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Statement:
+    """A small write committed with the next batch (a meta value, a kept reply)."""
+
+    sql: str
+    params: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Prune:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Barrier:
+    done: threading.Event
+
+
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    pass
+
+
+_Op = _Add | _Release | _Statement | _Prune | _Barrier | _Stop
+
+
 class StorageFault(Exception):
     pass
 
@@ -110,7 +158,7 @@ class Outbox:
         self.on_committed = on_committed
         self.on_released = on_released
         self.on_report = on_report
-        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         #: Sequence numbers, reserved in a file of their own beside the database.
         self.seqs = SeqReserve(self.path.with_name(self.path.stem + ".seq"))
         self._seq_floor = 1  # the next seq according to the database
@@ -193,6 +241,12 @@ class Outbox:
         # Keep the WAL small: on a nearly full SD card a 4 MB WAL can be the last straw.
         conn.execute("PRAGMA wal_autocheckpoint=256")
         conn.execute("PRAGMA journal_size_limit=1048576")
+        # Command results wait here until the broker has them (a database from before
+        # they were kept gets the table on its next open).
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS replies "
+            "(id TEXT PRIMARY KEY, topic TEXT NOT NULL, body TEXT NOT NULL, created REAL NOT NULL)"
+        )
         return conn
 
     def _open_checked(self, reports: list[StorageReport]) -> sqlite3.Connection:
@@ -359,14 +413,35 @@ class Outbox:
 
     def submit(self, emission: Emission, row: PendingRow | None = None) -> None:
         """Queue an event for commit. Never blocks."""
-        self._queue.put(("add", (emission, row or PendingRow.of(emission.event))))
+        self._queue.put(_Add(emission, row or PendingRow.of(emission.event)))
 
     def release(self, ids: Iterable[str]) -> None:
         """Mark events published (the centre has them). Never blocks."""
-        self._queue.put(("release", list(ids)))
+        self._queue.put(_Release(list(ids)))
+
+    def keep_reply(self, reply: Reply) -> None:
+        """Store a command result until :meth:`drop_reply`. Never blocks."""
+        self._queue.put(
+            _Statement(
+                "INSERT OR IGNORE INTO replies VALUES (?, ?, ?, ?)",
+                (reply.id, reply.topic, reply.body, reply.created),
+            )
+        )
+
+    def drop_reply(self, reply_id: str) -> None:
+        self._queue.put(_Statement("DELETE FROM replies WHERE id = ?", (reply_id,)))
+
+    def pending_replies(self) -> list[Reply]:
+        """Command results stored and not yet taken by the broker, oldest first."""
+        return [
+            Reply(*row)
+            for row in self._reader_query(
+                "SELECT id, topic, body, created FROM replies ORDER BY created"
+            )
+        ]
 
     def set_meta(self, key: str, value: int) -> None:
-        self._queue.put(("meta", (key, value)))
+        self._queue.put(_Statement("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
 
     def get_meta(self, key: str) -> int | None:
         row = self._reader_query("SELECT value FROM meta WHERE key = ?", (key,))
@@ -374,12 +449,12 @@ class Outbox:
 
     def prune(self) -> None:
         """Drop published rows past the retention age and give the space back."""
-        self._queue.put(("prune", None))
+        self._queue.put(_Prune())
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is committed (or failed over to memory)."""
         done = threading.Event()
-        self._queue.put(("barrier", done))
+        self._queue.put(_Barrier(done))
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -387,7 +462,7 @@ class Outbox:
         handed out but never stored are then free for the next run."""
         if self._thread is None:
             return
-        self._queue.put(("stop", None))
+        self._queue.put(_Stop())
         self._thread.join(timeout)
         self._thread = None
         # Everything submitted is now stored or in memory; a number above both was never
@@ -512,24 +587,25 @@ class Outbox:
                     break
             adds: list[tuple[Emission, PendingRow]] = []
             releases: list[str] = []
-            metas: list[tuple[str, int]] = []
+            chores: list[_Statement] = []
             barriers: list[threading.Event] = []
             prune = False
-            for op, arg in ops:
-                if op == "add":
-                    adds.append(arg)
-                elif op == "release":
-                    releases.extend(arg)
-                elif op == "meta":
-                    metas.append(arg)
-                elif op == "prune":
-                    prune = True
-                elif op == "barrier":
-                    barriers.append(arg)
-                elif op == "stop":
-                    stop = True
+            for op in ops:
+                match op:
+                    case _Add():
+                        adds.append((op.emission, op.row))
+                    case _Release():
+                        releases.extend(op.ids)
+                    case _Statement():
+                        chores.append(op)
+                    case _Prune():
+                        prune = True
+                    case _Barrier():
+                        barriers.append(op.done)
+                    case _Stop():
+                        stop = True
             try:
-                self._write_batch(adds, releases, metas, prune)
+                self._write_batch(adds, releases, chores, prune)
             except Exception:  # the writer must never die: log, keep events in memory
                 log.exception("outbox: unexpected error in the writer")
                 self._to_memory(adds, "unexpected writer error")
@@ -540,14 +616,14 @@ class Outbox:
         self,
         adds: list[tuple[Emission, PendingRow]],
         releases: list[str],
-        metas: list[tuple[str, int]],
+        chores: list[_Statement],
         prune: bool,
     ) -> None:
         degraded = bool(self._memory) or self._conn is None
         if degraded and time.monotonic() - self._last_disk_retry >= _RETRY_DISK_EVERY:
             self._retry_memory()
         self._announce_recovery()
-        if not (adds or releases or metas or prune):
+        if not (adds or releases or chores or prune):
             return
         if releases:
             self._release_memory(releases)
@@ -563,7 +639,7 @@ class Outbox:
         rows = [row for _, row in adds]
         synced = any(row.rank <= self.config.synced_rank for row in rows)
         try:
-            self._commit(rows, releases, metas, prune, synced)
+            self._commit(rows, releases, chores, prune, synced)
         except sqlite3.Error as exc:
             error: sqlite3.Error = exc
             retried = False
@@ -571,7 +647,7 @@ class Outbox:
                 adds = self._keep_space_for_alarms(adds)
                 rows = [row for _, row in adds]
                 try:
-                    self._commit(rows, releases, metas, prune, synced)
+                    self._commit(rows, releases, chores, prune, synced)
                     retried = True
                 except sqlite3.Error as exc2:
                     error = exc2
@@ -599,7 +675,7 @@ class Outbox:
         self,
         rows: list[PendingRow],
         releases: list[str],
-        metas: list[tuple[str, int]],
+        chores: list[_Statement],
         prune: bool,
         synced: bool,
     ) -> None:
@@ -635,8 +711,8 @@ class Outbox:
                     [(now, i) for i in releases],
                 )
                 released = conn.total_changes - before
-            for key, value in metas:
-                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            for chore in chores:
+                conn.execute(chore.sql, chore.params)
             rows_now, bytes_now = self._rows + added, self._bytes + added_bytes
             pruned = (0, 0)
             if prune:

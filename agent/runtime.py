@@ -558,7 +558,7 @@ class Agent:
 
     def _publish_command_result(self, command_id: str, body: Mapping[str, Any]) -> None:
         if self.publisher is not None:
-            self.publisher.publish_direct(self.publisher.topics.command_result(command_id), body)
+            self.publisher.publish_command_result(command_id, body)
 
     def _status_extra(self) -> dict[str, Any]:
         drivers = sorted(s.name for s in self.config.drivers if s.enabled)
@@ -597,7 +597,7 @@ class Agent:
 
     def publish_heartbeat(self) -> None:
         if self.publisher is not None:
-            self.publisher.publish_direct(self.publisher.topics.heartbeat, self.heartbeat(), qos=0)
+            self.publisher.publish_heartbeat(self.heartbeat())
 
     def status(self) -> dict[str, Any]:
         pub = self.publisher

@@ -341,3 +341,29 @@ def test_late_receipts_for_released_events_are_not_taken_as_forged(
         wait_until(lambda: publisher.counters["receipt_ids_ignored"] >= 1, 10, "the unknown id")
         assert publisher.counters["receipt_ids_ignored"] == 1
         h.stop()
+
+
+def test_a_command_result_is_kept_until_the_broker_has_it(
+    tmp_path: Path, private_broker: Broker
+) -> None:
+    """A result produced with the link down survives a restart and goes out once it is up."""
+    broker = private_broker
+    broker.stop()
+    h = AgentHarness(tmp_path, broker)
+    agent = h.start(wait_connected=False)
+    command = {"id": "c-kept", "issued_at": time.time()}
+    agent.dispatcher.submit("ping", json.dumps(command).encode())
+    wait_until(lambda: agent.dispatcher.counters.get("ok", 0) >= 1, 10, "ping handled")
+    agent.outbox.flush()
+    assert [r.topic for r in agent.outbox.pending_replies()] == [f"{BASE}/cmd_result/c-kept"]
+    h.stop()
+    broker.start()
+    with Recorder(broker) as rec:
+        agent = h.start()
+        rec.wait_for(
+            lambda m: any(x.topic == f"{BASE}/cmd_result/c-kept" for x in m), 20, "kept result"
+        )
+        result = next(x.json() for x in rec.messages if x.topic.endswith("/cmd_result/c-kept"))
+        assert result["ok"] is True and result["result"]["version"]
+        wait_until(lambda: not agent.outbox.pending_replies(), 10, "result dropped once acked")
+    h.stop()
