@@ -22,9 +22,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import OutboxConfig, load_config
 from agent.control import ControlError, request
+from agent.delivery.outbox import Outbox
 from agent.driver import Emission
 from agent.event import Event, Priority
-from agent.outbox import Outbox
 from agent.runtime import Agent
 from benchmarks.report import Report, Row, percentile
 from tests.support.agent import agent_config, write_config

@@ -39,15 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import OutboxConfig
+from agent.delivery.salvage import salvage_outbox
+from agent.delivery.sequence import SeqReserve
 from agent.driver import Emission
 from agent.event import Event, Priority
-from agent.salvage import salvage_outbox
-from agent.sequence import SeqReserve
 
 log = logging.getLogger("wardpost.outbox")
 
 SCHEMA_VERSION = 1
 _RETRY_DISK_EVERY = 5.0  # seconds between attempts to move in-memory events back to disk
+_CHECKPOINT_EVERY = 1.0  # seconds between WAL checkpoints while commits come in
 # SQLite's primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF).
 _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL = 8, 10, 13
 
@@ -181,6 +182,9 @@ class Outbox:
         #: Seconds a failed disk must stay writable before recovery is announced.
         self.restore_after = 30.0
         self._thread: threading.Thread | None = None
+        self._checkpoints: threading.Thread | None = None
+        self._committed = threading.Event()  # set by the writer, cleared by the checkpointer
+        self._closing = threading.Event()
         self._readers = threading.local()
         self.boot = 0
         self.counters = {
@@ -232,14 +236,21 @@ class Outbox:
             self._ensure_ballast()
         self._thread = threading.Thread(target=self._writer, name="outbox-writer", daemon=True)
         self._thread.start()
+        self._checkpoints = threading.Thread(
+            target=self._checkpointer, name="outbox-checkpoint", daemon=True
+        )
+        self._checkpoints.start()
         return reports
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        # Keep the WAL small: on a nearly full SD card a 4 MB WAL can be the last straw.
-        conn.execute("PRAGMA wal_autocheckpoint=256")
+        # Checkpoints run on their own thread (_checkpointer), never inside a commit: an
+        # alarm's commit must not wait for the database file's fsync. They run at least
+        # every _CHECKPOINT_EVERY seconds, which keeps the WAL small: on a nearly full SD
+        # card a 4 MB WAL can be the last straw.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute("PRAGMA journal_size_limit=1048576")
         # Command results wait here until the broker has them (a database from before
         # they were kept gets the table on its next open).
@@ -465,6 +476,10 @@ class Outbox:
         self._queue.put(_Stop())
         self._thread.join(timeout)
         self._thread = None
+        self._closing.set()
+        if self._checkpoints is not None:
+            self._checkpoints.join(timeout)
+            self._checkpoints = None
         # Everything submitted is now stored or in memory; a number above both was never
         # sent either (the agent stops its publisher before its outbox).
         self.seqs.close(max(self._persisted_seq, self._memory_seq) + 1)
@@ -571,6 +586,25 @@ class Outbox:
             return []
 
     # ---------------------------------------------------------------- writer
+
+    def _checkpointer(self) -> None:
+        """Copy the WAL into the database file, off the commit path.
+
+        PASSIVE: it never blocks the writer or a reader, and does what it can now; the
+        next round does the rest. Its own short-lived connection, so a database the
+        writer re-opened after a disk fault is the one checkpointed."""
+        while not self._closing.wait(_CHECKPOINT_EVERY):
+            if not self._committed.is_set() or self._conn is None:
+                continue
+            self._committed.clear()
+            try:
+                conn = sqlite3.connect(self.path, isolation_level=None, timeout=1)
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                finally:
+                    conn.close()
+            except sqlite3.Error as exc:  # the writer reports storage faults
+                log.debug("outbox: checkpoint failed: %s", exc)
 
     def _writer(self) -> None:
         stop = False
@@ -735,6 +769,7 @@ class Outbox:
         self.counters["committed"] += added
         self.counters["released"] += released
         self.counters["batches"] += 1
+        self._committed.set()
         if prune:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA incremental_vacuum")

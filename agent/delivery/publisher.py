@@ -31,7 +31,7 @@ connection until the pump has taken it in. Every item the network thread hands t
 pump names its connection, so a late PUBACK of an old one never matches a message id
 of the new one.
 
-Command results are kept in the outbox too (:class:`~agent.outbox.Reply`) until the
+Command results are kept in the outbox too (:class:`~agent.delivery.outbox.Reply`) until the
 broker has them, and go out again on the next connection if it did not.
 """
 
@@ -61,9 +61,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent import __version__
 from agent.backoff import Backoff
 from agent.config import Config
+from agent.delivery.outbox import Outbox, PendingRow, Reply
 from agent.driver import Emission
 from agent.event import Priority, utc_iso
-from agent.outbox import Outbox, PendingRow, Reply
 
 log = logging.getLogger("wardpost.publisher")
 
