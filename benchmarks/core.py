@@ -26,9 +26,9 @@ from agent.delivery.outbox import Outbox
 from agent.driver import Emission
 from agent.event import Event, Priority
 from agent.runtime import Agent
+from agent.testing.agent import agent_config, write_config
+from agent.testing.broker import Broker
 from benchmarks.report import Report, Row, percentile
-from tests.support.agent import agent_config, write_config
-from tests.support.broker import Broker
 
 PAYLOAD = {"location": {"ward": "3", "room": "12", "floor": "2"}, "mode": "press", "presses": 1}
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from tests.support.agent import AgentHarness, Recorder
-from tests.support.broker import Broker
+from agent.testing.agent import AgentHarness, Recorder
+from agent.testing.broker import Broker
 
 
 @pytest.fixture

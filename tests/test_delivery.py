@@ -10,8 +10,8 @@ from pathlib import Path
 from agent.config import MQTTConfig
 from agent.event import boottime
 from agent.runtime import Agent
-from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
-from tests.support.broker import Broker
+from agent.testing.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
+from agent.testing.broker import Broker
 from tests.support.proxy import TcpProxy
 
 BASE = f"wardpost/{SITE}/{DEVICE}"

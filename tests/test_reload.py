@@ -22,8 +22,8 @@ import pytest
 from agent.config import CORE_SECTIONS, Config, core_field_paths, load_config, lookup
 from agent.runtime import Agent
 from agent.security import Signer, generate_keypair
-from tests.support.agent import write_config
-from tests.support.broker import Broker
+from agent.testing.agent import write_config
+from agent.testing.broker import Broker
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "wardpost.example.toml"
 

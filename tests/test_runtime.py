@@ -8,8 +8,8 @@ import pytest
 
 from agent.config import parse_config
 from agent.runtime import Agent
-from tests.support.agent import AgentHarness, Recorder, agent_config, wait_until
-from tests.support.broker import Broker
+from agent.testing.agent import AgentHarness, Recorder, agent_config, wait_until
+from agent.testing.broker import Broker
 
 
 def test_failing_driver_is_isolated_reported_and_retried(tmp_path: Path, broker: Broker) -> None:

@@ -10,9 +10,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from agent.testing.broker import Broker
 from central.config import ReceiverConfig, parse_receiver_config
 from central.store import Store, open_store
-from tests.support.broker import Broker
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 

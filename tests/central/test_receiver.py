@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
+from agent.testing.broker import Broker
 from central.config import ReceiverConfig, parse_receiver_config
 from central.dc09_receiver import Dc09Receiver
 from central.devicesim import SimulatedDevice
 from central.receiver import Receiver
 from central.store import Store, open_store
-from tests.support.broker import Broker
 
 REPO = Path(__file__).parents[2]
 

@@ -15,9 +15,9 @@ from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
 
 from agent.security import Signer, generate_keypair
+from agent.testing.agent import DEVICE, SITE, AgentHarness, Message, Recorder, wait_until
+from agent.testing.broker import Broker
 from central.alarms import command_message, unsigned
-from tests.support.agent import DEVICE, SITE, AgentHarness, Message, Recorder, wait_until
-from tests.support.broker import Broker
 
 MALFORMED = b"{not json"  # sent on purpose; not part of any contract
 CONTRACT = Path(__file__).resolve().parents[2] / "contract"

@@ -7,12 +7,12 @@ from pathlib import Path
 import cv2
 import pytest
 
+from agent.testing.agent import AgentHarness, Recorder, wait_until
+from agent.testing.broker import Broker
 from drivers.camera_face.models import DEFAULT_EMBEDDER
 from drivers.camera_face.pipeline import FacePipeline
 from drivers.camera_face.watchlist import FILE_NAME, Watchlist
 from tests.drivers.test_camera_face import FACES, MODELS, SHARED, options, photo, write_video
-from tests.support.agent import AgentHarness, Recorder, wait_until
-from tests.support.broker import Broker
 
 pytestmark = pytest.mark.skipif(
     not (MODELS / DEFAULT_EMBEDDER).is_file() or not FACES.is_dir(),

@@ -488,7 +488,7 @@ def test_config_errors_name_the_field(options: dict[str, Any], message: str) -> 
 def test_end_to_end_press_ack_resolve_over_mqtt(
     pins: MockFactory, broker: Any, tmp_path: Path
 ) -> None:
-    from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
+    from agent.testing.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
 
     base = f"wardpost/{SITE}/{DEVICE}"
     button = {

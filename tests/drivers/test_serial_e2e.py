@@ -11,10 +11,10 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from tests.drivers.serial_frames import rdm6300
-from tests.drivers.serial_pty import PtyDevice
-from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder
-from tests.support.broker import Broker
+from agent.testing.agent import DEVICE, SITE, AgentHarness, Recorder
+from agent.testing.broker import Broker
+from agent.testing.serial_frames import rdm6300
+from agent.testing.serial_pty import PtyDevice
 
 FAST = {"reconnect_min": 0.05, "reconnect_max": 0.2, "read_timeout": 0.05}
 

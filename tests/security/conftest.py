@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from agent.security import generate_keypair
+from agent.testing.agent import DEVICE, SITE, Recorder
+from agent.testing.broker import Broker, free_port
 from central.monitor import BrokerOptions
-from tests.support.agent import DEVICE, SITE, Recorder
-from tests.support.broker import Broker, free_port
 from tests.support.tls import Identity, TestPKI
 
 MOSQUITTO_DIR = Path(__file__).resolve().parents[2] / "config" / "mosquitto"
