@@ -332,33 +332,19 @@ class Outbox:
     def _create_schema(conn: sqlite3.Connection) -> None:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone():
             return
-        # sqlite-utils (and numpy, which it imports when installed) is loaded only to
-        # create the database, so the running agent stays small.
-        from sqlite_utils import Database
-
-        db = Database(conn)
-        events, meta = db.table("events"), db.table("meta")
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("VACUUM")  # auto_vacuum only takes effect on an empty database after VACUUM
-        events.create(
-            {
-                "id": str,
-                "rank": int,
-                "seq": int,
-                "kind": str,
-                "accepted": float,
-                "body": str,
-                "size": int,
-                "published": float,
-            },
-            pk="id",
-            not_null={"rank", "seq", "kind", "accepted", "body", "size"},
+        # The column order is the record layout salvage.py reads from damaged pages.
+        conn.execute(
+            "CREATE TABLE events (id TEXT PRIMARY KEY, rank INTEGER NOT NULL, seq INTEGER NOT NULL, "
+            "kind TEXT NOT NULL, accepted FLOAT NOT NULL, body TEXT NOT NULL, size INTEGER NOT NULL, "
+            "published FLOAT)"
         )
         conn.execute("CREATE INDEX events_pending ON events(rank, seq) WHERE published IS NULL")
         conn.execute(
             "CREATE INDEX events_published ON events(published) WHERE published IS NOT NULL"
         )
-        meta.create({"key": str, "value": int}, pk="key")
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER)")
         conn.execute(
             "INSERT INTO meta VALUES ('schema', ?), ('next_seq', 1), ('boot', 0)", (SCHEMA_VERSION,)
         )
