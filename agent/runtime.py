@@ -50,6 +50,7 @@ from agent.driver import (
 from agent.event import Event, Priority, valid_kind
 from agent.registry import driver_config, validate_drivers
 from agent.security import verifier_for
+from agent.status import AgentStatus, Backlog, DriverStatus, Heartbeat, Link
 
 log = logging.getLogger("wardpost")
 
@@ -547,56 +548,55 @@ class Agent:
             "backlog": self.outbox.backlog()[0],
         }
 
-    def drivers_health(self) -> dict[str, dict[str, Any]]:
+    def drivers_health(self) -> dict[str, DriverStatus]:
         with self._lock:
             return {
-                name: {"type": slot.section.type, **slot.health().to_dict()}
+                name: DriverStatus(slot.section.type, slot.health())
                 for name, slot in self.slots.items()
             }
 
-    def heartbeat(self) -> dict[str, Any]:
+    def heartbeat(self) -> Heartbeat:
         count, oldest = self.outbox.backlog()
         pub = self.publisher
-        return {
-            "uptime": round(time.monotonic() - self.started_at, 3),
-            "interval": self.config.agent.heartbeat_interval,
-            "backlog": {
-                "count": count,
-                "oldest_age": None if oldest is None else round(max(0.0, time.time() - oldest), 3),
-                "in_memory": self.outbox.in_memory,
-            },
-            "drivers": self.drivers_health(),
-            "transmission": pub.stats.summary() if pub else {},
-            "storage": {"fault": self.outbox.fault},
-            "boot": self.outbox.boot,
-            "connection": pub.connection if pub else 0,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "delivery": self.config.mqtt.delivery,
-        }
+        return Heartbeat(
+            uptime=round(time.monotonic() - self.started_at, 3),
+            interval=self.config.agent.heartbeat_interval,
+            backlog=Backlog(
+                count=count,
+                oldest_age=None if oldest is None else round(max(0.0, time.time() - oldest), 3),
+                in_memory=self.outbox.in_memory,
+            ),
+            drivers=self.drivers_health(),
+            transmission=pub.stats.summary() if pub else {},
+            storage_fault=self.outbox.fault,
+            boot=self.outbox.boot,
+            connection=pub.connection if pub else 0,
+            time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            delivery=self.config.mqtt.delivery,
+        )
 
     def publish_heartbeat(self) -> None:
-        self.delivery.publish_heartbeat(self.heartbeat())
+        self.delivery.publish_heartbeat(self.heartbeat().to_dict())
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> AgentStatus:
         pub = self.publisher
-        return {
-            "version": __version__,
-            "site": self.config.agent.site,
-            "device": self.config.agent.device,
-            "config": {"path": self.config.source, "digest": self.config.digest},
-            "link": {
-                "connected": bool(pub and pub.connected),
-                "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
-                "delivery": self.config.mqtt.delivery,
-                "guarantee": DELIVERY_GUARANTEES[self.config.mqtt.delivery],
-                "in_flight": pub.in_flight() if pub else 0,
-                "last_error": pub.last_error if pub else None,
-                "counters": dict(pub.counters) if pub else {},
-            },
-            "outbox": {
-                "path": str(self.config.outbox_path),
-                "counters": dict(self.outbox.counters),
-            },
-            "commands": dict(self.dispatcher.counters),
-            **self.heartbeat(),
-        }
+        return AgentStatus(
+            version=__version__,
+            site=self.config.agent.site,
+            device=self.config.agent.device,
+            config_path=str(self.config.source),
+            config_digest=self.config.digest,
+            link=Link(
+                connected=bool(pub and pub.connected),
+                broker=f"{self.config.mqtt.host}:{self.config.mqtt.port}",
+                delivery=self.config.mqtt.delivery,
+                guarantee=DELIVERY_GUARANTEES[self.config.mqtt.delivery],
+                in_flight=pub.in_flight() if pub else 0,
+                last_error=pub.last_error if pub else None,
+                counters=dict(pub.counters) if pub else {},
+            ),
+            outbox_path=str(self.config.outbox_path),
+            outbox_counters=dict(self.outbox.counters),
+            commands=dict(self.dispatcher.counters),
+            heartbeat=self.heartbeat(),
+        )

@@ -256,7 +256,7 @@ def test_a_forged_receipt_never_releases_an_event_not_yet_sent(
         )
         assert held.event.id in pending(), "a forged receipt released an event never sent"
         assert not held.is_delivered
-        assert agent.status()["link"]["counters"]["receipt_ids_ignored"] >= 2
+        assert agent.status().link.counters["receipt_ids_ignored"] >= 2
         centre.publish(f"{BASE}/receipts", {"ids": [first.event.id]})  # the genuine one
         assert first.wait_delivered(10)
         centre.wait_events("x.held", timeout=10)  # now it goes out

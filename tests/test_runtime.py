@@ -32,7 +32,7 @@ def test_failing_driver_is_isolated_reported_and_retried(tmp_path: Path, broker:
             )
             rec.wait_events("sim.tick", 5)
             health = agent.drivers_health()
-            assert health["bad"]["state"] == "failed" and health["good"]["state"] == "ok"
+            assert health["bad"].health.state == "failed" and health["good"].health.state == "ok"
             wait_until(lambda: agent.slots["bad"].failures >= 2, 10, "a retry")
             assert len(rec.events("agent.driver_failed")) == 1, "the same failure is reported once"
         finally:
