@@ -504,14 +504,17 @@ class Outbox:
     ) -> list[PendingRow]:
         """Pending events in send order (critical first, then oldest) after ``after``."""
         rows: list[PendingRow] = []
-        want = limit + len(exclude)
-        for row in self._reader_query(
-            "SELECT id, rank, seq, kind, accepted, body FROM events "
-            "WHERE published IS NULL AND (rank, seq) > (?, ?) ORDER BY rank, seq LIMIT ?",
-            (after[0], after[1], want),
-        ):
-            if row[0] not in exclude:
-                rows.append(PendingRow(*row))
+        cursor = after
+        while len(rows) < limit:  # excluded rows are rare (a rewind): read on past them
+            batch = self._reader_query(
+                "SELECT id, rank, seq, kind, accepted, body FROM events "
+                "WHERE published IS NULL AND (rank, seq) > (?, ?) ORDER BY rank, seq LIMIT ?",
+                (cursor[0], cursor[1], limit),
+            )
+            rows.extend(PendingRow(*row) for row in batch if row[0] not in exclude)
+            if len(batch) < limit:
+                break
+            cursor = (batch[-1][1], batch[-1][2])
         with self._memory_lock:
             if self._memory:
                 rows.extend(

@@ -71,6 +71,45 @@ _START = (-1, -1)  # a cursor before every (rank, seq)
 _PROBE_AFTER = 1.0  # seconds of silence from the broker, while events wait, before a probe
 _PROBE_GRACE = 1.5  # a probe gets at least this long to be answered
 _RECENTLY_RELEASED = 4096  # ids remembered so a late duplicate receipt is not taken as forged
+_WINDOW_FLOOR = 8  # events in flight a connection starts with, and never goes below
+# Events allowed to wait in a queue on the way (the broker's, the centre's): enough to
+# keep the slowest stage busy, so the window never costs throughput.
+_QUEUED_LOW, _QUEUED_HIGH = 8, 16
+
+
+class Window:
+    """How many events may be in flight: as many as keep the link busy, not more.
+
+    Everything in flight when the agent is killed goes out again after the restart, and
+    the centre sees it twice; a window kept full while the centre (or the broker)
+    confirms more slowly than the agent sends adds only such duplicates and delay, never
+    throughput. So, as TCP Vegas does, the window estimates how many of its events wait
+    in a queue somewhere (``size × (1 − best round trip / this round trip)``) at each
+    confirmation, grows by one while fewer than ``_QUEUED_LOW`` wait (doubling per round
+    trip) and shrinks by one while more than ``_QUEUED_HIGH`` do. Each connection starts
+    small; the window never exceeds ``[mqtt] inflight_window``. Without ``adapt`` it is
+    always ``[mqtt] inflight_window``.
+    """
+
+    def __init__(self, ceiling: int, *, adapt: bool = True):
+        self.ceiling = ceiling
+        self.floor = min(ceiling, _WINDOW_FLOOR) if adapt else ceiling
+        self.size = self.floor
+        self._best = float("inf")
+
+    def restart(self) -> None:
+        """A new connection: its round trips are not the last one's."""
+        self.size = self.floor
+        self._best = float("inf")
+
+    def confirmed(self, round_trip: float) -> None:
+        round_trip = max(round_trip, 1e-6)
+        self._best = min(self._best, round_trip)
+        queued = self.size * (1.0 - self._best / round_trip)
+        if queued < _QUEUED_LOW:
+            self.size = min(self.ceiling, self.size + 1)
+        elif queued > _QUEUED_HIGH:
+            self.size = max(self.floor, self.size - 1)
 
 
 @dataclass
@@ -252,6 +291,9 @@ class Publisher:
         self._recently_released: OrderedDict[str, None] = OrderedDict()
         self._cursor = _START
         self._db_exhausted = False
+        # Only the centre's receipts are slow enough to queue behind a full window; the
+        # broker's PUBACKs come back as fast as it reads, so with them the window stays open.
+        self.window = Window(config.mqtt.inflight_window, adapt=self.receipt_mode)
         self._rewind_lock = threading.Lock()
         self._rewind_to: tuple[int, int] | None = None  # first key to look at again
         # Direct sends of new critical events wait until older critical rows from the
@@ -323,8 +365,10 @@ class Publisher:
             )
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(max(0.1, deadline - time.monotonic()))
-        self._stopping.set()  # the network thread disconnects
+        self._stopping.set()
         self._wake.set()
+        if client is not None:
+            client.disconnect()  # wakes the network thread's loop at once
         self._net_thread.join(5)
         self._pump_thread.join(5)
 
@@ -494,7 +538,7 @@ class Publisher:
                     backoff.reset()
             with self._send_lock:
                 self._sendable = False
-            if rc == mqtt.MQTT_ERR_SUCCESS:  # stopping: say goodbye, so no Last Will
+            if rc == mqtt.MQTT_ERR_SUCCESS:  # stopping on a client stop() did not see
                 client.disconnect()
                 for _ in range(8):
                     if client.loop(timeout=0.25) != mqtt.MQTT_ERR_SUCCESS:
@@ -619,6 +663,7 @@ class Publisher:
         self._inflight.clear()
         self._awaiting.clear()
         self._reply_mids.clear()
+        self.window.restart()
         self._cursor = _START
         self._db_exhausted = False
         self._probe_sent_at = None
@@ -666,6 +711,7 @@ class Publisher:
                 self._awaiting[sent.row_id] = sent
         else:
             releases.append(sent.row_id)
+            self.window.confirmed(time.monotonic() - sent.sent)
             self.stats.add(time.time() - sent.accepted)
 
     def _handle_receipt(self, payload: bytes, releases: list[str]) -> None:
@@ -695,6 +741,7 @@ class Publisher:
                 if event_id not in self._recently_released and event_id not in releases:
                     ignored += 1
                 continue
+            self.window.confirmed(time.monotonic() - sent.sent)
             self.stats.add(now - sent.accepted)
             releases.append(event_id)
         if ignored:
@@ -754,9 +801,9 @@ class Publisher:
             self._cursor = min(self._cursor, (rewind[0], rewind[1] - 1))
             self._db_exhausted = False
         while not self._db_exhausted and self.connected:
-            room = self.mqtt.inflight_window - len(self._inflight) - len(self._awaiting)
-            if room <= 0:
-                return
+            room = self.window.size - len(self._inflight) - len(self._awaiting)
+            if room <= 0 or (room < self.window.size // 8 and self._cursor[0] > Priority.CRITICAL):
+                return  # refill in batches: one read for many events, not one per PUBACK
             busy = self._inflight.keys() | self._awaiting.keys() | self._releasing
             rows = self.outbox.fetch_pending(self._cursor, room, busy)
             for row in rows:
