@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from agent.config import MQTTConfig
+from agent.delivery.publisher import Window
 from agent.event import boottime
 from agent.runtime import Agent
 from agent.testing.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
@@ -367,3 +368,20 @@ def test_a_command_result_is_kept_until_the_broker_has_it(
         assert result["ok"] is True and result["result"]["version"]
         wait_until(lambda: not agent.outbox.pending_replies(), 10, "result dropped once acked")
     h.stop()
+
+
+def test_the_in_flight_window_follows_what_the_centre_confirms_promptly() -> None:
+    window = Window(256)
+    assert window.size == 8, "a connection starts with a few events in flight"
+    for _ in range(100):
+        window.confirmed(0.002)  # the link's best round trip: nothing queues
+    assert window.size == 108
+    for _ in range(200):
+        window.confirmed(0.040)  # 20x the best: most of the window waits in a queue
+    queued = window.size * (1 - 0.002 / 0.040)
+    assert 8 <= queued <= 17, f"settles with about 8-16 events queued, not {queued:.1f}"
+    window.restart()
+    assert window.size == 8
+    fixed = Window(256, adapt=False)
+    fixed.confirmed(1.0)
+    assert fixed.size == 256, "without receipts the window stays at inflight_window"
