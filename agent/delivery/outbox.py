@@ -603,6 +603,10 @@ class Outbox:
                 ops = [self._queue.get(timeout=_RETRY_DISK_EVERY if degraded else None)]
             except queue.Empty:
                 ops = []
+            # Let a thread woken with us run first: a critical event's submit is followed at
+            # once by its publish, and the network thread putting it on the wire should not
+            # wait for this commit's Python work to give up the interpreter.
+            time.sleep(0)
             while len(ops) < 5000:
                 try:
                     ops.append(self._queue.get_nowait())

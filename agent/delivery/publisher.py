@@ -404,8 +404,9 @@ class Publisher:
             del self._held_criticals[row.id]
             self.counters["critical_direct"] += 1
             info = self._client.publish(self.topics.event(row.kind), row.body, qos=1)
+            # No wake-up: the network thread is the one to run now, to put the alarm on the
+            # wire; the pump reads this record with the PUBACK, or within half a second.
             self._inbox.put(_Published(self._client_link, info, row))
-        self._wake.set()
 
     def committed(self, min_key: tuple[int, int]) -> None:
         """The outbox committed events starting at ``min_key``: look there again."""
