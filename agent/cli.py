@@ -200,7 +200,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"delivery {link['delivery']}: {link['guarantee']}")
     ignored = link["counters"].get("receipt_ids_ignored", 0)
     if ignored:
-        print(f"receipts {ignored} receipt ids ignored: no such event in flight (not sent yet, unknown or forged)")
+        print(
+            f"receipts {ignored} receipt ids ignored: no such event in flight (not sent yet, unknown or forged)"
+        )
     age = backlog["oldest_age"]
     print(
         f"backlog  {backlog['count']} events"
@@ -285,7 +287,11 @@ def cmd_reload(args: argparse.Namespace) -> int:
     print(
         f"reloaded: started {reply['started']}, stopped {reply['stopped']}"
         + (f"; applied {', '.join(reply['applied'])}" if reply.get("applied") else "")
-        + (f"; restart needed for {', '.join(reply['restart_needed'])}" if reply["restart_needed"] else "")
+        + (
+            f"; restart needed for {', '.join(reply['restart_needed'])}"
+            if reply["restart_needed"]
+            else ""
+        )
     )
     return 0
 

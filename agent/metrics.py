@@ -230,9 +230,7 @@ def agent_metrics(
             )
         )
     metrics += [
-        gauge(
-            "wardpost_backlog_events", "Events not yet confirmed delivered.", beat.backlog.count
-        ),
+        gauge("wardpost_backlog_events", "Events not yet confirmed delivered.", beat.backlog.count),
         gauge(
             "wardpost_backlog_oldest_age_seconds",
             "Age of the oldest undelivered event (0 when none).",

@@ -40,7 +40,9 @@ def missing_extra(ep: EntryPoint, exc: BaseException) -> str | None:
     extras = ",".join(ep.extras)
     dist = ep.dist.name if ep.dist is not None else DISTRIBUTION
     if dist == DISTRIBUTION:
-        how = f"sudo scripts/install --extras {extras} (in a checkout: pip install -e '.[{extras}]')"
+        how = (
+            f"sudo scripts/install --extras {extras} (in a checkout: pip install -e '.[{extras}]')"
+        )
     else:
         how = f"pip install '{dist}[{extras}]'"
     return (
@@ -91,7 +93,9 @@ def validate_drivers(config: Config) -> list[str]:
         except MissingExtraError as exc:
             if section.enabled:
                 raise exc.located(config.source) from None
-            unchecked.append(f"drivers.{section.name} is disabled and was not checked: {exc.message}")
+            unchecked.append(
+                f"drivers.{section.name} is disabled and was not checked: {exc.message}"
+            )
         except ConfigError as exc:
             raise exc.located(config.source) from None
     return unchecked

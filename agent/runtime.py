@@ -76,6 +76,8 @@ LIVE_FIELDS = frozenset(
 
 def _set_root_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
+
+
 _RETRY_MIN, _RETRY_MAX = 2.0, 300.0
 
 
@@ -526,7 +528,8 @@ class Agent:
         prefix = f"{section}."
         live = {f[len(prefix) :] for f in applied if f.startswith(prefix)}
         return dataclasses.replace(
-            getattr(running, section), **{name: getattr(getattr(new, section), name) for name in live}
+            getattr(running, section),
+            **{name: getattr(getattr(new, section), name) for name in live},
         )
 
     def _command_reload(self, command: Command) -> Mapping[str, Any]:

@@ -27,7 +27,8 @@ class Arrivals:
         self._cond = threading.Condition()
         self._arrived: dict[str, float] = {}
         self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
             protocol=mqtt.MQTTv5,
         )
         subscribed = threading.Event()
@@ -66,8 +67,9 @@ class Arrivals:
 
 def raw_publisher(broker: Broker, client_id: str) -> mqtt.Client:
     """The bare baseline: a plain paho client, its loop running."""
-    raw = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
-                      protocol=mqtt.MQTTv5)
+    raw = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+    )
     raw.connect(broker.host, broker.port, 30)
     raw.loop_start()
     return raw
@@ -110,10 +112,23 @@ def latency_table(
     p99 = percentile(values, 0.99)
     notes = f"{len(values)} rounds, {lost[subject]} lost"
     return [
-        Row(section, f"{labels[subject]} p50", percentile(values, 0.5), "ms",
-            "raw paho publish -> subscriber p50", percentile(raw, 0.5), notes=notes),
-        Row(section, f"{labels[subject]} p99", p99, "ms", "raw paho publish -> subscriber p99",
+        Row(
+            section,
+            f"{labels[subject]} p50",
+            percentile(values, 0.5),
+            "ms",
+            "raw paho publish -> subscriber p50",
+            percentile(raw, 0.5),
+            notes=notes,
+        ),
+        Row(
+            section,
+            f"{labels[subject]} p99",
+            p99,
+            "ms",
+            "raw paho publish -> subscriber p99",
             percentile(raw, 0.99),
             target="" if target_p99_ms is None else f"<= {target_p99_ms:g} ms",
-            ok=None if target_p99_ms is None else (p99 <= target_p99_ms and not lost[subject])),
+            ok=None if target_p99_ms is None else (p99 <= target_p99_ms and not lost[subject]),
+        ),
     ]

@@ -101,10 +101,16 @@ def versions(*distributions: str) -> list[str]:
 def machine_line(*extra: str) -> str:
     """:func:`machine` as one line, with the versions a suite cares about appended."""
     info = machine()
-    return ", ".join([
-        f"{info['cpu']} ({info['cores']} cores)", f"{info['memory_gib']} GiB", info["os"],
-        f"Python {info['python']}", info["broker"], *extra,
-    ])
+    return ", ".join(
+        [
+            f"{info['cpu']} ({info['cores']} cores)",
+            f"{info['memory_gib']} GiB",
+            info["os"],
+            f"Python {info['python']}",
+            info["broker"],
+            *extra,
+        ]
+    )
 
 
 def _fmt(v: float) -> str:

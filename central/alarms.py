@@ -125,9 +125,7 @@ class AlarmDesk:
         audit = self._audit(f"alarm.{to}", alarm, {"by": who, "note": note})
         tell_device = self.commander is not None and alarm.origin == "device"
         command = DEVICE_COMMANDS[to] if tell_device else None
-        if not self.store.transition_alarm(
-            alarm_id, to, who, note, audit, device_command=command
-        ):
+        if not self.store.transition_alarm(alarm_id, to, who, note, audit, device_command=command):
             raise AlarmError(f"alarm {alarm_id} is {alarm.state}; it cannot become {to}")
         if command is not None:
             self._send(alarm, command, who)
@@ -142,13 +140,20 @@ class AlarmDesk:
             assert command is not None and alarm.device_sent_at is not None
             waited = now - alarm.device_sent_at
             if waited >= confirm_within:
-                detail = f"no confirmation within {confirm_within:g} s ({alarm.device_attempts} sent)"
+                detail = (
+                    f"no confirmation within {confirm_within:g} s ({alarm.device_attempts} sent)"
+                )
                 audit = self._audit(
-                    "alarm.unconfirmed", alarm, {"command": command, "reason": detail}, Priority.HIGH
+                    "alarm.unconfirmed",
+                    alarm,
+                    {"command": command, "reason": detail},
+                    Priority.HIGH,
                 )
                 if self.store.device_unconfirmed(alarm.id, command, detail, audit):
                     given_up.append(self._reread(alarm.id))
-            elif self.commander is not None and now - (alarm.device_last_sent_at or 0) >= retry_every:
+            elif (
+                self.commander is not None and now - (alarm.device_last_sent_at or 0) >= retry_every
+            ):
                 who = alarm.acknowledged_by if command == "ack" else alarm.resolved_by
                 self._send(alarm, command, who or "")
         return given_up

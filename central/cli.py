@@ -348,9 +348,7 @@ def _broker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cert-file", default="", help="this console's certificate (TLS)")
     p.add_argument("--key-file", default="", help="this console's private key (TLS)")
     p.add_argument("--prefix", default="wardpost", help="topic prefix")
-    p.add_argument(
-        "--key", default="", help="the centre's Ed25519 private key: signs the commands"
-    )
+    p.add_argument("--key", default="", help="the centre's Ed25519 private key: signs the commands")
 
 
 def _broker_options(args: argparse.Namespace) -> Any:

@@ -323,9 +323,7 @@ class Intake:
                 if body is not None:
                     self._event(msg, body, site=site, device=device, known=known, now=now, out=out)
                 elif rest == ["status"]:
-                    self._status(
-                        site, device, self._json(msg), now, out.batch, retained=msg.retain
-                    )
+                    self._status(site, device, self._json(msg), now, out.batch, retained=msg.retain)
                 elif rest == ["heartbeat"]:
                     self._heartbeat(site, device, self._json(msg), now, out.batch)
                 elif rest[0] == "cmd_result" and len(rest) == 2:
@@ -351,8 +349,9 @@ class Intake:
     def _quarantine(self, msg: Inbound, reason: str, out: Outcome, now: float) -> None:
         out.rejected += 1
         parts = msg.topic.split("/")
-        site, device = (parts[1], parts[2]) if len(parts) >= 4 and parts[1] and parts[2] else (
-            None, None)
+        site, device = (
+            (parts[1], parts[2]) if len(parts) >= 4 and parts[1] and parts[2] else (None, None)
+        )
         log.warning("quarantined message on %s (%d bytes): %s", msg.topic, len(msg.payload), reason)
         out.batch.quarantined.append(Quarantined(now, msg.topic, site, device, reason, msg.payload))
         if site is None or device is None:

@@ -63,8 +63,12 @@ RESOLVED_SHOWN_FOR = 24 * 3600.0
 _STYLE = {"critical": "bold white on red", "high": "bold red", "normal": "cyan", "low": "dim"}
 _PRIORITY_ORDER = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 _STATE_STYLE = {"new": "bold white on red", "acknowledged": "bold yellow", "resolved": "green"}
-_DEVICE_STYLE = {"sent": "yellow", "confirmed": "green", "refused": "bold red",
-                 "unconfirmed": "bold red"}
+_DEVICE_STYLE = {
+    "sent": "yellow",
+    "confirmed": "green",
+    "refused": "bold red",
+    "unconfirmed": "bold red",
+}
 
 Record = dict[str, Any]
 

@@ -289,7 +289,11 @@ class Receiver:
         commands = self.config.commands
         for alarm in self.desk.follow_up(now, commands.retry_every, commands.confirm_within):
             log.warning(
-                "%s/%s: alarm %s (%s): %s", alarm.site, alarm.device, alarm.id, alarm.kind,
+                "%s/%s: alarm %s (%s): %s",
+                alarm.site,
+                alarm.device,
+                alarm.id,
+                alarm.kind,
                 alarm.at_device,
             )
 

@@ -549,8 +549,15 @@ class Store(abc.ABC):
             " WHERE id = (SELECT alarm_id FROM commands WHERE id = ?)"
             " AND device_command = (SELECT name FROM commands WHERE id = ?)"
             f" AND device_state IN ({_marks(len(allowed))})",
-            ("confirmed" if ok else "refused", detail, int(ok), at, command_id, command_id,
-             *allowed),
+            (
+                "confirmed" if ok else "refused",
+                detail,
+                int(ok),
+                at,
+                command_id,
+                command_id,
+                *allowed,
+            ),
         )
 
     # --- reading ---
@@ -687,7 +694,9 @@ class Store(abc.ABC):
         """Alarms whose ack/resolve the device has not confirmed yet (state ``sent``)."""
         return self._alarms_where("device_state = 'sent'")
 
-    def device_unconfirmed(self, alarm_id: str, command: str, detail: str, audit: StoredEvent) -> bool:
+    def device_unconfirmed(
+        self, alarm_id: str, command: str, detail: str, audit: StoredEvent
+    ) -> bool:
         """``command`` of the alarm got no confirmation in time: say so, with ``audit``."""
         with self.transaction():
             changed = self._exec(

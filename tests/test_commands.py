@@ -163,15 +163,28 @@ DEEP = 40  # levels: beyond MAX_NESTING, far below the parser's recursion limit
         (bytes(range(256)) * 4, "payload is not JSON"),
         (b"{" + b" " * MAX_COMMAND_BYTES + b"}", "command too large"),
         (b"[" * 100_000 + b"]" * 100_000, "payload is not JSON"),  # the parser's recursion
-        (b'{"id":"d1","issued_at":1,"args":{"a":' + b"[" * DEEP + b"]" * DEEP + b"}}", "levels deep"),
+        (
+            b'{"id":"d1","issued_at":1,"args":{"a":' + b"[" * DEEP + b"]" * DEEP + b"}}",
+            "levels deep",
+        ),
         (b'{"id":"h1","issued_at":1' + b"0" * 5000 + b"}", "payload is not JSON"),
         (b'{"id":"h2","issued_at":1' + b"0" * 40 + b"}", "'issued_at' must be"),
         (b'{"id":"h3","issued_at":1e400}', "'issued_at' must be"),
         (b'{"id":"h4","issued_at":NaN}', "payload is not JSON"),
         (b'{"id":"u1","issued_at":1,"args":{"x":"\xff\xfe"}}', "payload is not JSON"),
     ],
-    ids=["invalid-json", "binary", "oversize", "deep-parser", "deep", "5000-digits", "huge-int",
-         "float-overflow", "nan", "bad-utf8"],
+    ids=[
+        "invalid-json",
+        "binary",
+        "oversize",
+        "deep-parser",
+        "deep",
+        "5000-digits",
+        "huge-int",
+        "float-overflow",
+        "nan",
+        "bad-utf8",
+    ],
 )
 def test_malformed_commands_are_reported_to_the_centre_without_a_traceback(
     running, caplog: pytest.LogCaptureFixture, payload: bytes, reason: str
@@ -190,7 +203,9 @@ def test_malformed_commands_are_reported_to_the_centre_without_a_traceback(
 def test_rejections_are_rate_limited_and_the_rest_counted() -> None:
     reported: list[dict[str, Any]] = []
     now = [1000.0]
-    reporter = RejectionReporter(lambda kind, payload: reported.append(dict(payload)), lambda: now[0])
+    reporter = RejectionReporter(
+        lambda kind, payload: reported.append(dict(payload)), lambda: now[0]
+    )
     for i in range(REJECTIONS_PER_WINDOW + 7):
         reporter.report("ack", f"c{i}", "bad signature")
     assert len(reported) == REJECTIONS_PER_WINDOW and reporter.suppressed == 7
@@ -200,4 +215,9 @@ def test_rejections_are_rate_limited_and_the_rest_counted() -> None:
     reporter.flush()
     assert reported[-1]["suppressed"] == 7 and reporter.suppressed == 0
     reporter.report("ack", None, "payload is not JSON")
-    assert reported[-1] == {"command": "ack", "id": None, "reason": "payload is not JSON", "suppressed": 0}
+    assert reported[-1] == {
+        "command": "ack",
+        "id": None,
+        "reason": "payload is not JSON",
+        "suppressed": 0,
+    }

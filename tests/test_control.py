@@ -135,9 +135,7 @@ def test_the_delivery_guarantee_in_force_is_said_plainly(
             assert main(["--config", str(h.config_path), "status"]) == 0
             out = capsys.readouterr().out
             assert f"delivery {delivery}: {DELIVERY_GUARANTEES[delivery]}" in out
-            beat = next(
-                m.json() for m in _wait_heartbeat(rec) if m.topic.endswith("/heartbeat")
-            )
+            beat = next(m.json() for m in _wait_heartbeat(rec) if m.topic.endswith("/heartbeat"))
             assert beat["delivery"] == delivery
             started = rec.wait_events("agent.started")[-1]["payload"]
             assert started["delivery"] == delivery

@@ -242,7 +242,6 @@ def test_a_forged_receipt_never_releases_an_event_not_yet_sent(
         assert held.wait_durable(5)
         centre.publish(f"{BASE}/receipts", {"ids": [held.event.id, "0193-no-such-event"]})
 
-
         def pending() -> set[str]:
             agent.outbox.flush()
             return {e["id"] for e in agent.outbox.recent(pending_only=True)}

@@ -178,7 +178,9 @@ def test_full_disk_keeps_accepting_and_recovers(tmp_path: Path) -> None:
     everything = [*emissions, critical]
     assert all(e.fate is not None for e in everything), "every event's fate is decided"
     held = [e for e in everything if e.fate is Fate.MEMORY]
-    assert held and len(held) == box.outbox.in_memory, "events held in memory are said so, and counted"
+    assert held and len(held) == box.outbox.in_memory, (
+        "events held in memory are said so, and counted"
+    )
     assert not any(e.is_durable for e in held)
     assert "agent.storage_failed" in box.kinds()
     assert critical.event.id in box.pending()
@@ -189,7 +191,9 @@ def test_full_disk_keeps_accepting_and_recovers(tmp_path: Path) -> None:
     box.add()
     box.outbox.flush()
     assert box.outbox.in_memory == 0 and box.outbox.fault is None
-    assert all(e.is_durable and e.fate is Fate.DURABLE for e in everything), "on disk once it takes them"
+    assert all(e.is_durable and e.fate is Fate.DURABLE for e in everything), (
+        "on disk once it takes them"
+    )
     assert "agent.storage_restored" not in box.kinds(), "announced only once the disk stays good"
     time.sleep(0.3)
     box.outbox.flush()
@@ -256,7 +260,9 @@ def test_seq_survives_the_loss_of_the_outbox_file(tmp_path: Path) -> None:
         Path(f"{box.outbox.path}{suffix}").unlink(missing_ok=True)
     again = Box(tmp_path / "o.db")
     assert again.outbox.next_seq() == last + 1, "the numbering restarted with a new outbox file"
-    assert again.outbox.boot == box.outbox.boot + 1, "the boot counter restarted with a new outbox file"
+    assert again.outbox.boot == box.outbox.boot + 1, (
+        "the boot counter restarted with a new outbox file"
+    )
     again.outbox.close()
 
 

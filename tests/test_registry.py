@@ -48,7 +48,12 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "acme_camera = acme_camera:Camera [vision]",
         "import acme_absent_opencv  # noqa\n",
     )
-    plugin(path, "acme-broken", "acme_broken = acme_broken:Broken [vision]", "import acme_broken.helper\n")
+    plugin(
+        path,
+        "acme-broken",
+        "acme_broken = acme_broken:Broken [vision]",
+        "import acme_broken.helper\n",
+    )
     plugin(path, "acme-plain", "acme_plain = acme_plain:Plain", "import acme_absent_dependency\n")
     return path
 

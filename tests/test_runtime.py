@@ -49,7 +49,9 @@ def test_started_event_and_healthy(tmp_path: Path, broker: Broker) -> None:
         assert h.agent is not None and h.agent.healthy()
 
 
-def test_a_payload_that_cannot_be_sent_leaves_no_hole_in_seq(tmp_path: Path, broker: Broker) -> None:
+def test_a_payload_that_cannot_be_sent_leaves_no_hole_in_seq(
+    tmp_path: Path, broker: Broker
+) -> None:
     with AgentHarness(tmp_path, broker) as h:
         assert h.agent is not None
         before = h.agent.emit("t", "x.y", {"n": 1}).event.seq

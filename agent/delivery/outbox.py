@@ -306,9 +306,7 @@ class Outbox:
         )
         # The numbering goes on after the damaged file's: a seq is never given out twice.
         conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (found.next_seq,))
-        conn.execute(
-            "UPDATE meta SET value = ? WHERE key = 'boot'", (found.meta.get("boot", 0),)
-        )
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'boot'", (found.meta.get("boot", 0),))
         conn.execute("COMMIT")
         reports.append(
             StorageReport(
@@ -359,7 +357,9 @@ class Outbox:
         self._persisted_seq = max_seq
         if self._thread is not None:  # read again after a disk fault, while numbering
             self.seqs.raise_floor(self._seq_floor)
-        self._rows, self._bytes = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM events").fetchone()
+        self._rows, self._bytes = conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM events"
+        ).fetchone()
         if self.boot == 0:
             self.boot = int(meta.get("boot", 0)) + 1
         if writable:
@@ -385,7 +385,11 @@ class Outbox:
             self._reserve_in_use = False
             return
         free = self._free_space()
-        if self._reserve_in_use and free is not None and free < size + self.config.shed_normal_below:
+        if (
+            self._reserve_in_use
+            and free is not None
+            and free < size + self.config.shed_normal_below
+        ):
             return  # not yet: filling the disk again would only fail the next commit
         try:
             with open(self.ballast_path, "wb") as f:
@@ -776,7 +780,9 @@ class Outbox:
                 evicted,
             )
             self.on_report(
-                StorageReport("agent.outbox_evicted", {"evicted": evicted, "count": n, "from": "disk"})
+                StorageReport(
+                    "agent.outbox_evicted", {"evicted": evicted, "count": n, "from": "disk"}
+                )
             )
 
     def _prune(self, conn: sqlite3.Connection, now: float) -> tuple[int, int]:
@@ -953,7 +959,11 @@ class Outbox:
         if dropped:
             count = sum(dropped.values())
             self.counters["dropped"] += count
-            log.error("outbox: over %d events in memory; dropped %s", self.config.memory_max_events, dropped)
+            log.error(
+                "outbox: over %d events in memory; dropped %s",
+                self.config.memory_max_events,
+                dropped,
+            )
             self.on_report(
                 StorageReport(
                     "agent.outbox_evicted",

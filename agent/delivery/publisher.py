@@ -166,7 +166,13 @@ class _Disconnected:
 
 
 _PumpItem = (
-    _Published | _Acked | _ReceiptArrived | _ReleaseStored | _ReplyQueued | _Connected | _Disconnected
+    _Published
+    | _Acked
+    | _ReceiptArrived
+    | _ReleaseStored
+    | _ReplyQueued
+    | _Connected
+    | _Disconnected
 )
 
 

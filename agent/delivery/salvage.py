@@ -139,7 +139,9 @@ def _pages(path: Path) -> Iterator[tuple[bytes, int, dict[int, bytes]]]:
         reserved = data[20]
     if page_size < 512 or page_size & (page_size - 1):
         page_size = 4096  # a damaged header: the outbox is created with 4096-byte pages
-    pages = {n + 1: data[n * page_size : (n + 1) * page_size] for n in range(len(data) // page_size)}
+    pages = {
+        n + 1: data[n * page_size : (n + 1) * page_size] for n in range(len(data) // page_size)
+    }
     wal_pages = _wal_pages(Path(str(path) + "-wal"))
     usable = page_size - reserved
     for page in pages.values():

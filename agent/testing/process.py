@@ -62,11 +62,21 @@ class AgentProcess:
         if self.running:
             raise RuntimeError("agent already running")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
-        self._log.write(f"\n===== start {self.starts + 1} at {time.strftime('%H:%M:%S')} =====\n".encode())
+        self._log.write(
+            f"\n===== start {self.starts + 1} at {time.strftime('%H:%M:%S')} =====\n".encode()
+        )
         self._log.flush()
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
-            [sys.executable, *self.launcher, "--config", str(self.config_path), "run", "--log-level", "info"],
+            [
+                sys.executable,
+                *self.launcher,
+                "--config",
+                str(self.config_path),
+                "run",
+                "--log-level",
+                "info",
+            ],
             cwd=REPO,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -89,7 +99,9 @@ class AgentProcess:
         last = ""
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.returncode} before it was ready; log:\n{self.tail()}")
+                raise RuntimeError(
+                    f"agent exited with {self.returncode} before it was ready; log:\n{self.tail()}"
+                )
             try:
                 return self.status(timeout=2.0)
             except (ControlError, OSError, ValueError) as exc:
@@ -153,18 +165,26 @@ class AgentProcess:
         status: dict[str, Any] = reply["status"]
         return status
 
-    def emit(self, kind: str, priority: str = "normal", payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def emit(
+        self, kind: str, priority: str = "normal", payload: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """``wardpost emit``; the reply's ``ok``/``durable`` say whether the event was accepted."""
         return self.control.emit(kind, priority, payload)
 
-    def simulate(self, driver: str, action: str = "emit", args: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        return self.control.ask({"op": "simulate", "driver": driver, "action": action, "args": dict(args or {})})
+    def simulate(
+        self, driver: str, action: str = "emit", args: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return self.control.ask(
+            {"op": "simulate", "driver": driver, "action": action, "args": dict(args or {})}
+        )
 
     def client(self) -> ControlClient:
         """A control connection of its own (one per emitting thread)."""
         return ControlClient(self.control_socket)
 
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str
+    ) -> dict[str, Any]:
         """Poll ``status`` until ``predicate(status)``."""
         deadline = time.monotonic() + timeout
         status: dict[str, Any] = {}
@@ -174,7 +194,9 @@ class AgentProcess:
                 if predicate(status):
                     return status
             time.sleep(0.05)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last status: {json.dumps(status)[:800]}")
+        raise AssertionError(
+            f"timed out after {timeout}s waiting for {what}; last status: {json.dumps(status)[:800]}"
+        )
 
 
 class ControlClient:
@@ -190,8 +212,12 @@ class ControlClient:
         self._conn: socket.socket | None = None
         self._file: Any = None
 
-    def emit(self, kind: str, priority: str = "normal", payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        return self.ask({"op": "emit", "kind": kind, "priority": priority, "payload": dict(payload or {})})
+    def emit(
+        self, kind: str, priority: str = "normal", payload: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return self.ask(
+            {"op": "emit", "kind": kind, "priority": priority, "payload": dict(payload or {})}
+        )
 
     def ask(self, body: Mapping[str, Any]) -> dict[str, Any]:
         if self._conn is None:

@@ -22,8 +22,13 @@ REPO = Path(__file__).resolve().parents[2]
 def run_script(tmp_path: Path, *argv: str) -> tuple[str, list[dict[str, object]]]:
     rows_file = tmp_path / "rows.json"
     proc = subprocess.run(
-        [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, ROWS_ENV: str(rows_file)}, check=False,
+        [sys.executable, *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, ROWS_ENV: str(rows_file)},
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout, json.loads(rows_file.read_text())
@@ -42,15 +47,30 @@ def test_panic_benchmark_reports_pin_to_subscriber_beside_raw_paho(tmp_path: Pat
 def test_serial_benchmark_reports_every_dialect_and_the_latency(tmp_path: Path) -> None:
     _out, rows = run_script(tmp_path, "scripts/bench-serial", "--frames", "300", "--alarms", "20")
     metrics = {r["metric"] for r in rows}
-    for dialect in ("text-gate", "multizone-gate", "polled-gate", "xray-alert", "rdm6300", "wiegand26-hex"):
+    for dialect in (
+        "text-gate",
+        "multizone-gate",
+        "polled-gate",
+        "xray-alert",
+        "rdm6300",
+        "wiegand26-hex",
+    ):
         assert f"{dialect} engine" in metrics
     assert {"pty bytes -> gate.alarm p50", "pty bytes -> gate.alarm p99"} <= metrics
     assert all(r["baseline"] for r in rows)
 
 
-@pytest.mark.parametrize("script", ["scripts/bench", "scripts/bench-face", "scripts/bench-receiver", "scripts/fleet-sim"])
+@pytest.mark.parametrize(
+    "script", ["scripts/bench", "scripts/bench-face", "scripts/bench-receiver", "scripts/fleet-sim"]
+)
 def test_other_benchmark_scripts_import_and_explain_themselves(script: str) -> None:
-    proc = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, script, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout

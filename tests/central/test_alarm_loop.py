@@ -29,8 +29,14 @@ from contract.commands import ContractError
 from tests.central.test_receiver import REPO, _write_config, wait_until
 
 SCHEMAS = Path(__file__).parents[2] / "contract" / "schemas"
-BUTTON = {"type": "panic_button", "pin": 17, "led_pin": 27, "pin_factory": "mock",
-          "bounce_time": 0.01, "location": {"ward": "3B", "room": "12"}}
+BUTTON = {
+    "type": "panic_button",
+    "pin": 17,
+    "led_pin": 27,
+    "pin_factory": "mock",
+    "bounce_time": 0.01,
+    "location": {"ward": "3B", "room": "12"},
+}
 
 
 def schema(name: str) -> Draft7Validator:
@@ -39,9 +45,13 @@ def schema(name: str) -> Draft7Validator:
 
 @pytest.fixture
 def receiver(broker: Broker, make_config: Callable[..., ReceiverConfig]) -> Iterator[Receiver]:
-    receiver = Receiver(make_config(
-        broker, supervision={"check_every": 0.1},
-        commands={"retry_every": 2.0, "confirm_within": 60})).start()
+    receiver = Receiver(
+        make_config(
+            broker,
+            supervision={"check_every": 0.1},
+            commands={"retry_every": 2.0, "confirm_within": 60},
+        )
+    ).start()
     assert receiver.wait_connected(10)
     yield receiver
     receiver.stop()
@@ -50,9 +60,12 @@ def receiver(broker: Broker, make_config: Callable[..., ReceiverConfig]) -> Iter
 def test_press_ack_resolve_confirmed_by_the_real_panic_button(
     tmp_path: Path, broker: Broker, receiver: Receiver
 ) -> None:
-    with Recorder(broker, f"wardpost/{SITE}/{DEVICE}/cmd/#") as commands, AgentHarness(
-        tmp_path, broker, drivers={"button": BUTTON}, mqtt={"delivery": "receipt"}
-    ) as harness:
+    with (
+        Recorder(broker, f"wardpost/{SITE}/{DEVICE}/cmd/#") as commands,
+        AgentHarness(
+            tmp_path, broker, drivers={"button": BUTTON}, mqtt={"delivery": "receipt"}
+        ) as harness,
+    ):
         assert harness.agent is not None
         button = harness.agent.driver("button")
         button.simulate("press", {})
@@ -64,8 +77,11 @@ def test_press_ack_resolve_confirmed_by_the_real_panic_button(
         acked = wait_until(lambda: confirmed(receiver, alarm.id), 30, "the device's confirmation")
         assert (acked.state, acked.at_device) == ("acknowledged", "ack confirmed by device")
         assert "acknowledged" in button.health().detail  # the LED is steady
-        device_ack = wait_until(lambda: receiver.store.events(kind="panic.acknowledged"), 30,
-                                "the device's panic.acknowledged")[0]
+        device_ack = wait_until(
+            lambda: receiver.store.events(kind="panic.acknowledged"),
+            30,
+            "the device's panic.acknowledged",
+        )[0]
         assert device_ack.payload["alarm"] == alarm.id and device_ack.payload["by"] == "desk 1"
 
         desk.resolve(alarm.id, "guard 7")
@@ -96,9 +112,10 @@ def test_the_old_argument_name_is_refused_by_the_contract_and_by_the_device(
     tmp_path: Path, broker: Broker
 ) -> None:
     """Before: the centre sent {"event": id}; the button answered "no driver recognised..."."""
-    with Recorder(broker, f"wardpost/{SITE}/{DEVICE}/#") as rec, AgentHarness(
-        tmp_path, broker, drivers={"button": BUTTON}
-    ) as harness:
+    with (
+        Recorder(broker, f"wardpost/{SITE}/{DEVICE}/#") as rec,
+        AgentHarness(tmp_path, broker, drivers={"button": BUTTON}) as harness,
+    ):
         assert harness.agent is not None
         harness.agent.driver("button").simulate("press", {})
         alarm_id = rec.wait_events("panic.pressed")[0]["id"]
@@ -106,10 +123,15 @@ def test_the_old_argument_name_is_refused_by_the_contract_and_by_the_device(
         errors = [e.message for e in schema("command_args/ack.json").iter_errors(old)]
         assert errors == ["Additional properties are not allowed ('event' was unexpected)"]
         command_id = uuid7()
-        rec.publish(f"wardpost/{SITE}/{DEVICE}/cmd/ack",
-                    {"id": command_id, "issued_at": 0, "args": old, "target": None})
-        rec.wait_for(lambda msgs: any(m.topic.endswith(f"/cmd_result/{command_id}")
-                                      for m in msgs), 10, "the device's answer")
+        rec.publish(
+            f"wardpost/{SITE}/{DEVICE}/cmd/ack",
+            {"id": command_id, "issued_at": 0, "args": old, "target": None},
+        )
+        rec.wait_for(
+            lambda msgs: any(m.topic.endswith(f"/cmd_result/{command_id}") for m in msgs),
+            10,
+            "the device's answer",
+        )
         (result,) = rec.on_topic(f"/cmd_result/{command_id}")
         assert result.json()["ok"] is False
         assert "no driver recognised" in result.json()["error"]
@@ -125,9 +147,13 @@ def test_the_commander_refuses_arguments_outside_the_contract(receiver: Receiver
 def test_a_device_that_never_answers_is_retried_then_shown_unconfirmed(
     broker: Broker, make_config: Callable[..., ReceiverConfig]
 ) -> None:
-    receiver = Receiver(make_config(
-        broker, supervision={"check_every": 0.1},
-        commands={"retry_every": 0.3, "confirm_within": 2})).start()
+    receiver = Receiver(
+        make_config(
+            broker,
+            supervision={"check_every": 0.1},
+            commands={"retry_every": 0.3, "confirm_within": 2},
+        )
+    ).start()
     device = SimulatedDevice(broker.host, broker.port, "s1", "mute").start()
     try:
         assert receiver.wait_connected(10)
@@ -136,7 +162,9 @@ def test_a_device_that_never_answers_is_retried_then_shown_unconfirmed(
         AlarmDesk(receiver.store, receiver.commander()).acknowledge(alarm_id, "desk 1")
         unconfirmed = wait_until(
             lambda: [a for a in receiver.store.alarms() if a.device_state == "unconfirmed"],
-            30, "the operator-visible failure")[0]
+            30,
+            "the operator-visible failure",
+        )[0]
         assert unconfirmed.at_device.startswith("device did not confirm ack: no confirmation")
         acks = wait_until(lambda: [c for c in device.commands if c[0] == "ack"], 10, "acks")
         assert len(acks) >= 2, "sent again before giving up"
@@ -150,13 +178,29 @@ def test_a_device_that_never_answers_is_retried_then_shown_unconfirmed(
         receiver.stop()
 
 
-def desk_cli(config: Path, verb: str, alarm_id: str, *options: str) -> subprocess.CompletedProcess[str]:
+def desk_cli(
+    config: Path, verb: str, alarm_id: str, *options: str
+) -> subprocess.CompletedProcess[str]:
     """``wardpost receiver ack|resolve`` as an operator runs it (``python -m central``)."""
     return subprocess.run(
-        [sys.executable, "-m", "central", verb, alarm_id, "--by", "desk 1", "--config",
-         str(config), *options],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)}, check=False,
+        [
+            sys.executable,
+            "-m",
+            "central",
+            verb,
+            alarm_id,
+            "--by",
+            "desk 1",
+            "--config",
+            str(config),
+            *options,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
     )
 
 

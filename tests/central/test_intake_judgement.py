@@ -45,36 +45,69 @@ def poison() -> list[tuple[str, str, bytes, str]]:
     deep = "[" * 100_000 + "]" * 100_000
     return [
         ("seq 2**64", event, event_text(seq=2**64).encode(), "outside 64 bits"),
-        ("boot 2**70", "status", json.dumps({**GOOD_STATUS, "boot": 2**70}).encode(),
-         "outside 64 bits"),
-        ("deep nesting", event, event_text(payload={"x": "PLACE"}).replace(
-            '"PLACE"', deep).encode(), "nests deeper"),
-        ("nesting just past the limit", "heartbeat",
-         json.dumps({"uptime": 1, "drivers": {}, "x": "PLACE"}).replace(
-             '"PLACE"', "[" * MAX_DEPTH + "]" * MAX_DEPTH).encode(), "nests deeper"),
+        (
+            "boot 2**70",
+            "status",
+            json.dumps({**GOOD_STATUS, "boot": 2**70}).encode(),
+            "outside 64 bits",
+        ),
+        (
+            "deep nesting",
+            event,
+            event_text(payload={"x": "PLACE"}).replace('"PLACE"', deep).encode(),
+            "nests deeper",
+        ),
+        (
+            "nesting just past the limit",
+            "heartbeat",
+            json.dumps({"uptime": 1, "drivers": {}, "x": "PLACE"})
+            .replace('"PLACE"', "[" * MAX_DEPTH + "]" * MAX_DEPTH)
+            .encode(),
+            "nests deeper",
+        ),
         ("UTF-16", event, event_text().encode("utf-16"), "not UTF-8"),
-        ("lone surrogate", event, event_text().replace('"btn"', '"\\ud800"').encode(),
-         "lone surrogate"),
-        ("5,000-digit integer", event, event_text(seq=7).replace(
-            '"seq": 7', '"seq": ' + "9" * 5000).encode(), "outside 64 bits"),
-        ("5,000-digit number", "heartbeat",
-         ('{"uptime": 1' + "0" * 5000 + '.5, "drivers": {}}').encode(), "out of range"),
+        (
+            "lone surrogate",
+            event,
+            event_text().replace('"btn"', '"\\ud800"').encode(),
+            "lone surrogate",
+        ),
+        (
+            "5,000-digit integer",
+            event,
+            event_text(seq=7).replace('"seq": 7', '"seq": ' + "9" * 5000).encode(),
+            "outside 64 bits",
+        ),
+        (
+            "5,000-digit number",
+            "heartbeat",
+            ('{"uptime": 1' + "0" * 5000 + '.5, "drivers": {}}').encode(),
+            "out of range",
+        ),
         ("NaN", "heartbeat", b'{"uptime": NaN, "drivers": {}}', "NaN is not JSON"),
         ("not JSON", event, b"\x00\xff garbage", "not UTF-8"),
         ("not JSON at all", event, b"{{{{", "not JSON"),
-        ("oversize", event, event_text(payload={"x": "y" * MAX_MESSAGE_BYTES}).encode(),
-         "limit"),
-        ("NUL in a column", "status", json.dumps({**GOOD_STATUS, "version": "1\x00"}).encode(),
-         None),
+        ("oversize", event, event_text(payload={"x": "y" * MAX_MESSAGE_BYTES}).encode(), "limit"),
+        (
+            "NUL in a column",
+            "status",
+            json.dumps({**GOOD_STATUS, "version": "1\x00"}).encode(),
+            None,
+        ),
         ("NUL in the source", event, event_text(source="b\x00").encode(), "NUL"),
     ]
 
 
-@pytest.mark.parametrize(("case", "suffix", "payload", "reason"), poison(),
-                         ids=[p[0] for p in poison()])
+@pytest.mark.parametrize(
+    ("case", "suffix", "payload", "reason"), poison(), ids=[p[0] for p in poison()]
+)
 def test_poison_is_quarantined_and_good_messages_behind_it_are_stored(
-    make_config: Callable[..., ReceiverConfig], store: Store, case: str, suffix: str,
-    payload: bytes, reason: str | None,
+    make_config: Callable[..., ReceiverConfig],
+    store: Store,
+    case: str,
+    suffix: str,
+    payload: bytes,
+    reason: str | None,
 ) -> None:
     intake = intake_for(make_config(), store)
     good = event_msg(device="d2", seq=1)
@@ -96,11 +129,21 @@ def test_largest_accepted_values_are_stored(
 ) -> None:
     intake = intake_for(make_config(), store)
     biggest = 2**63 - 1
-    text = event_text(seq=biggest - 1, payload={"n": -(2**63), "deep": json.loads(
-        "[" * (MAX_DEPTH - 2) + "]" * (MAX_DEPTH - 2))})
-    out = cycle(intake, store, [Inbound("wardpost/s1/d1/events/panic.pressed", text.encode(), T0),
-                                Inbound("wardpost/s1/d1/status", json.dumps(
-                                    {**GOOD_STATUS, "boot": biggest}).encode(), T0)], T0)
+    text = event_text(
+        seq=biggest - 1,
+        payload={"n": -(2**63), "deep": json.loads("[" * (MAX_DEPTH - 2) + "]" * (MAX_DEPTH - 2))},
+    )
+    out = cycle(
+        intake,
+        store,
+        [
+            Inbound("wardpost/s1/d1/events/panic.pressed", text.encode(), T0),
+            Inbound(
+                "wardpost/s1/d1/status", json.dumps({**GOOD_STATUS, "boot": biggest}).encode(), T0
+            ),
+        ],
+        T0,
+    )
     assert out.rejected == 0 and store.devices()[0].boot == biggest
     assert store.events(kind="panic.pressed")[0].seq == biggest - 1
 
@@ -109,13 +152,21 @@ def test_a_device_whose_numbering_restarts_is_reported_without_false_gaps(
     make_config: Callable[..., ReceiverConfig], store: Store
 ) -> None:
     intake = intake_for(make_config(supervision={"gap_grace": 0}), store)
-    cycle(intake, store, [event_msg(seq=s, priority="normal", kind="gate.transit")
-                          for s in (1, 2, 3)], T0)
+    cycle(
+        intake,
+        store,
+        [event_msg(seq=s, priority="normal", kind="gate.transit") for s in (1, 2, 3)],
+        T0,
+    )
     # The same events again (a re-send after a crash) are re-sends, not a restart.
     assert kinds(store) == []
     # A new SD card: seq 1 again, with new event ids.
-    cycle(intake, store, [event_msg(seq=s, priority="normal", kind="gate.transit")
-                          for s in (1, 2)], T0 + 1)
+    cycle(
+        intake,
+        store,
+        [event_msg(seq=s, priority="normal", kind="gate.transit") for s in (1, 2)],
+        T0 + 1,
+    )
     cycle(intake, store, [heartbeat_msg(backlog=0)], T0 + 2, supervise=True)
     assert kinds(store) == ["sequence.restarted"]
     (restart,) = store.events(kind="sequence.restarted")
@@ -134,16 +185,22 @@ def test_a_restored_image_reports_its_lost_holes_and_restarts_on_a_lower_boot(
 ) -> None:
     intake = intake_for(make_config(supervision={"gap_grace": 3600}), store)
     cycle(intake, store, [status_msg("online", 5, 1)], T0)
-    cycle(intake, store, [event_msg(seq=s, priority="normal", kind="gate.transit")
-                          for s in (10, 11, 13)], T0)
+    cycle(
+        intake,
+        store,
+        [event_msg(seq=s, priority="normal", kind="gate.transit") for s in (10, 11, 13)],
+        T0,
+    )
     # The device itself (not a retained copy) says online with an older boot counter.
     restored = status_msg("online", 3, 1)
     live = Inbound(restored.topic, restored.payload, T0, retain=False)
     cycle(intake, store, [live], T0 + 1)
     assert kinds(store) == ["sequence.gap", "sequence.restarted"]
     assert store.events(kind="sequence.gap")[0].payload["first"] == 12
-    assert "boot counter went back from 5 to 3" in store.events(
-        kind="sequence.restarted")[0].payload["reason"]
+    assert (
+        "boot counter went back from 5 to 3"
+        in store.events(kind="sequence.restarted")[0].payload["reason"]
+    )
     device = store.devices()[0]
     assert (device.state, device.boot, device.seq_upto) == ("online", 3, None)
     # A stale retained status with the old counters is still just ignored.
@@ -156,10 +213,18 @@ def test_a_device_that_stops_cleanly_is_not_lost_but_a_will_or_silence_is(
 ) -> None:
     intake = intake_for(make_config(), store)
     for device in ("clean", "will", "silent"):
-        cycle(intake, store, [status_msg("online", 1, 1, device=device),
-                              heartbeat_msg(interval=1, device=device)], T0)
-    cycle(intake, store, [status_msg("stopped", 1, 1, device="clean"),
-                          status_msg("offline", 1, 1, device="will")], T0 + 0.5)
+        cycle(
+            intake,
+            store,
+            [status_msg("online", 1, 1, device=device), heartbeat_msg(interval=1, device=device)],
+            T0,
+        )
+    cycle(
+        intake,
+        store,
+        [status_msg("stopped", 1, 1, device="clean"), status_msg("offline", 1, 1, device="will")],
+        T0 + 0.5,
+    )
     cycle(intake, store, [], T0 + 60, supervise=True)
     lost = sorted(e.device for e in store.events(kind="device.lost"))
     assert lost == ["silent", "will"]
@@ -177,8 +242,13 @@ def test_every_event_the_centre_raises_matches_the_contract(
 
     definitions = json.loads((SCHEMAS / "payloads" / "centre.json").read_text())["definitions"]
     intake = intake_for(make_config(supervision={"gap_grace": 0}), store)
-    cycle(intake, store, [heartbeat_msg(interval=1), Inbound("wardpost/s1/d1/status", b"[]", T0)]
-          + [event_msg(seq=s) for s in (1, 3)], T0)
+    cycle(
+        intake,
+        store,
+        [heartbeat_msg(interval=1), Inbound("wardpost/s1/d1/status", b"[]", T0)]
+        + [event_msg(seq=s) for s in (1, 3)],
+        T0,
+    )
     cycle(intake, store, [heartbeat_msg(interval=1)], T0 + 1, supervise=True)  # gap
     cycle(intake, store, [event_msg(seq=1)], T0 + 2)  # restarted
     cycle(intake, store, [], T0 + 60, supervise=True)  # lost
@@ -200,20 +270,38 @@ def test_every_event_the_centre_raises_matches_the_contract(
 def started(seq: int, skipped: list[int] | None) -> Inbound:
     """The core's agent.started after a crash, naming the numbers it reserved and never stored."""
     body = json.loads(event_msg(seq=seq, kind="agent.started", priority="normal").payload)
-    body.update(source="agent", payload={"version": "1", "boot": 2, "config": "c", "drivers": [],
-                                         "seq_first": seq, "seq_skipped": skipped})
+    body.update(
+        source="agent",
+        payload={
+            "version": "1",
+            "boot": 2,
+            "config": "c",
+            "drivers": [],
+            "seq_first": seq,
+            "seq_skipped": skipped,
+        },
+    )
     return Inbound("wardpost/s1/d1/events/agent.started", json.dumps(body).encode(), T0)
 
 
-@pytest.mark.parametrize(("skipped", "gaps"), [([4, 6], []), ([4, 5], [(6, 6)]), (None, [(4, 6)])],
-                         ids=["all announced", "one really lost", "nothing announced"])
+@pytest.mark.parametrize(
+    ("skipped", "gaps"),
+    [([4, 6], []), ([4, 5], [(6, 6)]), (None, [(4, 6)])],
+    ids=["all announced", "one really lost", "nothing announced"],
+)
 def test_numbers_a_crashed_run_reserved_and_never_stored_are_not_gaps(
-    make_config: Callable[..., ReceiverConfig], store: Store, skipped: list[int] | None,
+    make_config: Callable[..., ReceiverConfig],
+    store: Store,
+    skipped: list[int] | None,
     gaps: list[tuple[int, int]],
 ) -> None:
     intake = intake_for(make_config(supervision={"gap_grace": 0}), store)
-    cycle(intake, store, [event_msg(seq=s, priority="normal", kind="gate.transit")
-                          for s in (1, 2, 3)], T0)
+    cycle(
+        intake,
+        store,
+        [event_msg(seq=s, priority="normal", kind="gate.transit") for s in (1, 2, 3)],
+        T0,
+    )
     cycle(intake, store, [started(7, skipped)], T0 + 1)
     cycle(intake, store, [heartbeat_msg(backlog=0)], T0 + 2, supervise=True)
     found = [(e.payload["first"], e.payload["last"]) for e in store.events(kind="sequence.gap")]
@@ -223,7 +311,9 @@ def test_numbers_a_crashed_run_reserved_and_never_stored_are_not_gaps(
 
 
 def test_the_report_lists_quarantined_messages_per_device(
-    make_config: Callable[..., ReceiverConfig], store: Store, store_section: dict[str, str],
+    make_config: Callable[..., ReceiverConfig],
+    store: Store,
+    store_section: dict[str, str],
     tmp_path: Path,
 ) -> None:
     intake = intake_for(make_config(), store)
@@ -231,9 +321,15 @@ def test_the_report_lists_quarantined_messages_per_device(
     cycle(intake, store, [Inbound("wardpost/s1/evil/heartbeat", b"[]", T0 + 1)], T0 + 1)
     config = tmp_path / "central.toml"
     config.write_text("[store]\n" + "".join(f'{k} = "{v}"\n' for k, v in store_section.items()))
-    done = subprocess.run([sys.executable, "-m", "central", "report", "--json", "--config",
-                           str(config)], cwd=REPO, capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "central", "report", "--json", "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     (row,) = json.loads(done.stdout)["quarantine"]
     assert (row["site"], row["device"], row["count"]) == ("s1", "evil", 2)

@@ -35,8 +35,9 @@ class Desk:
         self.intake = intake_for(config, store)
         self.commands = SentCommands()
         self.board = AlarmBoard(store, time.time())
-        self.console = Console(self.board, AlarmDesk(store, self.commands), self.commands,
-                               operator="desk-2")
+        self.console = Console(
+            self.board, AlarmDesk(store, self.commands), self.commands, operator="desk-2"
+        )
 
     def raise_alarm(self, seq: int, **payload: Any) -> str:
         message = event_msg(seq=seq, payload={"location": LOCATION, **payload})
@@ -55,7 +56,10 @@ def test_the_console_shows_the_stores_alarms_and_acks_through_the_desk(desk: Des
     alarm_id = desk.raise_alarm(1)
     record = desk.board.record(desk.board.alarms[alarm_id])
     assert (record["number"], record["state"], record["where"]) == (
-        1, "new", "s1/d1 ward 3B, room 12")
+        1,
+        "new",
+        "s1/d1 ward 3B, room 12",
+    )
     reply = desk.console.execute("ack")
     assert reply.ok and reply.text.startswith("#1 acknowledged by desk-2: panic.pressed at s1/d1")
     assert "(ack sent, not confirmed (1 sent))" in reply.text
@@ -64,7 +68,10 @@ def test_the_console_shows_the_stores_alarms_and_acks_through_the_desk(desk: Des
     assert stored is not None and stored.acknowledged_by == "desk-2"
     # The board shows what the store says, once the device's answer is in.
     (change,) = desk.board.refresh()
-    assert (change["state"], change["at_device"]) == ("acknowledged", "ack sent, not confirmed (1 sent)")
+    assert (change["state"], change["at_device"]) == (
+        "acknowledged",
+        "ack sent, not confirmed (1 sent)",
+    )
     cycle(desk.intake, desk.store, [result_msg("cmd-1", ok=True)], T0 + 5)
     (confirmed,) = desk.board.refresh()
     assert confirmed["at_device"] == "ack confirmed by device"
@@ -118,8 +125,11 @@ def test_status_heartbeat_lost_and_stale_last_will() -> None:
     assert live.apply(f"{BASE}/status", json.dumps(online).encode(), 0.0)[0]["state"] == "online"
     stale_will = {"state": "offline", "boot": 3, "connection": 6}
     assert live.apply(f"{BASE}/status", json.dumps(stale_will).encode(), 0.1) == []
-    beat = {"interval": 2.0, "backlog": {"count": 4, "oldest_age": 1.0},
-            "drivers": {"button1": {"state": "ok"}, "gate1": {"state": "degraded"}}}
+    beat = {
+        "interval": 2.0,
+        "backlog": {"count": 4, "oldest_age": 1.0},
+        "drivers": {"button1": {"state": "ok"}, "gate1": {"state": "degraded"}},
+    }
     live.apply(f"{BASE}/heartbeat", json.dumps(beat).encode(), 10.0)
     row = live.device_rows(11.0)[0]
     assert (row["state"], row["backlog"], row["drivers_not_ok"]) == ("online", 4, ["gate1"])
@@ -146,9 +156,19 @@ def test_terminal_view_plain_text_and_json(desk: Desk) -> None:
     alarm_id = desk.raise_alarm(1)
     records = [desk.board.record(desk.board.alarms[alarm_id])]
     live = LiveView()
-    records += live.apply(f"{BASE}/events/panic.pressed", json.dumps(
-        {"id": "e1", "priority": "critical", "kind": "panic.pressed", "source": "button1",
-         "payload": {"location": LOCATION}}).encode(), 0.0)
+    records += live.apply(
+        f"{BASE}/events/panic.pressed",
+        json.dumps(
+            {
+                "id": "e1",
+                "priority": "critical",
+                "kind": "panic.pressed",
+                "source": "button1",
+                "payload": {"location": LOCATION},
+            }
+        ).encode(),
+        0.0,
+    )
     plain = io.StringIO()
     view = TerminalView(plain)
     view.records(records)
@@ -172,9 +192,25 @@ def test_wardpost_monitor_runs_through_the_entry_point(
     alarm_id = desk.raise_alarm(1)
     config = _write_config(tmp_path / "central.toml", broker, store_section, "console")
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "monitor", "--port", str(broker.port),
-         "--receiver-config", str(config), "--no-input", "--duration", "1", "--json"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "monitor",
+            "--port",
+            str(broker.port),
+            "--receiver-config",
+            str(config),
+            "--no-input",
+            "--duration",
+            "1",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert done.returncode == 0, done.stderr

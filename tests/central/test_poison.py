@@ -66,9 +66,11 @@ def refuse_source(store_section: dict[str, str], source: str) -> None:
     if url.startswith("sqlite:///"):
         import sqlite3
 
-        with sqlite3.connect(url[len("sqlite:///"):]) as conn:
-            conn.execute(f"CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.source = "
-                         f"'{source}' BEGIN SELECT RAISE(ABORT, 'this store refuses {source}'); END")
+        with sqlite3.connect(url[len("sqlite:///") :]) as conn:
+            conn.execute(
+                f"CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.source = "
+                f"'{source}' BEGIN SELECT RAISE(ABORT, 'this store refuses {source}'); END"
+            )
         return
     import psycopg
 
@@ -78,8 +80,9 @@ def refuse_source(store_section: dict[str, str], source: str) -> None:
             IF NEW.source = '{source}' THEN
               RAISE EXCEPTION 'this store refuses {source}' USING ERRCODE = '22023';
             END IF; RETURN NEW; END $$ LANGUAGE plpgsql""")
-        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON events FOR EACH ROW"
-                     " EXECUTE FUNCTION refuse()")
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
 
 
 def test_a_message_the_store_itself_refuses_is_quarantined_not_retried_for_ever(

@@ -133,7 +133,9 @@ def test_bad_messages_are_quarantined_not_receipted(
     cycle(intake, store, [], T0 + 61, supervise=True)
     reports = [e for e in store.events() if e.kind == "centre.quarantined" and e.device == "d1"]
     assert [e.payload["count"] for e in reports] == [1, 4]
-    assert reports[1].payload["reason"] == "status state 'dancing' is not online, stopped or offline"
+    assert (
+        reports[1].payload["reason"] == "status state 'dancing' is not online, stopped or offline"
+    )
 
 
 def test_stale_last_will_is_ignored(
@@ -251,15 +253,24 @@ def test_alarm_lifecycle_with_command_to_the_device(
     assert store.alarm(alarm.id).device_state == "sent"  # type: ignore[union-attr]
     cycle(intake, store, [result_msg("cmd-2", ok=False, error="btn: wiring fault")], T0 + 7)
     refused = store.alarm(alarm.id)
-    assert refused is not None and refused.at_device == "resolve refused by device: btn: wiring fault"
+    assert (
+        refused is not None and refused.at_device == "resolve refused by device: btn: wiring fault"
+    )
     assert kinds(store) == ["alarm.acknowledged", "alarm.resolved"]
     with pytest.raises(AlarmError, match="no alarm"):
         desk.resolve("nope", "guard 7")
 
 
 def result_msg(command_id: str, ok: bool, error: str | None = None) -> Inbound:
-    body = {"id": command_id, "name": "x", "ok": ok, "result": {} if ok else None,
-            "error": error, "handled_by": ["btn"], "time": utc_iso(T0)}
+    body = {
+        "id": command_id,
+        "name": "x",
+        "ok": ok,
+        "result": {} if ok else None,
+        "error": error,
+        "handled_by": ["btn"],
+        "time": utc_iso(T0),
+    }
     return Inbound(f"wardpost/s1/d1/cmd_result/{command_id}", json.dumps(body).encode(), T0)
 
 
@@ -315,7 +326,11 @@ def test_centre_alarms_need_no_device_confirmation(
     commands = SentCommands()
     acked = AlarmDesk(store, commands).acknowledge(lost.id, "desk 1")
     assert (acked.kind, acked.device_state, acked.at_device, commands.sent) == (
-        "device.lost", None, "", [])
+        "device.lost",
+        None,
+        "",
+        [],
+    )
 
 
 def test_statistics_transmission_and_availability() -> None:
@@ -374,7 +389,11 @@ def test_a_version_1_store_is_upgraded_in_place(
         assert upgraded.schema_version() == 2
         (alarm,) = upgraded.alarms()
         assert (alarm.id, alarm.state, alarm.device_state, alarm.device_attempts) == (
-            "a-1", "new", None, 0)
+            "a-1",
+            "new",
+            None,
+            0,
+        )
         assert upgraded.devices()[0].seq_first is None
         assert upgraded.quarantine_summary() == []
         upgraded.migrate()  # opening it again changes nothing
@@ -404,9 +423,16 @@ class Version1Store:
         if url.startswith("sqlite:///"):
             import sqlite3
 
-            with sqlite3.connect(url[len("sqlite:///"):]) as conn:
-                for name in ("meta", "events", "devices", "alarms", "links", "forwards",
-                             "commands"):
+            with sqlite3.connect(url[len("sqlite:///") :]) as conn:
+                for name in (
+                    "meta",
+                    "events",
+                    "devices",
+                    "alarms",
+                    "links",
+                    "forwards",
+                    "commands",
+                ):
                     conn.execute(f"DROP TABLE IF EXISTS {name}")
                 for statement in statements:
                     conn.execute(statement)
@@ -433,7 +459,11 @@ def test_one_attempts_success_outweighs_anothers_refusal(
     sent_at = desk.acknowledge(alarm.id, "desk 1").device_sent_at
     assert sent_at is not None
     desk.follow_up(sent_at + 6, retry_every=5, confirm_within=60)
-    cycle(intake, store, [result_msg("cmd-1", ok=False, error="rejected: expired"),
-                          result_msg("cmd-2", ok=True)], T0 + 70)
+    cycle(
+        intake,
+        store,
+        [result_msg("cmd-1", ok=False, error="rejected: expired"), result_msg("cmd-2", ok=True)],
+        T0 + 70,
+    )
     confirmed = store.alarm(alarm.id)
     assert confirmed is not None and confirmed.at_device == "ack confirmed by device"

@@ -35,15 +35,18 @@ TOPIC_SCHEMAS = [
 
 
 def load_schemas() -> dict[str, dict[str, Any]]:
-    return {str(p.relative_to(SCHEMAS)): json.loads(p.read_text())
-            for p in sorted(SCHEMAS.rglob("*.json"))}
+    return {
+        str(p.relative_to(SCHEMAS)): json.loads(p.read_text())
+        for p in sorted(SCHEMAS.rglob("*.json"))
+    }
 
 
 class Contract:
     def __init__(self) -> None:
         self.schemas = load_schemas()
         self.registry: Registry[Any] = Registry().with_resources(
-            (s["$id"], Resource.from_contents(s)) for s in self.schemas.values())
+            (s["$id"], Resource.from_contents(s)) for s in self.schemas.values()
+        )
         self.validators = {
             name: Draft7Validator(schema, registry=self.registry, format_checker=FormatChecker())
             for name, schema in self.schemas.items()
@@ -59,7 +62,8 @@ class Contract:
         name = self.schema_for(message.topic)
         errors = sorted(self.validators[name].iter_errors(message.json()), key=str)
         assert not errors, f"{message.topic} does not match {name}: " + "; ".join(
-            f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors)
+            f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors
+        )
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +97,17 @@ def test_asyncapi_names_every_schema_and_topic() -> None:
     top_level = {p.name for p in SCHEMAS.glob("*.json")}
     assert referenced == top_level
     addresses = set(re.findall(r"address: (\S+)", text))
-    assert addresses == {"wardpost/{site}/{device}/" + suffix for suffix in (
-        "events/{kind}", "status", "heartbeat", "receipts", "cmd/{name}", "cmd_result/{id}")}
+    assert addresses == {
+        "wardpost/{site}/{device}/" + suffix
+        for suffix in (
+            "events/{kind}",
+            "status",
+            "heartbeat",
+            "receipts",
+            "cmd/{name}",
+            "cmd_result/{id}",
+        )
+    }
     assert "version: 1.0.0" in text
 
 
@@ -108,18 +121,36 @@ def test_asyncapi_operations_point_at_declared_channels_and_messages() -> None:
             assert message["$ref"].rsplit("/", 1)[1] in channels[channel]["messages"], name
 
 
-@pytest.mark.parametrize(("kind", "payload", "problem"), [
-    ("panic.pressed", {"mode": "press", "presses": 1}, "'location' is a required property"),
-    ("agent.started", {"version": "1", "boot": 1, "config": "x", "drivers": [], "extra": 1},
-     "Additional properties are not allowed"),
-    ("agent.invented", {}, "is not one of"),
-])
-def test_the_schemas_bite(contract: Contract, kind: str, payload: dict[str, Any],
-                          problem: str) -> None:
-    body = {"schema": 1, "id": "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", "site": SITE,
-            "device": DEVICE, "source": "agent" if kind.startswith("agent.") else "panic",
-            "kind": kind, "priority": "critical", "time": "2026-01-05T10:11:12.000001Z",
-            "boottime": 12.5, "boot_id": "x", "seq": 1, "test": False, "payload": payload}
+@pytest.mark.parametrize(
+    ("kind", "payload", "problem"),
+    [
+        ("panic.pressed", {"mode": "press", "presses": 1}, "'location' is a required property"),
+        (
+            "agent.started",
+            {"version": "1", "boot": 1, "config": "x", "drivers": [], "extra": 1},
+            "Additional properties are not allowed",
+        ),
+        ("agent.invented", {}, "is not one of"),
+    ],
+)
+def test_the_schemas_bite(
+    contract: Contract, kind: str, payload: dict[str, Any], problem: str
+) -> None:
+    body = {
+        "schema": 1,
+        "id": "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
+        "site": SITE,
+        "device": DEVICE,
+        "source": "agent" if kind.startswith("agent.") else "panic",
+        "kind": kind,
+        "priority": "critical",
+        "time": "2026-01-05T10:11:12.000001Z",
+        "boottime": 12.5,
+        "boot_id": "x",
+        "seq": 1,
+        "test": False,
+        "payload": payload,
+    }
     message = Message(f"{BASE}/events/{kind}", json.dumps(body).encode(), False, 0.0)
     with pytest.raises(AssertionError, match=problem):
         contract.check(message)
@@ -141,22 +172,35 @@ def traffic(tmp_path: Path, broker: Broker) -> Iterator[list[Message]]:
     signer = Signer.from_file(str(tmp_path / "centre.key"))
     drivers = {
         "sim": {"type": "simulated", "rate": 0.0, "payload": {"zone": "A"}},
-        "panic": {"type": "panic_button", "pin": 22, "location": {"ward": "3B", "room": "12"},
-                  "pin_factory": "mock", "bounce_time": 0.01},
+        "panic": {
+            "type": "panic_button",
+            "pin": 22,
+            "location": {"ward": "3B", "room": "12"},
+            "pin_factory": "mock",
+            "bounce_time": 0.01,
+        },
     }
     # A second button on the same pin: valid config, fails at start (agent.driver_failed).
     drivers["twin"] = drivers["panic"]
     with Recorder(broker, f"{BASE}/#", receipts=True) as rec:
-        harness = AgentHarness(tmp_path, broker, drivers=drivers, commands={
-            "require_signature": True, "public_keys": [str(tmp_path / "centre.pub")]})
+        harness = AgentHarness(
+            tmp_path,
+            broker,
+            drivers=drivers,
+            commands={"require_signature": True, "public_keys": [str(tmp_path / "centre.pub")]},
+        )
         agent = harness.start()
 
         def command(name: str, args: dict[str, Any] | None = None, signed: bool = True) -> str:
-            message = command_message(SITE, DEVICE, name, args or {},
-                                      sign=signer.sign if signed else unsigned)
+            message = command_message(
+                SITE, DEVICE, name, args or {}, sign=signer.sign if signed else unsigned
+            )
             rec.publish(f"{BASE}/cmd/{name}", message)
-            rec.wait_for(lambda msgs: any(m.topic == f"{BASE}/cmd_result/{message['id']}"
-                                          for m in msgs), 10, f"the result of {name}")
+            rec.wait_for(
+                lambda msgs: any(m.topic == f"{BASE}/cmd_result/{message['id']}" for m in msgs),
+                10,
+                f"the result of {name}",
+            )
             return str(message["id"])
 
         agent.driver("sim").simulate("emit", {"count": 2})
@@ -175,21 +219,34 @@ def traffic(tmp_path: Path, broker: Broker) -> Iterator[list[Message]]:
         rec.wait_for(lambda msgs: any(m.topic.endswith("/heartbeat") for m in msgs), 5)
         wait_until(lambda: agent.outbox.backlog()[0] == 0, 10, "every event confirmed")
         harness.stop()
-        rec.wait_for(lambda msgs: any(m.topic.endswith("/status") and m.json()["state"] ==
-                                      "stopped" for m in msgs), 5, "the stopped status")
+        rec.wait_for(
+            lambda msgs: any(
+                m.topic.endswith("/status") and m.json()["state"] == "stopped" for m in msgs
+            ),
+            5,
+            "the stopped status",
+        )
         yield [m for m in rec.messages if m.payload != MALFORMED]
 
 
-def test_every_payload_on_the_wire_matches_the_contract(contract: Contract,
-                                                        traffic: list[Message]) -> None:
+def test_every_payload_on_the_wire_matches_the_contract(
+    contract: Contract, traffic: list[Message]
+) -> None:
     for message in traffic:
         contract.check(message)
     kinds = {m.json()["kind"] for m in traffic if "/events/" in m.topic}
     assert kinds >= {
-        "agent.started", "agent.driver_failed", "agent.reloaded", "security.command_rejected",
-        "sim.tick", "panic.pressed", "panic.released", "panic.acknowledged", "panic.resolved",
+        "agent.started",
+        "agent.driver_failed",
+        "agent.reloaded",
+        "security.command_rejected",
+        "sim.tick",
+        "panic.pressed",
+        "panic.released",
+        "panic.acknowledged",
+        "panic.resolved",
     }
-    channels = {m.topic[len(BASE) + 1:].split("/")[0] for m in traffic}
+    channels = {m.topic[len(BASE) + 1 :].split("/")[0] for m in traffic}
     assert channels == {"events", "status", "heartbeat", "cmd_result", "cmd", "receipts"}
     results = [m.json() for m in traffic if "/cmd_result/" in m.topic]
     assert {r["ok"] for r in results} == {True, False}
@@ -205,8 +262,9 @@ def test_every_command_a_driver_or_the_core_registers_is_in_the_contract() -> No
     root = CONTRACT.parent
     registered = set()
     for path in [*root.glob("agent/*.py"), *root.glob("drivers/*/*.py")]:
-        registered.update(re.findall(r'(?:on_command|register)\(\s*"([a-z][a-z0-9_.]*)"',
-                                     path.read_text()))
+        registered.update(
+            re.findall(r'(?:on_command|register)\(\s*"([a-z][a-z0-9_.]*)"', path.read_text())
+        )
     assert registered >= {"ack", "resolve", "silence", "test", "ping", "reload", "face.reject"}
     assert registered <= set(command_names()), registered - set(command_names())
     for name in command_names():

@@ -52,14 +52,18 @@ def pinned_for(name: str, environment: dict[str, str]) -> Version | None:
     return versions[0] if versions else None
 
 
-@pytest.mark.parametrize("environment", PLATFORMS, ids=lambda e: f"{e['platform_machine']}-py{e['python_version']}")
+@pytest.mark.parametrize(
+    "environment", PLATFORMS, ids=lambda e: f"{e['platform_machine']}-py{e['python_version']}"
+)
 def test_every_edge_dependency_is_pinned_within_pyproject(environment: dict[str, str]) -> None:
     for line in EDGE:
         requirement = Requirement(line)
         if requirement.marker is not None and not requirement.marker.evaluate(environment):
             continue
         version = pinned_for(requirement.name, environment)
-        assert version is not None, f"{requirement.name} is not in constraints.txt: run scripts/lock"
+        assert version is not None, (
+            f"{requirement.name} is not in constraints.txt: run scripts/lock"
+        )
         assert version in requirement.specifier, (
             f"constraints.txt pins {requirement.name}=={version}, outside pyproject's "
             f"{requirement.specifier}: run scripts/lock"
@@ -86,9 +90,10 @@ def test_security_floors() -> None:
 def test_the_edge_does_not_need_rich() -> None:
     """rich draws the centre's console; a device installs without it."""
     assert not [line for line in EDGE if Requirement(line).name == "rich"]
-    assert "rich" in {Requirement(line).name for line in PROJECT["optional-dependencies"]["central"]}
+    assert "rich" in {
+        Requirement(line).name for line in PROJECT["optional-dependencies"]["central"]
+    }
     assert all(canonicalize_name(r.name) != "rich" for r, _ in pins())
-
 
 
 def test_pins_do_not_depend_on_the_python_version() -> None:

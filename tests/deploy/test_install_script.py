@@ -241,7 +241,9 @@ def test_apt_route_uses_debians_python_and_cryptography(source: Path) -> None:
     lines = out.splitlines()
     assert "install: route: apt (chosen with --route)" in lines
     if not os.path.exists("/opt/wardpost/venv/bin/python"):
-        assert "[dry-run] /usr/bin/python3 -m venv --system-site-packages /opt/wardpost/venv" in lines
+        assert (
+            "[dry-run] /usr/bin/python3 -m venv --system-site-packages /opt/wardpost/venv" in lines
+        )
     assert (
         f"[dry-run] write_constraints {source}/constraints.txt /opt/wardpost/constraints.txt "
         "cryptography"
@@ -253,7 +255,9 @@ def test_apt_route_uses_debians_python_and_cryptography(source: Path) -> None:
 
 
 def test_apt_route_refuses_the_camera(source: Path, root: Path) -> None:
-    result = run(source, "install", "--root", root, "--route", "apt", "--extras", "camera", check=False)
+    result = run(
+        source, "install", "--root", root, "--route", "apt", "--extras", "camera", check=False
+    )
     assert result.returncode == 1
     assert "the camera extra is not available on the apt route (32-bit systems)" in result.stderr
     assert "LiteRT, which has no 32-bit ARM build" in result.stderr
@@ -339,7 +343,13 @@ def check_installed(root: Path, tmp_path: Path, broker: Broker, device: str) -> 
 
     # Signing keys exercise the route's cryptography (Debian's on the apt route).
     keys = installed_cli(
-        root, "keys", "generate", "--private", tmp_path / "centre.key", "--public", tmp_path / "centre.pub"
+        root,
+        "keys",
+        "generate",
+        "--private",
+        tmp_path / "centre.key",
+        "--public",
+        tmp_path / "centre.pub",
     )
     assert keys.returncode == 0, keys.stderr
     doc = tomllib.loads(installed.read_text())
@@ -355,7 +365,10 @@ def check_installed(root: Path, tmp_path: Path, broker: Broker, device: str) -> 
     with_camera.write_text(dumps(doc))
     check = installed_cli(root, "check-config", with_camera)
     assert check.returncode == 2
-    assert "drivers.entrance_camera.type: driver type 'camera_face' needs the optional 'camera'" in check.stderr
+    assert (
+        "drivers.entrance_camera.type: driver type 'camera_face' needs the optional 'camera'"
+        in check.stderr
+    )
     assert "sudo scripts/install --extras camera" in check.stderr
 
     with Recorder(broker, f"wardpost/{doc['agent']['site']}/{device}/#") as recorder:
@@ -398,12 +411,20 @@ def test_apt_route(checkout: Path, tmp_path: Path, broker: Broker) -> None:
     assert "install: python3-cryptography is installed" in out
     venv_python = root / "opt/wardpost/venv/bin/python"
     where = subprocess.run(
-        [venv_python, "-c", "import cryptography as c, sys; print(c.__version__, c.__file__, sys.version)"],
-        capture_output=True, text=True, check=True,
+        [
+            venv_python,
+            "-c",
+            "import cryptography as c, sys; print(c.__version__, c.__file__, sys.version)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     debian = subprocess.run(
         ["dpkg-query", "-W", "-f=${Version}", "python3-cryptography"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert debian.startswith(where[0])
     assert where[1].startswith("/usr/lib/python3/dist-packages/")
@@ -419,8 +440,14 @@ def test_wheelhouse_route(checkout: Path, tmp_path: Path, broker: Broker) -> Non
     root = tmp_path / "root"
     root.mkdir()
     out = run(
-        checkout, "install", "--root", root, "--wheelhouse", wheelhouse,
-        timeout=900, env=offline_environment(),
+        checkout,
+        "install",
+        "--root",
+        root,
+        "--wheelhouse",
+        wheelhouse,
+        timeout=900,
+        env=offline_environment(),
     ).stdout
     assert f"install: offline: wheels only from {wheelhouse}" in out
     assert pip_versions(root)["cryptography"] == pinned(checkout)["cryptography"]
@@ -430,7 +457,10 @@ def test_wheelhouse_route(checkout: Path, tmp_path: Path, broker: Broker) -> Non
 def pip_versions(root: Path) -> dict[str, str]:
     listing = subprocess.run(
         [root / "opt/wardpost/venv/bin/python", "-m", "pip", "list", "--format", "json"],
-        capture_output=True, text=True, check=True, env=offline_environment(),
+        capture_output=True,
+        text=True,
+        check=True,
+        env=offline_environment(),
     )
     return {p["name"].lower(): p["version"] for p in json.loads(listing.stdout)}
 

@@ -133,6 +133,7 @@ def test_config_defaults_and_validation() -> None:
 
 # ------------------------------------------------------------ agent numbers
 
+
 def _status(
     backlog: Backlog, drivers: dict[str, DriverStatus], link: dict[str, int]
 ) -> AgentStatus:

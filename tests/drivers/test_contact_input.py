@@ -29,9 +29,13 @@ def start(ctx: RecordingContext) -> Iterator[Starter]:
     started: list[ContactInputDriver] = []
     Device.pin_factory = MockFactory()  # a fresh board per test
 
-    def _start(inputs: list[dict[str, Any]], closed: tuple[int, ...] = (), **options: Any) -> ContactInputDriver:
+    def _start(
+        inputs: list[dict[str, Any]], closed: tuple[int, ...] = (), **options: Any
+    ) -> ContactInputDriver:
         table = {"pin_factory": "mock", "check_interval": 0.02, "inputs": inputs, **options}
-        driver = ContactInputDriver(ctx, parse_section(ContactInputDriver.config_class, table, "drivers.relays"))
+        driver = ContactInputDriver(
+            ctx, parse_section(ContactInputDriver.config_class, table, "drivers.relays")
+        )
         driver.start()
         started.append(driver)
         for pin in closed:  # wire the contact: a closed contact pulls the pin low
@@ -53,7 +57,10 @@ def settle(seconds: float = 0.15) -> None:
 
 
 def test_normally_closed_alarm_relay_opens_on_alarm(ctx: RecordingContext, start: Starter) -> None:
-    start([{"pin": 17, "kind": "gate.alarm", "name": "main gate", "payload": {"gate": "main"}}], closed=(17,))
+    start(
+        [{"pin": 17, "kind": "gate.alarm", "name": "main gate", "payload": {"gate": "main"}}],
+        closed=(17,),
+    )
     settle()
     alarms_at_start = [e for e in ctx.events if e.kind == "gate.alarm"]
     pin(17).drive_high()  # the relay opens: alarm
@@ -81,8 +88,12 @@ def test_bounces_shorter_than_debounce_are_ignored(ctx: RecordingContext, start:
     assert alert.priority.label == "high"
 
 
-def test_cut_wire_becomes_a_fault_and_its_repair_is_reported(ctx: RecordingContext, start: Starter) -> None:
-    driver = start([{"pin": 22, "kind": "gate.alarm", "fault_after": 0.2, "debounce": 0.01}], closed=(22,))
+def test_cut_wire_becomes_a_fault_and_its_repair_is_reported(
+    ctx: RecordingContext, start: Starter
+) -> None:
+    driver = start(
+        [{"pin": 22, "kind": "gate.alarm", "fault_after": 0.2, "debounce": 0.01}], closed=(22,)
+    )
     settle()
     pin(22).drive_high()  # wire cut: reads as an alarm at once, then as a fault
     ctx.wait_for("gate.alarm")
@@ -135,8 +146,12 @@ def test_simulate_drives_the_mock_pins(ctx: RecordingContext, start: Starter) ->
 def test_without_gpio_and_without_mock_it_refuses_clearly(ctx: RecordingContext) -> None:
     Device.pin_factory = None
     table = {"inputs": [{"pin": 17, "kind": "gate.alarm"}]}
-    driver = ContactInputDriver(ctx, parse_section(ContactInputDriver.config_class, table, "drivers.relays"))
-    with pytest.raises(NoGpioError, match=r'no GPIO pin library works on this machine.*pin_factory = "mock"'):
+    driver = ContactInputDriver(
+        ctx, parse_section(ContactInputDriver.config_class, table, "drivers.relays")
+    )
+    with pytest.raises(
+        NoGpioError, match=r'no GPIO pin library works on this machine.*pin_factory = "mock"'
+    ):
         driver.start()
     assert driver.health().state == "starting"
 
@@ -145,11 +160,23 @@ def test_without_gpio_and_without_mock_it_refuses_clearly(ctx: RecordingContext)
     ("table", "where"),
     [
         ({"inputs": []}, "drivers.relays.inputs: at least one"),
-        ({"inputs": [{"pin": 1, "kind": "a.b"}, {"pin": 1, "kind": "c.d"}]}, "drivers.relays.inputs[1].pin"),
-        ({"inputs": [{"pin": 99, "kind": "a.b"}]}, "drivers.relays.inputs[0].pin: must be at most 53"),
+        (
+            {"inputs": [{"pin": 1, "kind": "a.b"}, {"pin": 1, "kind": "c.d"}]},
+            "drivers.relays.inputs[1].pin",
+        ),
+        (
+            {"inputs": [{"pin": 99, "kind": "a.b"}]},
+            "drivers.relays.inputs[0].pin: must be at most 53",
+        ),
         ({"inputs": [{"pin": 1, "kind": "Gate Alarm"}]}, "drivers.relays.inputs[0].kind"),
-        ({"inputs": [{"pin": 1, "kind": "a.b", "wiring": "maybe"}]}, "drivers.relays.inputs[0].wiring"),
-        ({"pin_factory": "magic", "inputs": [{"pin": 1, "kind": "a.b"}]}, "drivers.relays.pin_factory"),
+        (
+            {"inputs": [{"pin": 1, "kind": "a.b", "wiring": "maybe"}]},
+            "drivers.relays.inputs[0].wiring",
+        ),
+        (
+            {"pin_factory": "magic", "inputs": [{"pin": 1, "kind": "a.b"}]},
+            "drivers.relays.pin_factory",
+        ),
     ],
 )
 def test_config_errors(table: dict[str, Any], where: str) -> None:

@@ -22,7 +22,9 @@ def at(hours: int, minutes: int = 0, days: int = 0) -> datetime:
     return DAY + timedelta(days=days, hours=hours, minutes=minutes)
 
 
-NIGHT = RoundConfig(name="night", checkpoints=["East stairs", "Pharmacy"], times=["22:00"], window_minutes=30)
+NIGHT = RoundConfig(
+    name="night", checkpoints=["East stairs", "Pharmacy"], times=["22:00"], window_minutes=30
+)
 
 
 def test_missed_checkpoint_is_reported_once_when_the_window_closes() -> None:
@@ -61,7 +63,9 @@ def test_restart_mid_window_keeps_the_reads(tmp_path: Path) -> None:
 
 
 def test_window_across_midnight() -> None:
-    late = RoundConfig(name="late", checkpoints=["East stairs", "Pharmacy"], times=["23:50"], window_minutes=20)
+    late = RoundConfig(
+        name="late", checkpoints=["East stairs", "Pharmacy"], times=["23:50"], window_minutes=20
+    )
     schedule = PatrolSchedule([late], now=at(23))
     assert schedule.record("East stairs", at(0, 5, days=1)) == ["late"]
     assert [m.checkpoint for m in schedule.due(at(0, 11, days=1))] == ["Pharmacy"]
@@ -87,7 +91,14 @@ OPTIONS: dict[str, Any] = {
     "check_interval": 0.05,
     "guards": {"0001217496": "guard-17"},
     "checkpoints": {"13477100": "East stairs", "2900deb30a": "Pharmacy"},
-    "rounds": [{"name": "night", "checkpoints": ["East stairs", "Pharmacy"], "times": ["22:00"], "window_minutes": 10}],
+    "rounds": [
+        {
+            "name": "night",
+            "checkpoints": ["East stairs", "Pharmacy"],
+            "times": ["22:00"],
+            "window_minutes": 10,
+        }
+    ],
 }
 
 
@@ -100,10 +111,14 @@ class FakeClock:
 
 
 @pytest.fixture
-def patrol(tmp_path: Path) -> Iterator[tuple[RfidPatrolDriver, RecordingContext, PtyDevice, FakeClock]]:
+def patrol(
+    tmp_path: Path,
+) -> Iterator[tuple[RfidPatrolDriver, RecordingContext, PtyDevice, FakeClock]]:
     device = PtyDevice(tmp_path / "reader")
     ctx = RecordingContext(tmp_path, name="patrol")
-    config = parse_section(RfidPatrolDriver.config_class, {"port": str(device.link), **OPTIONS}, "drivers.patrol")
+    config = parse_section(
+        RfidPatrolDriver.config_class, {"port": str(device.link), **OPTIONS}, "drivers.patrol"
+    )
     driver = RfidPatrolDriver(ctx, config)
     clock = FakeClock(at(21, 59))
     driver.clock = clock
@@ -114,7 +129,9 @@ def patrol(tmp_path: Path) -> Iterator[tuple[RfidPatrolDriver, RecordingContext,
     device.close()
 
 
-def test_checkpoint_guard_and_unknown_tags(patrol: tuple[RfidPatrolDriver, RecordingContext, PtyDevice, FakeClock]) -> None:
+def test_checkpoint_guard_and_unknown_tags(
+    patrol: tuple[RfidPatrolDriver, RecordingContext, PtyDevice, FakeClock],
+) -> None:
     driver, ctx, device, clock = patrol
     device.write(rdm6300(GUARD_FOB) * 3)
     [guard] = ctx.wait_for("patrol.guard")
@@ -154,9 +171,18 @@ def test_missed_checkpoint_when_the_window_closes(
 @pytest.mark.parametrize(
     ("options", "where"),
     [
-        ({"rounds": [{"name": "r", "checkpoints": ["Roof"], "times": ["22:00"]}]}, "drivers.p.rounds[0].checkpoints"),
-        ({"rounds": [{"name": "r", "checkpoints": ["A"], "times": ["25:00"]}]}, "drivers.p.rounds[0].times[0]"),
-        ({"rounds": [{"name": "r", "checkpoints": ["A"], "times": []}]}, "drivers.p.rounds[0].times"),
+        (
+            {"rounds": [{"name": "r", "checkpoints": ["Roof"], "times": ["22:00"]}]},
+            "drivers.p.rounds[0].checkpoints",
+        ),
+        (
+            {"rounds": [{"name": "r", "checkpoints": ["A"], "times": ["25:00"]}]},
+            "drivers.p.rounds[0].times[0]",
+        ),
+        (
+            {"rounds": [{"name": "r", "checkpoints": ["A"], "times": []}]},
+            "drivers.p.rounds[0].times",
+        ),
         ({"guards": {"0001": "g"}, "checkpoints": {"1": "A"}}, "drivers.p.guards: tag '1' is both"),
     ],
 )

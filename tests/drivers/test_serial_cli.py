@@ -39,9 +39,22 @@ def test_sniff_shows_bytes_and_dialects_and_captures_for_replay(
     device = PtyDevice(tmp_path / "ttyGATE")
     capture = tmp_path / "gate.jsonl"
     proc = subprocess.Popen(
-        [str(WARDPOST), "serial-sniff", str(device.link), "--dialect", "text-gate", "--dialect", "rdm6300",
-         "--capture", str(capture), "--duration", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            str(WARDPOST),
+            "serial-sniff",
+            str(device.link),
+            "--dialect",
+            "text-gate",
+            "--dialect",
+            "rdm6300",
+            "--capture",
+            str(capture),
+            "--duration",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         read_until(proc, " open")
@@ -66,11 +79,15 @@ def test_sniff_shows_bytes_and_dialects_and_captures_for_replay(
     assert "text-gate: bytes 37" in replay
 
 
-def test_replay_of_a_raw_dump_through_a_dialect_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_replay_of_a_raw_dump_through_a_dialect_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     dump = tmp_path / "dump.bin"
     dump.write_bytes(b"BEEP4;BEEP5;noise;BEE")
     dialect = tmp_path / "lobby.toml"
-    dialect.write_text("[framing]\nterminators=[';']\n[[rules]]\nmatch='BEEP(?P<z>\\d)'\nkind='gate.alarm'\n")
+    dialect.write_text(
+        "[framing]\nterminators=[';']\n[[rules]]\nmatch='BEEP(?P<z>\\d)'\nkind='gate.alarm'\n"
+    )
     assert main(["serial-replay", str(dump), "--dialect", str(dialect)]) == 0
     out = capsys.readouterr().out
     assert out.count("lobby: gate.alarm") == 2
@@ -82,12 +99,20 @@ def test_replay_of_a_raw_dump_through_a_dialect_file(tmp_path: Path, capsys: pyt
     ("content", "args", "message"),
     [
         (None, ["--dialect", "rdm6300"], "capture file does not exist"),
-        ('{"capture": 1}\n{"t": 0, "rx": "zz"}\n', ["--dialect", "rdm6300"], "line 2 is not a capture record"),
+        (
+            '{"capture": 1}\n{"t": 0, "rx": "zz"}\n',
+            ["--dialect", "rdm6300"],
+            "line 2 is not a capture record",
+        ),
         ("x", ["--dialect", "nope"], "unknown dialect 'nope'"),
     ],
 )
 def test_replay_errors_are_clear(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, args: list[str], message: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str | None,
+    args: list[str],
+    message: str,
 ) -> None:
     path = tmp_path / "capture.jsonl"
     if content is not None:

@@ -26,9 +26,17 @@ def unparsed(outputs: list[object]) -> list[str]:
 @pytest.mark.parametrize(
     ("name", "check"),
     [
-        ("xor", 0x31), ("sum8", 0xDD), ("lrc", 0x23), ("crc8", 0xF4), ("crc8-maxim", 0xA1),
-        ("crc16-modbus", 0x4B37), ("crc16-arc", 0xBB3D), ("crc16-ccitt-false", 0x29B1),
-        ("crc16-xmodem", 0x31C3), ("crc16-kermit", 0x2189), ("crc16-x25", 0x906E),
+        ("xor", 0x31),
+        ("sum8", 0xDD),
+        ("lrc", 0x23),
+        ("crc8", 0xF4),
+        ("crc8-maxim", 0xA1),
+        ("crc16-modbus", 0x4B37),
+        ("crc16-arc", 0xBB3D),
+        ("crc16-ccitt-false", 0x29B1),
+        ("crc16-xmodem", 0x31C3),
+        ("crc16-kermit", 0x2189),
+        ("crc16-x25", 0x906E),
     ],
 )
 def test_checksum_check_values(name: str, check: int) -> None:
@@ -78,7 +86,9 @@ def test_rdm6300_bad_checksum_and_corruption() -> None:
     flipped = good[:3] + b"F" + good[4:]  # a data digit changed in flight
     not_hex = good[:3] + b"Z" + good[4:]
     out = e.feed(b"\x00\xff" + bad_sum + flipped + not_hex + good, 0.0)
-    assert messages(out) == [("rfid.read", {"tag": "0100CDA4EC", "version": "01", "printed": "0013477100"})]
+    assert messages(out) == [
+        ("rfid.read", {"tag": "0100CDA4EC", "version": "01", "printed": "0013477100"})
+    ]
     assert unparsed(out) == ["garbage", "bad_checksum", "bad_checksum", "bad_checksum"]
     assert e.stats["bad_checksum"] == 3
 
@@ -142,7 +152,10 @@ def test_multizone_gate_alarm_duplicates_counters_and_reset() -> None:
     )
     out = e.feed(stream, 0.0)
     assert messages(out) == [
-        ("gate.alarm", {"zones": [3, 4, 17], "intensity": 72, "class": "standard", "msgno": "0042"}),
+        (
+            "gate.alarm",
+            {"zones": [3, 4, 17], "intensity": 72, "class": "standard", "msgno": "0042"},
+        ),
         ("gate.transit", {"in": 5, "out": 1, "msgno": "0044", "totals": {"in": 105, "out": 91}}),
         ("device.reset", {"reason": "the gate reports a restart", "msgno": "0045"}),
         ("gate.transit", {"in": 2, "out": 0, "msgno": "0046", "totals": {"in": 2, "out": 0}}),
@@ -160,7 +173,9 @@ def test_multizone_checksum_failure_and_split() -> None:
     assert messages(out) == [("gate.tamper", {"msgno": "0001"})]
     for cut in range(1, len(good)):
         e = engine("multizone-gate")
-        assert messages(e.feed(good[:cut], 0.0) + e.feed(good[cut:], 0.0)) == [("gate.tamper", {"msgno": "0001"})]
+        assert messages(e.feed(good[:cut], 0.0) + e.feed(good[cut:], 0.0)) == [
+            ("gate.tamper", {"msgno": "0001"})
+        ]
 
 
 def test_multizone_message_numbers_restart_after_a_reset() -> None:
@@ -179,8 +194,16 @@ def test_polled_gate_counters() -> None:
     assert messages(out) == []  # echo ignored, first answer is the baseline
     out = e.feed(b"P=001240 TA=000014 TR=0.98 MA=000003\r\n", 1.0)
     assert messages(out) == [
-        ("gate.transit", {"passages": 6, "alarms": 2, "alarm_ratio": 0.98, "mass_alarms": 3,
-                          "totals": {"passages": 1240, "alarms": 14}}),
+        (
+            "gate.transit",
+            {
+                "passages": 6,
+                "alarms": 2,
+                "alarm_ratio": 0.98,
+                "mass_alarms": 3,
+                "totals": {"passages": 1240, "alarms": 14},
+            },
+        ),
         ("gate.alarm", {"count": 2, "counter": "alarms"}),
     ]
     assert messages(e.feed(b"P=001240 TA=000014\r\n", 2.0)) == []  # nothing new: nothing emitted
@@ -222,11 +245,26 @@ def test_wiegand26_hex() -> None:
     [
         ("[[rules]]\nmatch = '('\nkind = 'a.b'\n", "rules[0].match: invalid regular expression"),
         ("[[rules]]\nmatch = 'x'\nkind = 'Not A Kind'\n", "rules[0].kind"),
-        ("[[rules]]\nmatch = 'x'\nkind = 'a.b'\nfields = { y = 'int' }\n", "rules[0].fields.y: the regex has no group"),
-        ("[[rules]]\nmatch = '(?P<y>x)'\nkind = 'a.b'\nfields = { y = 'octal' }\n", "rules[0].fields.y: unknown conversion"),
-        ("[framing]\nchecksum = 'md5'\n[[rules]]\nmatch = 'x'\nkind = 'a.b'\n", "framing.checksum: unknown checksum"),
-        ("[framing]\ntype = 'fixed'\nlength = 2\nsync = 'AA55'\n[[rules]]\nmatch = 'x'\nkind = 'a.b'\n", "framing.length"),
-        ("[serial]\nbaudrate = 'fast'\n[[rules]]\nmatch = 'x'\nkind = 'a.b'\n", "serial.baudrate: expected an integer"),
+        (
+            "[[rules]]\nmatch = 'x'\nkind = 'a.b'\nfields = { y = 'int' }\n",
+            "rules[0].fields.y: the regex has no group",
+        ),
+        (
+            "[[rules]]\nmatch = '(?P<y>x)'\nkind = 'a.b'\nfields = { y = 'octal' }\n",
+            "rules[0].fields.y: unknown conversion",
+        ),
+        (
+            "[framing]\nchecksum = 'md5'\n[[rules]]\nmatch = 'x'\nkind = 'a.b'\n",
+            "framing.checksum: unknown checksum",
+        ),
+        (
+            "[framing]\ntype = 'fixed'\nlength = 2\nsync = 'AA55'\n[[rules]]\nmatch = 'x'\nkind = 'a.b'\n",
+            "framing.length",
+        ),
+        (
+            "[serial]\nbaudrate = 'fast'\n[[rules]]\nmatch = 'x'\nkind = 'a.b'\n",
+            "serial.baudrate: expected an integer",
+        ),
         ("name = 'x'\n", "rules: a dialect needs at least one"),
         ("[[rules]]\nmatch = 'x'\nkind = 'a.b'\nreply = '\u20ac'\n", "rules[0].reply"),
         ("[[rules]\n", "not valid TOML"),

@@ -41,7 +41,9 @@ def start(ctx: RecordingContext, device: PtyDevice) -> Iterator[Starter]:
     started: list[Driver] = []
 
     def _start(cls: type[SerialDialectDriver], wait_online: bool = True, **options: Any) -> Any:
-        config = parse_section(cls.config_class, {"port": str(device.link), **FAST, **options}, "drivers.gate1")
+        config = parse_section(
+            cls.config_class, {"port": str(device.link), **FAST, **options}, "drivers.gate1"
+        )
         driver = cls(ctx, config)
         driver.start()
         started.append(driver)
@@ -58,7 +60,9 @@ def events(ctx: RecordingContext, kind: str) -> list[Any]:
     return [e for e in ctx.events if e.kind == kind]
 
 
-def test_gate_alarm_transits_and_unparsed(ctx: RecordingContext, device: PtyDevice, start: Starter) -> None:
+def test_gate_alarm_transits_and_unparsed(
+    ctx: RecordingContext, device: PtyDevice, start: Starter
+) -> None:
     gate = start(SerialGateDriver, aggregate_interval=0.2)
     device.write(b"PASS IN\r\nPASS IN\r\nALARM ZONE 3,4 LEVEL 85\r\nPASS OUT\r\n\x8f\x99garble\r\n")
     [alarm] = ctx.wait_for("gate.alarm")
@@ -77,7 +81,9 @@ def test_gate_alarm_transits_and_unparsed(ctx: RecordingContext, device: PtyDevi
     assert health.counters["no_rule"] == 1 and health.counters["messages"] == 4
 
 
-def test_flood_of_repeated_alarms_is_folded_and_counted(ctx: RecordingContext, device: PtyDevice, start: Starter) -> None:
+def test_flood_of_repeated_alarms_is_folded_and_counted(
+    ctx: RecordingContext, device: PtyDevice, start: Starter
+) -> None:
     gate = start(SerialGateDriver, dedup_window=0.5)
     device.write(b"ALARM Z3 I85\r\n" * 50)
     ctx.wait_for("gate.alarm")
@@ -94,7 +100,9 @@ def test_flood_of_repeated_alarms_is_folded_and_counted(ctx: RecordingContext, d
     assert ctx.wait_for("gate.alarm", 3)[2].payload["zones"] == [4]
 
 
-def test_garbage_flood_is_rate_limited_but_counted(ctx: RecordingContext, device: PtyDevice, start: Starter) -> None:
+def test_garbage_flood_is_rate_limited_but_counted(
+    ctx: RecordingContext, device: PtyDevice, start: Starter
+) -> None:
     gate = start(SerialGateDriver, unparsed_per_minute=1, unparsed_burst=3)
     device.write(b"noise line\r\n" * 200 + b"TAMPER\r\n")
     ctx.wait_for("gate.tamper")
@@ -118,7 +126,9 @@ def test_overlong_line_and_wrong_baud_rate_never_break_the_driver(
     assert counters["buffered"] <= 2 * 256 + 8
 
 
-def test_unplug_and_replug_at_the_same_symlink(ctx: RecordingContext, device: PtyDevice, start: Starter) -> None:
+def test_unplug_and_replug_at_the_same_symlink(
+    ctx: RecordingContext, device: PtyDevice, start: Starter
+) -> None:
     gate = start(SerialGateDriver)
     device.unplug()
     [offline] = ctx.wait_for("device.offline")
@@ -135,7 +145,9 @@ def test_unplug_and_replug_at_the_same_symlink(ctx: RecordingContext, device: Pt
     assert gate.health().counters["disconnects"] == 1
 
 
-def test_missing_port_at_start_does_not_block_and_is_reported(ctx: RecordingContext, tmp_path: Path, start: Starter) -> None:
+def test_missing_port_at_start_does_not_block_and_is_reported(
+    ctx: RecordingContext, tmp_path: Path, start: Starter
+) -> None:
     absent = PtyDevice(tmp_path / "by-id-gate", plugged=False)
     began = time.monotonic()
     start(SerialGateDriver, wait_online=False, port=str(absent.link))
@@ -151,7 +163,9 @@ def test_missing_port_at_start_does_not_block_and_is_reported(ctx: RecordingCont
         absent.close()
 
 
-def test_seven_bit_odd_parity_gate_with_reply(ctx: RecordingContext, device: PtyDevice, start: Starter) -> None:
+def test_seven_bit_odd_parity_gate_with_reply(
+    ctx: RecordingContext, device: PtyDevice, start: Starter
+) -> None:
     start(SerialGateDriver, dialect="multizone-gate")
     device.write(odd_parity(multizone(b"M0007 AL Z01,02 I150") + multizone(b"M0008 RS")))
     [alarm] = ctx.wait_for("gate.alarm")
@@ -160,7 +174,9 @@ def test_seven_bit_odd_parity_gate_with_reply(ctx: RecordingContext, device: Pty
     assert device.read(len(multizone(b"RA"))) == multizone(b"RA")
 
 
-def test_poll_mode_counters_and_silence(ctx: RecordingContext, device: PtyDevice, start: Starter) -> None:
+def test_poll_mode_counters_and_silence(
+    ctx: RecordingContext, device: PtyDevice, start: Starter
+) -> None:
     gate = start(SerialGateDriver, dialect="polled-gate", poll_interval=0.1, aggregate_interval=0.2)
     assert device.read(3) == b"AC\r"
     device.write(b"P=000100 TA=000004\r\n")
@@ -189,13 +205,18 @@ def test_xray_alerts(ctx: RecordingContext, device: PtyDevice, start: Starter) -
     assert tamper.priority.label == "high"
 
 
-def test_priorities_labels_and_simulate(ctx: RecordingContext, device: PtyDevice, start: Starter) -> None:
+def test_priorities_labels_and_simulate(
+    ctx: RecordingContext, device: PtyDevice, start: Starter
+) -> None:
     gate = start(
         SerialGateDriver,
         priorities={"gate.tamper": "critical"},
         labels={"zones": {"3": "left knee"}, "class": {"warble": "large object"}},
     )
-    assert gate.simulate("bytes", {"text": "ALARM Z3,5\r\nWARBLE\r\nTAMPER\r\n"}) == {"bytes": 28, "events": 3}
+    assert gate.simulate("bytes", {"text": "ALARM Z3,5\r\nWARBLE\r\nTAMPER\r\n"}) == {
+        "bytes": 28,
+        "events": 3,
+    }
     alarm, warble = ctx.wait_for("gate.alarm", 2)
     assert alarm.payload["zones_labels"] == ["left knee", "5"]
     assert warble.payload["class_label"] == "large object"
@@ -217,11 +238,15 @@ def test_priorities_labels_and_simulate(ctx: RecordingContext, device: PtyDevice
 )
 def test_config_errors_name_the_field(options: dict[str, Any], where: str) -> None:
     with pytest.raises(ConfigError) as err:
-        parse_section(SerialGateDriver.config_class, {"port": "/dev/ttyUSB0", **options}, "drivers.gate1")
+        parse_section(
+            SerialGateDriver.config_class, {"port": "/dev/ttyUSB0", **options}, "drivers.gate1"
+        )
     assert where in str(err.value)
 
 
-def test_dialect_file_from_config(tmp_path: Path, ctx: RecordingContext, device: PtyDevice, start: Starter) -> None:
+def test_dialect_file_from_config(
+    tmp_path: Path, ctx: RecordingContext, device: PtyDevice, start: Starter
+) -> None:
     dialect = tmp_path / "lobby-gate.toml"
     dialect.write_text(
         "[framing]\nterminators = [';']\n[[rules]]\nmatch = 'BEEP(?P<zone>\\d)'\nkind = 'gate.alarm'\n"

@@ -33,8 +33,12 @@ def run(tmp_path: Path, broker: Broker, drivers: dict[str, Any]) -> tuple[Record
     return rec, harness
 
 
-def test_gate_alarm_reaches_the_subscriber(tmp_path: Path, broker: Broker, device: PtyDevice) -> None:
-    rec, harness = run(tmp_path, broker, {"gate1": {"type": "serial_gate", "port": str(device.link), **FAST}})
+def test_gate_alarm_reaches_the_subscriber(
+    tmp_path: Path, broker: Broker, device: PtyDevice
+) -> None:
+    rec, harness = run(
+        tmp_path, broker, {"gate1": {"type": "serial_gate", "port": str(device.link), **FAST}}
+    )
     try:
         rec.wait_events("device.online")
         device.write(b"ALARM ZONE 3,4 LEVEL 85\r\n")
@@ -49,8 +53,12 @@ def test_gate_alarm_reaches_the_subscriber(tmp_path: Path, broker: Broker, devic
         rec.stop()
 
 
-def test_xray_alert_reaches_the_subscriber(tmp_path: Path, broker: Broker, device: PtyDevice) -> None:
-    rec, harness = run(tmp_path, broker, {"xray1": {"type": "xray", "port": str(device.link), **FAST}})
+def test_xray_alert_reaches_the_subscriber(
+    tmp_path: Path, broker: Broker, device: PtyDevice
+) -> None:
+    rec, harness = run(
+        tmp_path, broker, {"xray1": {"type": "xray", "port": str(device.link), **FAST}}
+    )
     try:
         rec.wait_events("device.online")
         device.write(b"ALARM OPERATOR 17 BAG 000231\r\nTAMPER COVER\r\n")
@@ -62,8 +70,15 @@ def test_xray_alert_reaches_the_subscriber(tmp_path: Path, broker: Broker, devic
         rec.stop()
 
 
-def test_patrol_checkpoint_reaches_the_subscriber(tmp_path: Path, broker: Broker, device: PtyDevice) -> None:
-    patrol = {"type": "rfid_patrol", "port": str(device.link), **FAST, "checkpoints": {"0013477100": "East stairs"}}
+def test_patrol_checkpoint_reaches_the_subscriber(
+    tmp_path: Path, broker: Broker, device: PtyDevice
+) -> None:
+    patrol = {
+        "type": "rfid_patrol",
+        "port": str(device.link),
+        **FAST,
+        "checkpoints": {"0013477100": "East stairs"},
+    }
     rec, harness = run(tmp_path, broker, {"patrol": patrol})
     try:
         rec.wait_events("device.online")

@@ -15,8 +15,12 @@ from drivers.serial_common.limits import Aggregator, FloodGate, RateLimiter, mes
 ECHO = [{"match": "(?P<text>.+)", "kind": "test.line"}]
 
 
-def make(framing: dict[str, Any], rules: list[dict[str, Any]] | None = None, **top: Any) -> DialectEngine:
-    return DialectEngine(parse_section(Dialect, {"name": "t", "framing": framing, "rules": rules or ECHO, **top}))
+def make(
+    framing: dict[str, Any], rules: list[dict[str, Any]] | None = None, **top: Any
+) -> DialectEngine:
+    return DialectEngine(
+        parse_section(Dialect, {"name": "t", "framing": framing, "rules": rules or ECHO, **top})
+    )
 
 
 def codes(outputs: list[Any]) -> list[str]:
@@ -69,7 +73,9 @@ def test_stx_etx_checksum_covering_framing_bytes() -> None:
     body = b"T1"
     value = ALGORITHMS["xor"].compute(b"\x02" + body + b"\x03")
     e = make({"type": "stx_etx", "checksum": "xor", "checksum_covers": "all"})
-    assert messages(e.feed(b"\x02" + body + b"\x03" + bytes([value]), 0.0)) == [("test.line", {"text": "T1"})]
+    assert messages(e.feed(b"\x02" + body + b"\x03" + bytes([value]), 0.0)) == [
+        ("test.line", {"text": "T1"})
+    ]
 
 
 def test_stx_etx_overlong_frame_without_etx() -> None:
@@ -91,7 +97,8 @@ BINARY_RULES = [
 
 def test_fixed_frames_with_sync_resynchronise_after_garbage_and_bad_checksum() -> None:
     e = make(
-        {"type": "fixed", "sync": "AA55", "length": 7, "checksum": "sum8", "decode": "hex"}, BINARY_RULES
+        {"type": "fixed", "sync": "AA55", "length": 7, "checksum": "sum8", "decode": "hex"},
+        BINARY_RULES,
     )
     body = bytes([0x10, 0x00, 0x05, 0x40])  # zones 1 and 3, intensity 64
     frame = b"\xaa\x55" + body + bytes([sum(body) & 0xFF])
@@ -122,7 +129,12 @@ def test_bad_field_conversion_is_unparsed_not_an_exception() -> None:
 
 
 def test_message_number_dedup_remembers_a_bounded_window() -> None:
-    e = make({}, [{"match": "#(?P<n>\\d+)", "kind": "test.n"}], message_number="#(\\d+)", duplicate_memory=2)
+    e = make(
+        {},
+        [{"match": "#(?P<n>\\d+)", "kind": "test.n"}],
+        message_number="#(\\d+)",
+        duplicate_memory=2,
+    )
     out = e.feed(b"#1\r\n#2\r\n#2\r\n#3\r\n#1\r\n", 0.0)
     assert [f["msgno"] for _, f in messages(out)] == ["1", "2", "3", "1"]
     assert e.stats["duplicate"] == 1
@@ -158,7 +170,12 @@ def test_aggregator_sums_integers_and_keeps_the_latest_rest() -> None:
     agg = Aggregator()
     agg.add("gate.transit", {"in": 1, "msgno": "1"}, 10.0)
     agg.add("gate.transit", {"in": 2, "out": 1, "ratio": 0.5, "msgno": "2"}, 12.5)
-    assert agg.drain() == [("gate.transit", {"in": 3, "out": 1, "ratio": 0.5, "msgno": "2", "messages": 2, "span": 2.5})]
+    assert agg.drain() == [
+        (
+            "gate.transit",
+            {"in": 3, "out": 1, "ratio": 0.5, "msgno": "2", "messages": 2, "span": 2.5},
+        )
+    ]
     assert agg.drain() == []
 
 

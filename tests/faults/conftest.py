@@ -29,8 +29,14 @@ _ROWS: list[dict[str, Any]] = []
 _SEED = base_seed()
 
 COLUMNS = [
-    ("fault", "fault", 34), ("iterations", "iter", 5), ("accepted", "accepted", 8), ("delivered", "delivered", 9),
-    ("lost", "lost", 4), ("duplicated", "dup", 5), ("order_violations", "order", 5), ("max_latency_s", "max lat s", 9),
+    ("fault", "fault", 34),
+    ("iterations", "iter", 5),
+    ("accepted", "accepted", 8),
+    ("delivered", "delivered", 9),
+    ("lost", "lost", 4),
+    ("duplicated", "dup", 5),
+    ("order_violations", "order", 5),
+    ("max_latency_s", "max lat s", 9),
 ]
 
 
@@ -62,12 +68,21 @@ def fault_matrix() -> Callable[[dict[str, Any]], None]:
 
 
 def format_matrix(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["  ".join(f"{title:>{width}}" if key != "fault" else f"{title:<{width}}" for key, title, width in COLUMNS)]
+    lines = [
+        "  ".join(
+            f"{title:>{width}}" if key != "fault" else f"{title:<{width}}"
+            for key, title, width in COLUMNS
+        )
+    ]
     for row in rows:
         cells = []
         for key, _title, width in COLUMNS:
             value = row.get(key)
-            text = "-" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+            text = (
+                "-"
+                if value is None
+                else (f"{value:.3f}" if isinstance(value, float) else str(value))
+            )
             cells.append(f"{text:<{width}}" if key == "fault" else f"{text:>{width}}")
         lines.append("  ".join(cells))
     return lines
@@ -103,7 +118,11 @@ def _write_results() -> Path:
             kept = []
     doc = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
         "seed": _SEED,
         "iterations_env": os.environ.get(ITERATIONS_ENV),
         "outage_env": os.environ.get(OUTAGE_ENV),
@@ -120,17 +139,22 @@ def small_fs(tmp_path: Path) -> Iterator[Path | None]:
     Tests that get None fall back to a file-size limit (RLIMIT_FSIZE) on the agent."""
     mount_point = tmp_path / "small"
     mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
-        print(f"cannot mount a small filesystem ({result.stderr.strip()}); falling back to RLIMIT_FSIZE")
+        print(
+            f"cannot mount a small filesystem ({result.stderr.strip()}); falling back to RLIMIT_FSIZE"
+        )
         yield None
         return
     try:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
 
 
 @dataclass
@@ -142,10 +166,17 @@ class Ext4:
     device: str = ""
 
     def mount(self) -> None:
-        subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(self.image), str(self.mount_point)],
-                       check=True, capture_output=True)
-        found = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(self.mount_point)],
-                               check=True, capture_output=True, text=True)
+        subprocess.run(
+            ["mount", "-o", "loop,errors=remount-ro", str(self.image), str(self.mount_point)],
+            check=True,
+            capture_output=True,
+        )
+        found = subprocess.run(
+            ["findmnt", "-n", "-o", "SOURCE", str(self.mount_point)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         self.device = Path(found.stdout.strip()).name
 
     def fail(self) -> None:
@@ -178,6 +209,18 @@ def sd_card(tmp_path: Path) -> Iterator[Ext4]:
 def powercut_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/faults/powercut.c built for LD_PRELOAD (see there)."""
     library = tmp_path_factory.mktemp("powercut") / "libpowercut.so"
-    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(library), str(Path(__file__).with_name("powercut.c")),
-                    "-ldl", "-lpthread"], check=True)
+    subprocess.run(
+        [
+            "cc",
+            "-shared",
+            "-fPIC",
+            "-O2",
+            "-o",
+            str(library),
+            str(Path(__file__).with_name("powercut.c")),
+            "-ldl",
+            "-lpthread",
+        ],
+        check=True,
+    )
     return library

@@ -93,15 +93,21 @@ class Verdict:
             "lost": len(self.lost),
             "duplicated": self.raw_duplicates,
             "order_violations": len(self.order_violations),
-            "max_latency_s": None if self.critical_latency_max is None else round(self.critical_latency_max, 4),
+            "max_latency_s": None
+            if self.critical_latency_max is None
+            else round(self.critical_latency_max, 4),
             **self.extra,
             **notes,
         }
 
     def assert_promise(self, *, order: bool = True) -> None:
-        assert not self.lost, f"{len(self.lost)} of {self.expected} accepted events never reached the centre: {self.lost[:10]}"
+        assert not self.lost, (
+            f"{len(self.lost)} of {self.expected} accepted events never reached the centre: {self.lost[:10]}"
+        )
         if order:
-            assert not self.order_violations, f"per-source order broken: {self.order_violations[:5]}"
+            assert not self.order_violations, (
+                f"per-source order broken: {self.order_violations[:5]}"
+            )
 
 
 class Ledger:
@@ -109,7 +115,9 @@ class Ledger:
 
     def __init__(self) -> None:
         self.accepted: dict[str, Accepted] = {}
-        self.committed: dict[str, tuple[int, int, str]] = {}  # id -> (rank, seq, kind), read from outbox.db
+        self.committed: dict[
+            str, tuple[int, int, str]
+        ] = {}  # id -> (rank, seq, kind), read from outbox.db
         self.unanswered = 0  # emits cut off by a fault: not accepted, so not promised
         self.rejected = 0  # replies with ok = false
         self.held: dict[str, Accepted] = {}  # accepted into memory only (storage failing)
@@ -179,8 +187,14 @@ class Ledger:
                 start = max([body["boottime"], *(c for c in self.clears if c <= at)])
                 latencies.append(at - start)
                 if at - start >= max(latencies):
-                    worst = {"id": body["id"], "kind": body["kind"], "latency": round(at - start, 4),
-                             "emitted": round(body["boottime"], 3), "arrived": round(at, 3), "copies": copies[body["id"]]}
+                    worst = {
+                        "id": body["id"],
+                        "kind": body["kind"],
+                        "latency": round(at - start, 4),
+                        "emitted": round(body["boottime"], 3),
+                        "arrived": round(at, 3),
+                        "copies": copies[body["id"]],
+                    }
         return Verdict(
             expected=len(expected),
             delivered=len(expected & first.keys()),
@@ -208,19 +222,28 @@ def _order_violations(arrivals: list[tuple[float, dict[str, Any]]]) -> list[str]
     recent: dict[tuple[str, ...], list[int]] = defaultdict(list)
     problems = []
     for _at, body in arrivals:
-        key = (body["device"], body["source"], body["kind"] if body["source"] == "control" else "", body["priority"])
+        key = (
+            body["device"],
+            body["source"],
+            body["kind"] if body["source"] == "control" else "",
+            body["priority"],
+        )
         seq = int(body["seq"])
         recent[key] = [*recent[key][-11:], seq]
         if key in last and seq < last[key]:
-            problems.append(f"{key}: seq {seq} ({body['kind']} {body['id']}) arrived after seq {last[key]}; "
-                            f"arrival order there: {recent[key]}")
+            problems.append(
+                f"{key}: seq {seq} ({body['kind']} {body['id']}) arrived after seq {last[key]}; "
+                f"arrival order there: {recent[key]}"
+            )
         last[key] = max(seq, last.get(key, seq))
     return problems
 
 
 def remount(mount_point: Path, mode: str) -> None:
     """Remount the ``small_fs`` fixture's tmpfs read-only (``"ro"``) or read-write (``"rw"``)."""
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(mount_point)], check=True, capture_output=True)
+    subprocess.run(
+        ["mount", "-o", f"remount,{mode}", str(mount_point)], check=True, capture_output=True
+    )
 
 
 def fill_disk(directory: Path) -> int:
@@ -244,8 +267,18 @@ class Emitter:
     agent never answers (killed, socket gone) is counted as unanswered and ends the thread
     unless ``persist`` (keep trying through restarts)."""
 
-    def __init__(self, agent: AgentProcess, ledger: Ledger, *, kind: str = "fault.burst", priorities: Iterable[str] = ("normal",),
-                 rate: float = 0.0, limit: int = 1_000_000, tag: str = "", persist: bool = False):
+    def __init__(
+        self,
+        agent: AgentProcess,
+        ledger: Ledger,
+        *,
+        kind: str = "fault.burst",
+        priorities: Iterable[str] = ("normal",),
+        rate: float = 0.0,
+        limit: int = 1_000_000,
+        tag: str = "",
+        persist: bool = False,
+    ):
         self.client: ControlClient = agent.client()
         self.ledger = ledger
         self.kind = kind
@@ -291,24 +324,54 @@ class Emitter:
 class Rig:
     """A private broker, a recording centre sending receipts, and one agent subprocess."""
 
-    def __init__(self, tmp_path: Path, broker: Broker, *, drivers: Mapping[str, Any] | None = None,
-                 state_dir: Path | None = None, mqtt_port: int | None = None, **sections: Any):
+    def __init__(
+        self,
+        tmp_path: Path,
+        broker: Broker,
+        *,
+        drivers: Mapping[str, Any] | None = None,
+        state_dir: Path | None = None,
+        mqtt_port: int | None = None,
+        **sections: Any,
+    ):
         self.tmp_path = tmp_path
         self.broker = broker
         self.state_dir = state_dir or tmp_path / "state"
-        self.control_socket = tmp_path / "control.sock"  # outside the state dir: that one may be read-only
-        mqtt = {"keepalive": 2, "delivery": "receipt", "receipt_timeout": 3.0, "ack_timeout": 3.0,
-                "reconnect_min_delay": 0.05, "reconnect_max_delay": 0.5, **sections.pop("mqtt", {})}
+        self.control_socket = (
+            tmp_path / "control.sock"
+        )  # outside the state dir: that one may be read-only
+        mqtt = {
+            "keepalive": 2,
+            "delivery": "receipt",
+            "receipt_timeout": 3.0,
+            "ack_timeout": 3.0,
+            "reconnect_min_delay": 0.05,
+            "reconnect_max_delay": 0.5,
+            **sections.pop("mqtt", {}),
+        }
         if mqtt_port is not None:
             mqtt["port"] = mqtt_port
-        agent_section = {"state_dir": str(self.state_dir), "control_socket": str(self.control_socket), **sections.pop("agent", {})}
-        self.doc = agent_config(tmp_path, broker, drivers, agent=agent_section, mqtt=mqtt, **sections)
+        agent_section = {
+            "state_dir": str(self.state_dir),
+            "control_socket": str(self.control_socket),
+            **sections.pop("agent", {}),
+        }
+        self.doc = agent_config(
+            tmp_path, broker, drivers, agent=agent_section, mqtt=mqtt, **sections
+        )
         self.config_path = write_config(tmp_path / "wardpost.toml", self.doc)
         self.ledger = Ledger()
-        self.recorder = Recorder(broker, f"wardpost/{SITE}/#", receipts=True, client_id=f"centre-{os.getpid()}-{id(self)}")
+        self.recorder = Recorder(
+            broker,
+            f"wardpost/{SITE}/#",
+            receipts=True,
+            client_id=f"centre-{os.getpid()}-{id(self)}",
+        )
         # paho types the delays as int but computes with floats; a 1 s floor would slow every outage test.
         self.recorder.client.reconnect_delay_set(0.05, 0.5)  # type: ignore[arg-type]
-        self.agent = AgentProcess(self.config_path, self.control_socket, log_path=tmp_path / "agent.log")
+        self.agent = AgentProcess(
+            self.config_path, self.control_socket, log_path=tmp_path / "agent.log"
+        )
         self._seen: set[str] = set()
         self._parsed = 0
 
@@ -329,8 +392,13 @@ class Rig:
     def wait_drained(self, timeout: float = 60.0) -> dict[str, Any]:
         """Until the agent has nothing pending and nothing in flight."""
         return self.agent.wait_for(
-            lambda s: s["backlog"]["count"] == 0 and s["link"]["in_flight"] == 0 and s["link"]["connected"],
-            timeout, "the backlog to drain",
+            lambda s: (
+                s["backlog"]["count"] == 0
+                and s["link"]["in_flight"] == 0
+                and s["link"]["connected"]
+            ),
+            timeout,
+            "the backlog to drain",
         )
 
     def seen_ids(self) -> set[str]:
@@ -355,7 +423,12 @@ class Rig:
 
     def quiesce(self) -> None:
         """Disable every driver by a config reload, so the backlog can reach zero."""
-        doc = {**self.doc, "drivers": {name: {**table, "enabled": False} for name, table in self.doc["drivers"].items()}}
+        doc = {
+            **self.doc,
+            "drivers": {
+                name: {**table, "enabled": False} for name, table in self.doc["drivers"].items()
+            },
+        }
         write_config(self.config_path, doc)
         reply = self.agent.control.ask({"op": "reload"})
         assert reply.get("ok"), reply

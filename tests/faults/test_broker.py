@@ -33,7 +33,14 @@ def test_broker_killed_and_restarted_under_load(
     restarts = min(iterations(5), 20)
     with TcpProxy(fault_broker.host, fault_broker.port) as proxy:
         rig = Rig(tmp_path, fault_broker, drivers=GATE, mqtt_port=proxy.port).start()
-        steady = Emitter(rig.agent, rig.ledger, kind="panic.pressed", priorities=("critical", "normal", "normal"), rate=40, persist=True).start()
+        steady = Emitter(
+            rig.agent,
+            rig.ledger,
+            kind="panic.pressed",
+            priorities=("critical", "normal", "normal"),
+            rate=40,
+            persist=True,
+        ).start()
         try:
             for _ in range(restarts):
                 time.sleep(1.0)
@@ -53,7 +60,9 @@ def test_broker_killed_and_restarted_under_load(
         finally:
             steady.stop()
             rig.close()
-    fault_matrix(verdict.row("broker SIGKILL + restart", restarts, unanswered_emits=rig.ledger.unanswered))
+    fault_matrix(
+        verdict.row("broker SIGKILL + restart", restarts, unanswered_emits=rig.ledger.unanswered)
+    )
     verdict.assert_promise()
 
 
@@ -63,11 +72,20 @@ def test_broker_unreachable_for_a_long_time_under_steady_load(
     outage = outage_seconds(20.0)
     with TcpProxy(fault_broker.host, fault_broker.port) as proxy:
         rig = Rig(tmp_path, fault_broker, drivers=GATE, mqtt_port=proxy.port).start()
-        steady = Emitter(rig.agent, rig.ledger, kind="panic.pressed", priorities=("critical", "normal", "normal", "normal"), rate=20, persist=True).start()
+        steady = Emitter(
+            rig.agent,
+            rig.ledger,
+            kind="panic.pressed",
+            priorities=("critical", "normal", "normal", "normal"),
+            rate=20,
+            persist=True,
+        ).start()
         try:
             time.sleep(2.0)
             proxy.refuse()  # connection refused: the broker host is up, nothing answers
-            rig.agent.wait_for(lambda s: not s["link"]["connected"], 10, "the agent to notice the outage")
+            rig.agent.wait_for(
+                lambda s: not s["link"]["connected"], 10, "the agent to notice the outage"
+            )
             down_at = boottime()
             time.sleep(outage)
             backlog = rig.agent.status()["backlog"]
@@ -87,12 +105,22 @@ def test_broker_unreachable_for_a_long_time_under_steady_load(
     positions = arrival_index(rig.recorder)
     after = sorted(positions[i] for i, a in rig.ledger.accepted.items() if down_at < a.at < up_at)
     first_after = min(after) if after else 0
-    outage_criticals = [i for i, a in rig.ledger.accepted.items() if a.priority == "critical" and down_at < a.at < up_at]
+    outage_criticals = [
+        i
+        for i, a in rig.ledger.accepted.items()
+        if a.priority == "critical" and down_at < a.at < up_at
+    ]
     worst = max(positions[i] - first_after for i in outage_criticals)
-    fault_matrix(verdict.row(
-        f"broker unreachable {outage:.0f}s", 1, backlog_at_reconnect=backlog["count"],
-        drained_s=round(drained_after, 2), outage_criticals=len(outage_criticals), worst_critical_position=worst,
-    ))
+    fault_matrix(
+        verdict.row(
+            f"broker unreachable {outage:.0f}s",
+            1,
+            backlog_at_reconnect=backlog["count"],
+            drained_s=round(drained_after, 2),
+            outage_criticals=len(outage_criticals),
+            worst_critical_position=worst,
+        )
+    )
     verdict.assert_promise()
     assert backlog["count"] > 1000, "the outage should have built a real backlog"
     assert worst < len(outage_criticals) + WINDOW + 50, "critical events waited behind the backlog"
@@ -100,7 +128,10 @@ def test_broker_unreachable_for_a_long_time_under_steady_load(
 
 @pytest.mark.parametrize("delivery", ["receipt", "broker"])
 def test_broker_without_persistence_restarts_before_the_centre_resubscribes(
-    tmp_path: Path, fault_broker: Broker, fault_matrix: Callable[[dict[str, Any]], None], delivery: str
+    tmp_path: Path,
+    fault_broker: Broker,
+    fault_matrix: Callable[[dict[str, Any]], None],
+    delivery: str,
 ) -> None:
     """The broker (persistence off) is killed under load and comes back; the agent reconnects
     at once, the centre only some seconds later. Whatever the agent sends meanwhile the broker
@@ -108,8 +139,14 @@ def test_broker_without_persistence_restarts_before_the_centre_resubscribes(
     (0 lost); broker mode has already released it. Both rows are recorded, honestly."""
     outage = min(outage_seconds(10.0), 60.0)
     rig = Rig(tmp_path, fault_broker, drivers=GATE, mqtt={"delivery": delivery}).start()
-    steady = Emitter(rig.agent, rig.ledger, kind="panic.pressed", priorities=("critical", "normal", "normal"),
-                     rate=20, persist=True).start()
+    steady = Emitter(
+        rig.agent,
+        rig.ledger,
+        kind="panic.pressed",
+        priorities=("critical", "normal", "normal"),
+        rate=20,
+        persist=True,
+    ).start()
     try:
         time.sleep(1.0)
         rig.recorder.client.disconnect()  # the centre goes with the broker...

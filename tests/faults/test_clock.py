@@ -26,13 +26,22 @@ def _step(offset_file: Path, seconds: float) -> None:
     os.replace(tmp, offset_file)
 
 
-def test_wall_clock_jumps(tmp_path: Path, fault_broker: Broker, fault_matrix: Callable[[dict[str, Any]], None]) -> None:
+def test_wall_clock_jumps(
+    tmp_path: Path, fault_broker: Broker, fault_matrix: Callable[[dict[str, Any]], None]
+) -> None:
     offset_file = tmp_path / "clock-offset"
     _step(offset_file, 0)
     rig = Rig(tmp_path, fault_broker, drivers=GATE)
     rig.agent.launcher = ["-m", "tests.faults.wallclock", str(offset_file)]
     rig.start()
-    steady = Emitter(rig.agent, rig.ledger, kind="panic.pressed", priorities=("critical", "normal"), rate=40, persist=True).start()
+    steady = Emitter(
+        rig.agent,
+        rig.ledger,
+        kind="panic.pressed",
+        priorities=("critical", "normal"),
+        rate=40,
+        persist=True,
+    ).start()
     try:
         for seconds in (-3600.0, 2 * DAY, -DAY):  # back an hour, forward two days, back again
             time.sleep(1.0)
@@ -49,10 +58,21 @@ def test_wall_clock_jumps(tmp_path: Path, fault_broker: Broker, fault_matrix: Ca
         rig.close()
     events = {e["id"]: e for e in rig.recorder.events()}
     seqs = sorted(int(e["seq"]) for e in events.values())
-    stamps = [datetime.fromisoformat(e["time"].replace("Z", "+00:00")).timestamp() for e in events.values()]
-    fault_matrix(verdict.row("wall clock steps", 4, steps="-1h, +2d, -1d, restart at -2d",
-                             time_span_days=round((max(stamps) - min(stamps)) / DAY, 2)))
+    stamps = [
+        datetime.fromisoformat(e["time"].replace("Z", "+00:00")).timestamp()
+        for e in events.values()
+    ]
+    fault_matrix(
+        verdict.row(
+            "wall clock steps",
+            4,
+            steps="-1h, +2d, -1d, restart at -2d",
+            time_span_days=round((max(stamps) - min(stamps)) / DAY, 2),
+        )
+    )
     verdict.assert_promise()
     assert max(stamps) - min(stamps) > 2 * DAY, "the wall clock shim did not reach the agent"
     assert len(seqs) == len(set(seqs)), "seq reused across a clock step"
-    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "seq has gaps: it must not depend on wall time"
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (
+        "seq has gaps: it must not depend on wall time"
+    )

@@ -22,7 +22,9 @@ PRESSES = 10
 LATENCY_BOUND = 1.0  # seconds; a correctness bound, the measured figures go to the matrix
 
 
-def test_panic_during_a_gate_flood(tmp_path: Path, fault_broker: Broker, fault_matrix: Callable[[dict[str, Any]], None]) -> None:
+def test_panic_during_a_gate_flood(
+    tmp_path: Path, fault_broker: Broker, fault_matrix: Callable[[dict[str, Any]], None]
+) -> None:
     rig = Rig(tmp_path, fault_broker, drivers=DRIVERS).start()
     presses: list[str] = []
     try:
@@ -46,11 +48,17 @@ def test_panic_during_a_gate_flood(tmp_path: Path, fault_broker: Broker, fault_m
     events = {e["id"]: e for e in rig.recorder.events("panic.pressed")}
     latencies = sorted(first[i] - events[i]["boottime"] for i in presses)
     gate_rate = sum(1 for e in rig.recorder.events("gate.alarm")) / max(1.0, flood_status["uptime"])
-    fault_matrix(verdict.row(
-        "flood 1000/s + panic presses", PRESSES, panic_latency_ms={"p50": round(latencies[len(latencies) // 2] * 1000, 1),
-        "max": round(latencies[-1] * 1000, 1)}, backlog_during_flood=flood_status["backlog"]["count"],
-        gate_events_per_s=round(gate_rate),
-    ))
+    fault_matrix(
+        verdict.row(
+            "flood 1000/s + panic presses",
+            PRESSES,
+            panic_latency_ms={
+                "p50": round(latencies[len(latencies) // 2] * 1000, 1),
+                "max": round(latencies[-1] * 1000, 1),
+            },
+            backlog_during_flood=flood_status["backlog"]["count"],
+            gate_events_per_s=round(gate_rate),
+        )
+    )
     verdict.assert_promise()
     assert latencies[-1] < LATENCY_BOUND, f"panic took {latencies[-1]:.3f}s through the flood"
-

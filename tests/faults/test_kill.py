@@ -33,8 +33,16 @@ def test_sigkill_during_burst_loses_no_accepted_event(
             rng = random.Random(seed + i)
             kill_after = rng.uniform(0.0, 0.6)
             burst = [
-                Emitter(rig.agent, rig.ledger, priorities=("normal", "low", "high"), tag=f"i{i}").start(),
-                Emitter(rig.agent, rig.ledger, kind="panic.pressed", priorities=("critical", "normal"), tag=f"i{i}").start(),
+                Emitter(
+                    rig.agent, rig.ledger, priorities=("normal", "low", "high"), tag=f"i{i}"
+                ).start(),
+                Emitter(
+                    rig.agent,
+                    rig.ledger,
+                    kind="panic.pressed",
+                    priorities=("critical", "normal"),
+                    tag=f"i{i}",
+                ).start(),
             ]
             time.sleep(kill_after)
             rig.agent.kill(signal.SIGKILL)
@@ -42,25 +50,37 @@ def test_sigkill_during_burst_loses_no_accepted_event(
                 emitter.stop()
             committed = {row[0] for row in outbox_rows(rig.db_path)}
             rig.ledger.read_outbox(rig.db_path)
-            acked_not_committed += [a for a, e in rig.ledger.accepted.items() if e.tag == f"i{i}" and a not in committed]
+            acked_not_committed += [
+                a for a, e in rig.ledger.accepted.items() if e.tag == f"i{i}" and a not in committed
+            ]
             kill_times.append(kill_after)
-            print(f"iteration {i}: seed {seed + i}, SIGKILL after {kill_after:.3f}s, "
-                  f"{sum(e.accepted for e in burst)} accepted by emit, {len(committed)} rows in the outbox")
+            print(
+                f"iteration {i}: seed {seed + i}, SIGKILL after {kill_after:.3f}s, "
+                f"{sum(e.accepted for e in burst)} accepted by emit, {len(committed)} rows in the outbox"
+            )
             rig.ledger.fault_cleared()
             rig.agent.start()
         verdict = rig.finish()
     finally:
         rig.close()
-    fault_matrix(verdict.row(
-        "SIGKILL during burst", runs,
-        unanswered_emits=rig.ledger.unanswered, acked_not_committed=len(acked_not_committed),
-        committed_rows=len(rig.ledger.committed),
-    ))
-    assert not acked_not_committed, f"emit said durable but the row was not in the outbox after SIGKILL: {acked_not_committed[:5]}"
+    fault_matrix(
+        verdict.row(
+            "SIGKILL during burst",
+            runs,
+            unanswered_emits=rig.ledger.unanswered,
+            acked_not_committed=len(acked_not_committed),
+            committed_rows=len(rig.ledger.committed),
+        )
+    )
+    assert not acked_not_committed, (
+        f"emit said durable but the row was not in the outbox after SIGKILL: {acked_not_committed[:5]}"
+    )
     verdict.assert_promise()
 
 
-ALARMS = {"alarms": {"type": "simulated", "kind": "panic.pressed", "priority": "critical", "rate": 300.0}}
+ALARMS = {
+    "alarms": {"type": "simulated", "kind": "panic.pressed", "priority": "critical", "rate": 300.0}
+}
 
 
 def test_sigkill_right_after_critical_emits_never_reuses_a_seq(
@@ -91,13 +111,20 @@ def test_sigkill_right_after_critical_emits_never_reuses_a_seq(
             skipped.append((first, last))
     reused = {seq: sorted(ids) for seq, ids in ids_by_seq.items() if len(ids) > 1}
     unexplained = [
-        seq for seq in range(1, max(ids_by_seq) + 1)
+        seq
+        for seq in range(1, max(ids_by_seq) + 1)
         if seq not in ids_by_seq and not any(a <= seq <= b for a, b in skipped)
     ]
-    fault_matrix(verdict.row(
-        "SIGKILL after criticals: seq unique", runs, events_seen=len(ids_by_seq),
-        seqs_reused=len(reused), seqs_skipped=sum(b - a + 1 for a, b in skipped), unexplained_gaps=len(unexplained),
-    ))
+    fault_matrix(
+        verdict.row(
+            "SIGKILL after criticals: seq unique",
+            runs,
+            events_seen=len(ids_by_seq),
+            seqs_reused=len(reused),
+            seqs_skipped=sum(b - a + 1 for a, b in skipped),
+            unexplained_gaps=len(unexplained),
+        )
+    )
     assert not reused, f"{len(reused)} seqs named two different events: {list(reused.items())[:3]}"
     assert not unexplained, f"seqs neither seen nor announced as skipped: {unexplained[:10]}"
     verdict.assert_promise()

@@ -36,7 +36,9 @@ def _run(rig: Rig, proxy: TcpProxy, fault: str) -> dict[str, Any]:
     if fault == "blackhole":
         proxy.blackhole()
         cut = boottime()
-        rig.agent.wait_for(lambda s: not s["link"]["connected"], 6 * KEEPALIVE, "the agent to notice the blackhole")
+        rig.agent.wait_for(
+            lambda s: not s["link"]["connected"], 6 * KEEPALIVE, "the agent to notice the blackhole"
+        )
         noticed = boottime() - cut
         proxy.set_pass()
         rig.ledger.fault_cleared()
@@ -57,7 +59,14 @@ def test_link_fault_under_load(
     measured: list[dict[str, Any]] = []
     with TcpProxy(fault_broker.host, fault_broker.port) as proxy:
         rig = Rig(tmp_path, fault_broker, drivers=GATE, mqtt_port=proxy.port).start()
-        steady = Emitter(rig.agent, rig.ledger, kind="panic.pressed", priorities=("critical", "normal", "normal"), rate=40, persist=True).start()
+        steady = Emitter(
+            rig.agent,
+            rig.ledger,
+            kind="panic.pressed",
+            priorities=("critical", "normal", "normal"),
+            rate=40,
+            persist=True,
+        ).start()
         try:
             for _ in range(rounds):
                 time.sleep(1.0)
@@ -73,7 +82,12 @@ def test_link_fault_under_load(
         notes["noticed_s_max"] = max(m["noticed_s"] for m in measured)
     if fault == "delay":
         notes["one_way_delay_s"] = ONE_WAY_DELAY
-    print("worst critical:", verdict.worst_critical, "fault cleared at", [round(c, 3) for c in rig.ledger.clears])
+    print(
+        "worst critical:",
+        verdict.worst_critical,
+        "fault cleared at",
+        [round(c, 3) for c in rig.ledger.clears],
+    )
     fault_matrix(verdict.row(f"link {fault}", rounds, **notes))
     verdict.assert_promise()
     if fault == "blackhole":
@@ -91,19 +105,31 @@ def test_dead_link_noticed_at_the_default_config(
     defaults = MQTTConfig()
     noticed: list[float] = []
     with TcpProxy(fault_broker.host, fault_broker.port) as proxy:
-        rig = Rig(tmp_path, fault_broker, mqtt_port=proxy.port,
-                  mqtt={"keepalive": defaults.keepalive, "link_timeout": defaults.link_timeout}).start()
+        rig = Rig(
+            tmp_path,
+            fault_broker,
+            mqtt_port=proxy.port,
+            mqtt={"keepalive": defaults.keepalive, "link_timeout": defaults.link_timeout},
+        ).start()
         steady = None
         if load == "busy":
-            steady = Emitter(rig.agent, rig.ledger, kind="panic.pressed", priorities=("critical", "normal"),
-                             rate=20, persist=True).start()
+            steady = Emitter(
+                rig.agent,
+                rig.ledger,
+                kind="panic.pressed",
+                priorities=("critical", "normal"),
+                rate=20,
+                persist=True,
+            ).start()
         try:
             for _ in range(rounds):
                 rig.agent.wait_for(lambda s: s["link"]["connected"], 30, "the link up")
                 time.sleep(2.0 * defaults.keepalive if load == "idle" else 1.0)
                 proxy.blackhole()
                 cut = boottime()
-                rig.agent.wait_for(lambda s: not s["link"]["connected"], 60, "the dead link noticed")
+                rig.agent.wait_for(
+                    lambda s: not s["link"]["connected"], 60, "the dead link noticed"
+                )
                 noticed.append(boottime() - cut)
                 proxy.set_pass()
                 rig.ledger.fault_cleared()
@@ -114,11 +140,16 @@ def test_dead_link_noticed_at_the_default_config(
             if steady is not None:
                 steady.stop()
             rig.close()
-    fault_matrix(verdict.row(
-        f"dead link noticed, default config, {load}", rounds,
-        noticed_s_max=round(max(noticed), 2), noticed_s_mean=round(sum(noticed) / len(noticed), 2),
-        keepalive=defaults.keepalive, link_timeout=defaults.link_timeout,
-    ))
+    fault_matrix(
+        verdict.row(
+            f"dead link noticed, default config, {load}",
+            rounds,
+            noticed_s_max=round(max(noticed), 2),
+            noticed_s_mean=round(sum(noticed) / len(noticed), 2),
+            keepalive=defaults.keepalive,
+            link_timeout=defaults.link_timeout,
+        )
+    )
     verdict.assert_promise()
     # Required: 5 s busy, 10 s idle; the bounds here leave room for a loaded CI box.
     assert max(noticed) < (8.0 if load == "busy" else 15.0), noticed

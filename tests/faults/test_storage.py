@@ -25,20 +25,31 @@ def _kinds(rig: Rig) -> set[str]:
     return {e["kind"] for e in rig.recorder.events()}
 
 
-def _disk_full_run(tmp_path: Path, broker: Broker, small_fs: Path | None) -> tuple[Rig, dict[str, Any]]:
+def _disk_full_run(
+    tmp_path: Path, broker: Broker, small_fs: Path | None
+) -> tuple[Rig, dict[str, Any]]:
     """Fill the disk under a loaded agent for 6 s, free it, and return what happened."""
     state = small_fs / "state" if small_fs else tmp_path / "state"
     rig = Rig(tmp_path, broker, drivers=GATE, state_dir=state, outbox={"reserve_bytes": RESERVE})
     if small_fs is None:  # no mount here: a per-file size limit makes writes fail the same way
         rig.agent.file_size_limit = 2 * 1024 * 1024
     rig.start()
-    steady = Emitter(rig.agent, rig.ledger, kind="panic.pressed", priorities=("critical", "normal"), rate=40, persist=True).start()
+    steady = Emitter(
+        rig.agent,
+        rig.ledger,
+        kind="panic.pressed",
+        priorities=("critical", "normal"),
+        rate=40,
+        persist=True,
+    ).start()
     try:
         time.sleep(1.0)
         filled = fill_disk(small_fs) if small_fs else 0
         full_at = len(rig.ledger.accepted)
         time.sleep(4.0)  # long enough to use up the reserve and fall back to memory
-        during = [a for a in list(rig.ledger.accepted.values())[full_at:] if a.priority == "critical"]
+        during = [
+            a for a in list(rig.ledger.accepted.values())[full_at:] if a.priority == "critical"
+        ]
         in_memory = rig.agent.status()["backlog"]["in_memory"]
         if small_fs:
             (small_fs / "filler").unlink()
@@ -61,37 +72,63 @@ def _disk_full_run(tmp_path: Path, broker: Broker, small_fs: Path | None) -> tup
     rig.wait_delivered(rig.ledger.expected_ids(), timeout=10)
     reported = _kinds(rig) & {"agent.disk_full", "agent.storage_failed", "agent.storage_restored"}
     return rig, {
-        "criticals_accepted_while_full": len(during), "held_in_memory": in_memory, "filler_bytes": filled,
-        "reported": sorted(reported), "delivered_before_stop": delivered, "drained_after_free": drained,
-        "stuck_backlog": final["backlog"]["count"], "storage_fault_after_free": final["storage"]["fault"],
-        "storage_reports": sum(1 for e in rig.recorder.events() if e["kind"].startswith("agent.storage_")),
+        "criticals_accepted_while_full": len(during),
+        "held_in_memory": in_memory,
+        "filler_bytes": filled,
+        "reported": sorted(reported),
+        "delivered_before_stop": delivered,
+        "drained_after_free": drained,
+        "stuck_backlog": final["backlog"]["count"],
+        "storage_fault_after_free": final["storage"]["fault"],
+        "storage_reports": sum(
+            1 for e in rig.recorder.events() if e["kind"].startswith("agent.storage_")
+        ),
     }
 
 
 def test_disk_full_while_events_arrive(
-    tmp_path: Path, fault_broker: Broker, small_fs: Path | None, fault_matrix: Callable[[dict[str, Any]], None]
+    tmp_path: Path,
+    fault_broker: Broker,
+    small_fs: Path | None,
+    fault_matrix: Callable[[dict[str, Any]], None],
 ) -> None:
     rig, notes = _disk_full_run(tmp_path, fault_broker, small_fs)
     verdict = rig.ledger.verdict(rig.recorder)
     fault_matrix(verdict.row("disk full" + ("" if small_fs else " (RLIMIT_FSIZE)"), 1, **notes))
     verdict.assert_promise()
     # 4 s full at 20 critical emits/s: at least half of them must be accepted.
-    assert notes["criticals_accepted_while_full"] >= 40, "critical events must still be accepted while the disk is full"
-    assert {"agent.disk_full", "agent.storage_failed"} & set(notes["reported"]), "the disk fault was not reported to the centre"
+    assert notes["criticals_accepted_while_full"] >= 40, (
+        "critical events must still be accepted while the disk is full"
+    )
+    assert {"agent.disk_full", "agent.storage_failed"} & set(notes["reported"]), (
+        "the disk fault was not reported to the centre"
+    )
 
 
-def test_backlog_drains_once_the_disk_is_freed(tmp_path: Path, fault_broker: Broker, small_fs: Path | None) -> None:
+def test_backlog_drains_once_the_disk_is_freed(
+    tmp_path: Path, fault_broker: Broker, small_fs: Path | None
+) -> None:
     _rig, notes = _disk_full_run(tmp_path, fault_broker, small_fs)
-    assert notes["drained_after_free"], f"backlog stuck at {notes['stuck_backlog']} events; storage fault: {notes['storage_fault_after_free']}"
+    assert notes["drained_after_free"], (
+        f"backlog stuck at {notes['stuck_backlog']} events; storage fault: {notes['storage_fault_after_free']}"
+    )
 
 
-def test_corrupt_outbox_at_start(tmp_path: Path, fault_broker: Broker, fault_matrix: Callable[[dict[str, Any]], None]) -> None:
+def test_corrupt_outbox_at_start(
+    tmp_path: Path, fault_broker: Broker, fault_matrix: Callable[[dict[str, Any]], None]
+) -> None:
     rig = Rig(tmp_path, fault_broker)
     rig.state_dir.mkdir(parents=True)
     rig.db_path.write_bytes(b"SQLite format 3\x00" + os.urandom(64 * 1024))
     rig.start()
     try:
-        burst = Emitter(rig.agent, rig.ledger, kind="panic.pressed", priorities=("critical", "high", "normal"), limit=300).start()
+        burst = Emitter(
+            rig.agent,
+            rig.ledger,
+            kind="panic.pressed",
+            priorities=("critical", "high", "normal"),
+            limit=300,
+        ).start()
         burst.thread.join(30)
         verdict = rig.finish()
     finally:
@@ -103,13 +140,21 @@ def test_corrupt_outbox_at_start(tmp_path: Path, fault_broker: Broker, fault_mat
     assert moved, "the corrupt file should be kept aside for inspection"
 
 
-def test_truncated_outbox_at_start(tmp_path: Path, fault_broker: Broker, fault_matrix: Callable[[dict[str, Any]], None]) -> None:
+def test_truncated_outbox_at_start(
+    tmp_path: Path, fault_broker: Broker, fault_matrix: Callable[[dict[str, Any]], None]
+) -> None:
     with TcpProxy(fault_broker.host, fault_broker.port) as proxy:
         proxy.refuse()  # keep the first events pending in the outbox
         rig = Rig(tmp_path, fault_broker, mqtt_port=proxy.port)
         rig.start()
         try:
-            before = Emitter(rig.agent, rig.ledger, kind="fault.before", priorities=("normal", "critical"), limit=400).start()
+            before = Emitter(
+                rig.agent,
+                rig.ledger,
+                kind="fault.before",
+                priorities=("normal", "critical"),
+                limit=400,
+            ).start()
             before.thread.join(30)
             rig.agent.terminate()
             pending_before = set(rig.ledger.accepted)
@@ -117,7 +162,13 @@ def test_truncated_outbox_at_start(tmp_path: Path, fault_broker: Broker, fault_m
             os.truncate(rig.db_path, size * 6 // 10)
             proxy.set_pass()
             rig.agent.start()
-            after = Emitter(rig.agent, rig.ledger, kind="fault.after", priorities=("critical", "normal"), limit=300).start()
+            after = Emitter(
+                rig.agent,
+                rig.ledger,
+                kind="fault.after",
+                priorities=("critical", "normal"),
+                limit=300,
+            ).start()
             after.thread.join(30)
             rig.wait_drained()
             rig.agent.terminate()
@@ -131,31 +182,50 @@ def test_truncated_outbox_at_start(tmp_path: Path, fault_broker: Broker, fault_m
     rig.wait_delivered(rig.ledger.expected_ids(), timeout=10)
     verdict = rig.ledger.verdict(rig.recorder)
     recovered = [e for e in rig.recorder.events("agent.storage_recovered")]
-    fault_matrix(verdict.row(
-        "truncated outbox at start", 1, destroyed_by_truncation=len(destroyed), pending_before=len(pending_before),
-        salvaged=recovered[0]["payload"]["salvaged"] if recovered else None,
-    ))
+    fault_matrix(
+        verdict.row(
+            "truncated outbox at start",
+            1,
+            destroyed_by_truncation=len(destroyed),
+            pending_before=len(pending_before),
+            salvaged=recovered[0]["payload"]["salvaged"] if recovered else None,
+        )
+    )
     verdict.assert_promise()
     assert recovered, "the recovery was not reported to the centre"
 
 
-PANIC = {"panic": {"type": "simulated", "kind": "panic.pressed", "priority": "critical", "rate": 0.0}}
+PANIC = {
+    "panic": {"type": "simulated", "kind": "panic.pressed", "priority": "critical", "rate": 0.0}
+}
 
 
-def _read_only_run(rig: Rig, small_fs: Path, fault_matrix: Callable[[dict[str, Any]], None], fault: str) -> None:
+def _read_only_run(
+    rig: Rig, small_fs: Path, fault_matrix: Callable[[dict[str, Any]], None], fault: str
+) -> None:
     """Start on the read-only disk, press the panic button, make the disk writable again."""
     try:
         rig.agent.start()
         rig.agent.wait_for(lambda s: s["storage"]["fault"] is not None, 10, "the storage fault")
         replies = [rig.agent.simulate("panic") for _ in range(5)]
-        assert all(r.get("ok") for r in replies), f"the panic button driver is not running: {replies[0]}"
+        assert all(r.get("ok") for r in replies), (
+            f"the panic button driver is not running: {replies[0]}"
+        )
         presses = [r["result"]["ids"][0] for r in replies]
-        steady = Emitter(rig.agent, rig.ledger, kind="fault.readonly", priorities=("critical", "normal"), rate=40).start()
+        steady = Emitter(
+            rig.agent, rig.ledger, kind="fault.readonly", priorities=("critical", "normal"), rate=40
+        ).start()
         time.sleep(2.0)
         in_memory = rig.agent.status()["backlog"]["in_memory"]
-        assert rig.wait_delivered(presses, timeout=10), "panic presses on a read-only disk did not reach the centre"
+        assert rig.wait_delivered(presses, timeout=10), (
+            "panic presses on a read-only disk did not reach the centre"
+        )
         remount(small_fs, "rw")
-        rig.agent.wait_for(lambda s: s["storage"]["fault"] is None and s["backlog"]["in_memory"] == 0, 30, "the outbox back on disk")
+        rig.agent.wait_for(
+            lambda s: s["storage"]["fault"] is None and s["backlog"]["in_memory"] == 0,
+            30,
+            "the outbox back on disk",
+        )
         rig.ledger.fault_cleared()
         steady.stop()
         verdict = rig.finish()
@@ -169,7 +239,10 @@ def _read_only_run(rig: Rig, small_fs: Path, fault_matrix: Callable[[dict[str, A
 
 
 def test_fresh_read_only_state_directory(
-    tmp_path: Path, fault_broker: Broker, small_fs: Path | None, fault_matrix: Callable[[dict[str, Any]], None]
+    tmp_path: Path,
+    fault_broker: Broker,
+    small_fs: Path | None,
+    fault_matrix: Callable[[dict[str, Any]], None],
 ) -> None:
     if small_fs is None:
         pytest.skip("needs a mount to make the state directory read-only for root")
@@ -180,7 +253,10 @@ def test_fresh_read_only_state_directory(
 
 
 def test_state_directory_turned_read_only(
-    tmp_path: Path, fault_broker: Broker, small_fs: Path | None, fault_matrix: Callable[[dict[str, Any]], None]
+    tmp_path: Path,
+    fault_broker: Broker,
+    small_fs: Path | None,
+    fault_matrix: Callable[[dict[str, Any]], None],
 ) -> None:
     """An SD card the kernel remounted read-only after errors: the outbox exists but can't be written."""
     if small_fs is None:
@@ -214,21 +290,42 @@ def _seq_gaps(rig: Rig) -> tuple[int, int]:
         if message.topic.endswith("/events/agent.started")
         and (first_last := message.json()["payload"].get("seq_skipped"))
     }
-    return max(ids_by_seq) - len(ids_by_seq) - sum(last - first + 1 for first, last in skipped), reused
+    return max(ids_by_seq) - len(ids_by_seq) - sum(
+        last - first + 1 for first, last in skipped
+    ), reused
 
 
 def test_kill_while_the_disk_is_full_loses_only_events_said_to_be_in_memory(
-    tmp_path: Path, fault_broker: Broker, small_fs: Path | None, fault_matrix: Callable[[dict[str, Any]], None]
+    tmp_path: Path,
+    fault_broker: Broker,
+    small_fs: Path | None,
+    fault_matrix: Callable[[dict[str, Any]], None],
 ) -> None:
     if small_fs is None:
         pytest.skip("needs a mount to fill a small filesystem")
-    outbox = {"reserve_bytes": 2 * 1024 * 1024, "shed_low_below": 3 * 1024 * 1024, "shed_normal_below": 2 * 1024 * 1024}
+    outbox = {
+        "reserve_bytes": 2 * 1024 * 1024,
+        "shed_low_below": 3 * 1024 * 1024,
+        "shed_normal_below": 2 * 1024 * 1024,
+    }
     with TcpProxy(fault_broker.host, fault_broker.port) as proxy:
         proxy.refuse()  # the broker is down: everything waits in the outbox
-        rig = Rig(tmp_path, fault_broker, state_dir=small_fs / "state", mqtt_port=proxy.port, outbox=outbox)
+        rig = Rig(
+            tmp_path,
+            fault_broker,
+            state_dir=small_fs / "state",
+            mqtt_port=proxy.port,
+            outbox=outbox,
+        )
         rig.start()
-        steady = Emitter(rig.agent, rig.ledger, kind="fault.full", priorities=("critical", "normal", "low", "high"),
-                         rate=80, persist=True).start()
+        steady = Emitter(
+            rig.agent,
+            rig.ledger,
+            kind="fault.full",
+            priorities=("critical", "normal", "low", "high"),
+            rate=80,
+            persist=True,
+        ).start()
         try:
             time.sleep(1.0)
             fill_disk(small_fs)
@@ -248,20 +345,34 @@ def test_kill_while_the_disk_is_full_loses_only_events_said_to_be_in_memory(
     rig.wait_delivered(rig.ledger.expected_ids(), timeout=10)
     verdict = rig.ledger.verdict(rig.recorder)
     held = rig.ledger.held.values()
-    held_by_priority = {p: sum(1 for a in held if a.priority == p) for p in ("critical", "high", "normal", "low")}
+    held_by_priority = {
+        p: sum(1 for a in held if a.priority == p) for p in ("critical", "high", "normal", "low")
+    }
     gaps, reused = _seq_gaps(rig)
-    fault_matrix(verdict.row("disk full, broker down, kill -9 while full", 1, held_in_memory=held_by_priority,
-                             seq_gaps=gaps, seq_reused=reused, reported=sorted(_kinds(rig) & {
-                                 "agent.disk_full", "agent.storage_space", "agent.storage_failed"})))
+    fault_matrix(
+        verdict.row(
+            "disk full, broker down, kill -9 while full",
+            1,
+            held_in_memory=held_by_priority,
+            seq_gaps=gaps,
+            seq_reused=reused,
+            reported=sorted(
+                _kinds(rig) & {"agent.disk_full", "agent.storage_space", "agent.storage_failed"}
+            ),
+        )
+    )
     verdict.assert_promise(order=False)
     assert held_by_priority["critical"] == held_by_priority["high"] == 0, (
-        f"the space kept for alarms did not hold them: {held_by_priority}")
+        f"the space kept for alarms did not hold them: {held_by_priority}"
+    )
     assert held_by_priority["low"] > 0, "low-priority events were not shed while the disk was full"
     assert {"agent.disk_full", "agent.storage_space"} <= _kinds(rig)
     assert reused == 0, "a seq was given to two different events"
     # Held events the disk took before the kill were delivered; the rest are the true loss.
     held_lost = set(rig.ledger.held) - rig.seen_ids()
-    assert gaps == len(held_lost), f"the centre sees {gaps} missing seqs, the true loss is {len(held_lost)}"
+    assert gaps == len(held_lost), (
+        f"the centre sees {gaps} missing seqs, the true loss is {len(held_lost)}"
+    )
 
 
 def test_damaged_outbox_loss_is_what_the_centre_sees(
@@ -274,10 +385,18 @@ def test_damaged_outbox_loss_is_what_the_centre_sees(
         rig = Rig(tmp_path, fault_broker, mqtt_port=proxy.port)
         rig.start()
         try:
-            before = Emitter(rig.agent, rig.ledger, kind="fault.before", priorities=("normal", "critical", "high"), limit=600).start()
+            before = Emitter(
+                rig.agent,
+                rig.ledger,
+                kind="fault.before",
+                priorities=("normal", "critical", "high"),
+                limit=600,
+            ).start()
             before.thread.join(60)
             rig.agent.terminate()
-            rig.ledger.read_outbox(rig.db_path)  # every event numbered so far, the agent's own included
+            rig.ledger.read_outbox(
+                rig.db_path
+            )  # every event numbered so far, the agent's own included
             numbered = rig.ledger.expected_ids()
             size = rig.db_path.stat().st_size
             with open(rig.db_path, "r+b") as f:
@@ -285,7 +404,13 @@ def test_damaged_outbox_loss_is_what_the_centre_sees(
                 f.write(os.urandom(4096))
             proxy.set_pass()
             rig.agent.start()
-            after = Emitter(rig.agent, rig.ledger, kind="fault.after", priorities=("critical", "normal"), limit=100).start()
+            after = Emitter(
+                rig.agent,
+                rig.ledger,
+                kind="fault.after",
+                priorities=("critical", "normal"),
+                limit=100,
+            ).start()
             after.thread.join(60)
             rig.wait_drained()
             rig.agent.terminate()
@@ -296,9 +421,18 @@ def test_damaged_outbox_loss_is_what_the_centre_sees(
     lost = numbered - rig.seen_ids()
     gaps, reused = _seq_gaps(rig)
     recovered = [e["payload"] for e in rig.recorder.events("agent.storage_recovered")]
-    fault_matrix({"fault": "4 KiB overwritten mid-file, restart", "iterations": 1, "accepted": len(numbered) + len(since),
-                  "delivered": len(numbered) + len(since) - len(lost), "lost": len(lost), "seq_gaps": gaps,
-                  "seq_reused": reused, "recovery_event": recovered[0] if recovered else None})
+    fault_matrix(
+        {
+            "fault": "4 KiB overwritten mid-file, restart",
+            "iterations": 1,
+            "accepted": len(numbered) + len(since),
+            "delivered": len(numbered) + len(since) - len(lost),
+            "lost": len(lost),
+            "seq_gaps": gaps,
+            "seq_reused": reused,
+            "recovery_event": recovered[0] if recovered else None,
+        }
+    )
     assert recovered, "the recovery was not reported to the centre"
     assert reused == 0, "a seq was given to two different events"
     assert gaps == len(lost), f"the centre sees {gaps} missing seqs, the true loss is {len(lost)}"
@@ -307,7 +441,10 @@ def test_damaged_outbox_loss_is_what_the_centre_sees(
 
 
 def test_power_cut_keeps_every_synced_event(
-    tmp_path: Path, fault_broker: Broker, powercut_library: Path, fault_matrix: Callable[[dict[str, Any]], None]
+    tmp_path: Path,
+    fault_broker: Broker,
+    powercut_library: Path,
+    fault_matrix: Callable[[dict[str, Any]], None],
 ) -> None:
     """Everything not fsync'd is gone after a power cut; critical events are synced before they
     count as durable (``[outbox] sync = "critical"``, the default), so none may be lost."""
@@ -316,12 +453,22 @@ def test_power_cut_keeps_every_synced_event(
     with TcpProxy(fault_broker.host, fault_broker.port) as proxy:
         proxy.refuse()
         rig = Rig(tmp_path, fault_broker, mqtt_port=proxy.port)
-        rig.agent.env.update({"LD_PRELOAD": str(powercut_library), "POWERCUT_WATCH": str(rig.state_dir),
-                              "POWERCUT_SNAPSHOT": str(synced)})
+        rig.agent.env.update(
+            {
+                "LD_PRELOAD": str(powercut_library),
+                "POWERCUT_WATCH": str(rig.state_dir),
+                "POWERCUT_SNAPSHOT": str(synced),
+            }
+        )
         rig.start()
         try:
-            burst = Emitter(rig.agent, rig.ledger, kind="fault.power", priorities=("critical", "normal", "high", "low"),
-                            limit=400).start()
+            burst = Emitter(
+                rig.agent,
+                rig.ledger,
+                kind="fault.power",
+                priorities=("critical", "normal", "high", "low"),
+                limit=400,
+            ).start()
             burst.thread.join(60)
             rig.agent.kill()
             for stale in rig.state_dir.glob("outbox.db*"):
@@ -336,17 +483,33 @@ def test_power_cut_keeps_every_synced_event(
             rig.agent.terminate()
         finally:
             rig.close()
-    by_priority = {p: {i for i, a in rig.ledger.accepted.items() if a.priority == p} for p in ("critical", "high", "normal", "low")}
+    by_priority = {
+        p: {i for i, a in rig.ledger.accepted.items() if a.priority == p}
+        for p in ("critical", "high", "normal", "low")
+    }
     rig.wait_delivered(by_priority["critical"], timeout=10)
     seen = rig.seen_ids()
     lost = {p: len(ids - seen) for p, ids in by_priority.items()}
-    fault_matrix({"fault": "power cut (unsynced writes dropped)", "iterations": 1, "accepted": len(rig.ledger.accepted),
-                  "delivered": len(set(rig.ledger.accepted) & seen), "lost": sum(lost.values()), "lost_by_priority": lost})
-    assert lost["critical"] == 0, f"{lost['critical']} critical events reported durable did not survive the power cut"
+    fault_matrix(
+        {
+            "fault": "power cut (unsynced writes dropped)",
+            "iterations": 1,
+            "accepted": len(rig.ledger.accepted),
+            "delivered": len(set(rig.ledger.accepted) & seen),
+            "lost": sum(lost.values()),
+            "lost_by_priority": lost,
+        }
+    )
+    assert lost["critical"] == 0, (
+        f"{lost['critical']} critical events reported durable did not survive the power cut"
+    )
 
 
 def test_sd_card_remounted_read_only(
-    tmp_path: Path, fault_broker: Broker, sd_card: Any, fault_matrix: Callable[[dict[str, Any]], None]
+    tmp_path: Path,
+    fault_broker: Broker,
+    sd_card: Any,
+    fault_matrix: Callable[[dict[str, Any]], None],
 ) -> None:
     """ext4 ``errors=remount-ro`` after an I/O error: alarms still go out over the live link, every
     emit says it is held in memory, and the centre is told. Such a filesystem comes back only
@@ -354,34 +517,53 @@ def test_sd_card_remounted_read_only(
     agent has every event it had committed."""
     rig = Rig(tmp_path, fault_broker, drivers=PANIC, state_dir=sd_card.mount_point / "state")
     rig.start()
-    steady = Emitter(rig.agent, rig.ledger, kind="fault.sdcard", priorities=("critical", "normal"), rate=40).start()
+    steady = Emitter(
+        rig.agent, rig.ledger, kind="fault.sdcard", priorities=("critical", "normal"), rate=40
+    ).start()
     try:
         time.sleep(1.0)
         sd_card.fail()
-        status = rig.agent.wait_for(lambda s: s["storage"]["fault"] is not None and s["backlog"]["in_memory"] > 0, 30,
-                                    "the read-only filesystem noticed")
+        status = rig.agent.wait_for(
+            lambda s: s["storage"]["fault"] is not None and s["backlog"]["in_memory"] > 0,
+            30,
+            "the read-only filesystem noticed",
+        )
         assert "read-only" in status["storage"]["fault"], status["storage"]
         replies = [rig.agent.simulate("panic") for _ in range(3)]
         presses = [r["result"]["ids"][0] for r in replies]
-        assert rig.wait_delivered(presses, timeout=30), "panic presses on a read-only SD card did not reach the centre"
+        assert rig.wait_delivered(presses, timeout=30), (
+            "panic presses on a read-only SD card did not reach the centre"
+        )
         deadline = time.monotonic() + 30
         while "agent.storage_failed" not in _kinds(rig) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert "agent.storage_failed" in _kinds(rig), "the centre was not told while the disk was failing"
+        assert "agent.storage_failed" in _kinds(rig), (
+            "the centre was not told while the disk was failing"
+        )
         steady.stop()
         held = set(rig.ledger.held)
-        assert rig.wait_delivered(held, timeout=30), "events held in memory were not delivered while the agent ran"
+        assert rig.wait_delivered(held, timeout=30), (
+            "events held in memory were not delivered while the agent ran"
+        )
         rig.agent.terminate()
         sd_card.repair()
         rig.ledger.fault_cleared()
         rig.agent.start()
-        rig.agent.wait_for(lambda s: s["storage"]["fault"] is None, 30, "the outbox writable after fsck")
+        rig.agent.wait_for(
+            lambda s: s["storage"]["fault"] is None, 30, "the outbox writable after fsck"
+        )
         verdict = rig.finish()
     finally:
         steady.stop()
         rig.close()
-    fault_matrix(verdict.row("SD card remounted read-only, fsck, restart", 1, held_in_memory=len(held),
-                             reported=sorted(_kinds(rig) & {"agent.storage_failed", "agent.storage_restored"})))
+    fault_matrix(
+        verdict.row(
+            "SD card remounted read-only, fsck, restart",
+            1,
+            held_in_memory=len(held),
+            reported=sorted(_kinds(rig) & {"agent.storage_failed", "agent.storage_restored"}),
+        )
+    )
     verdict.assert_promise()
     assert held, "emits on a read-only disk must say they are held in memory"
     assert "agent.storage_failed" in _kinds(rig), "the centre was not told"

@@ -35,23 +35,32 @@ class TLSSetup:
         who = identity or self.device
         return {
             "port": self.broker.port,
-            "tls": {"enabled": True, "ca_file": str(self.pki.ca_file),
-                    "cert_file": str(who.cert_file), "key_file": str(who.key_file)},
+            "tls": {
+                "enabled": True,
+                "ca_file": str(self.pki.ca_file),
+                "cert_file": str(who.cert_file),
+                "key_file": str(who.key_file),
+            },
         }
 
     def options(self, identity: Identity | None = None) -> BrokerOptions:
         """Broker options of an operator console (default: console-1)."""
         who = identity or self.console
-        return BrokerOptions(host=self.broker.host, port=self.broker.port,
-                             ca_file=str(self.pki.ca_file), cert_file=str(who.cert_file),
-                             key_file=str(who.key_file))
+        return BrokerOptions(
+            host=self.broker.host,
+            port=self.broker.port,
+            ca_file=str(self.pki.ca_file),
+            cert_file=str(who.cert_file),
+            key_file=str(who.key_file),
+        )
 
     def recorder(self, topic: str = "wardpost/#", identity: Identity | None = None) -> Recorder:
         """A :class:`Recorder` that connects over TLS (as the receiver unless told otherwise)."""
         who = identity or self.receiver
         rec = Recorder(self.broker, topic)
-        rec.client.tls_set(ca_certs=str(self.pki.ca_file), certfile=str(who.cert_file),
-                           keyfile=str(who.key_file))
+        rec.client.tls_set(
+            ca_certs=str(self.pki.ca_file), certfile=str(who.cert_file), keyfile=str(who.key_file)
+        )
         return rec
 
 
@@ -59,8 +68,9 @@ def shipped_broker_config(cert_dir: Path, port: int) -> str:
     """config/mosquitto/wardpost.conf with its paths pointed at ``cert_dir``, on loopback."""
     text = (MOSQUITTO_DIR / "wardpost.conf").read_text()
     assert "listener 8883\n" in text and "/etc/mosquitto/wardpost/" in text
-    return (text.replace("listener 8883\n", f"listener {port} 127.0.0.1\n")
-            .replace("/etc/mosquitto/wardpost/", f"{cert_dir}/"))
+    return text.replace("listener 8883\n", f"listener {port} 127.0.0.1\n").replace(
+        "/etc/mosquitto/wardpost/", f"{cert_dir}/"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +80,20 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSSetup]:
     pki.issue("broker", server=True)
     shutil.copy(MOSQUITTO_DIR / "wardpost.acl", pki.directory / "wardpost.acl")
     port = free_port()
-    broker = Broker(root / "broker", port=port,
-                    extra_config=shipped_broker_config(pki.directory, port))
+    broker = Broker(
+        root / "broker", port=port, extra_config=shipped_broker_config(pki.directory, port)
+    )
     broker.start()
     generate_keypair(root / "centre.key", root / "centre.pub")
     setup = TLSSetup(
-        broker=broker, pki=pki,
+        broker=broker,
+        pki=pki,
         device=pki.issue(f"{SITE}/{DEVICE}"),
         other_device=pki.issue(f"{SITE}/other-device"),
         receiver=pki.issue("receiver"),
         console=pki.issue("console-1"),
-        centre_key=root / "centre.key", centre_pub=root / "centre.pub",
+        centre_key=root / "centre.key",
+        centre_pub=root / "centre.pub",
     )
     yield setup
     broker.stop()

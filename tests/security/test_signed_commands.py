@@ -24,15 +24,30 @@ pytest.importorskip("drivers.panic_button")
 
 OWN = f"wardpost/{SITE}/{DEVICE}"
 MAX_AGE = 60.0
-PANIC = {"panic": {"type": "panic_button", "pin": 17, "location": {"ward": "3B", "room": "12"},
-                   "pin_factory": "mock", "bounce_time": 0.01}}
+PANIC = {
+    "panic": {
+        "type": "panic_button",
+        "pin": 17,
+        "location": {"ward": "3B", "room": "12"},
+        "pin_factory": "mock",
+        "bounce_time": 0.01,
+    }
+}
 
 
 @pytest.fixture
 def harness(tmp_path: Path, tls: TLSSetup) -> Iterator[AgentHarness]:
-    h = AgentHarness(tmp_path, tls.broker, drivers=PANIC, mqtt=tls.agent_mqtt(),
-                     commands={"require_signature": True, "public_keys": [str(tls.centre_pub)],
-                               "max_age": MAX_AGE})
+    h = AgentHarness(
+        tmp_path,
+        tls.broker,
+        drivers=PANIC,
+        mqtt=tls.agent_mqtt(),
+        commands={
+            "require_signature": True,
+            "public_keys": [str(tls.centre_pub)],
+            "max_age": MAX_AGE,
+        },
+    )
     h.start()
     yield h
     h.stop()
@@ -56,19 +71,25 @@ def send(centre: Recorder, name: str, message: dict[str, Any] | bytes) -> dict[s
     topic = f"{OWN}/cmd_result/{command_id}"
     before = len(centre.on_topic(topic))
     centre.publish(f"{OWN}/cmd/{name}", raw)
-    centre.wait_for(lambda msgs: sum(m.topic == topic for m in msgs) > before, 10,
-                    f"the result of {command_id}")
+    centre.wait_for(
+        lambda msgs: sum(m.topic == topic for m in msgs) > before, 10, f"the result of {command_id}"
+    )
     result: dict[str, Any] = centre.on_topic(topic)[-1].json()
     return result
 
 
 def rejection_for(centre: Recorder, command_id: str) -> dict[str, Any]:
     """The ``security.command_rejected`` event the device reported for ``command_id``."""
-    centre.wait_for(lambda _: any(e["payload"]["id"] == command_id
-                                  for e in centre.events("security.command_rejected")),
-                    10, f"a security event about {command_id}")
-    return next(e for e in centre.events("security.command_rejected")
-                if e["payload"]["id"] == command_id)
+    centre.wait_for(
+        lambda _: any(
+            e["payload"]["id"] == command_id for e in centre.events("security.command_rejected")
+        ),
+        10,
+        f"a security event about {command_id}",
+    )
+    return next(
+        e for e in centre.events("security.command_rejected") if e["payload"]["id"] == command_id
+    )
 
 
 def ping(signer: Signer | None, **changes: Any) -> dict[str, Any]:
@@ -83,12 +104,13 @@ def signed_at(signer: Signer, issued_at: float) -> dict[str, Any]:
 
 ATTACKS: dict[str, tuple[Callable[[Signer], dict[str, Any]], str]] = {
     "unsigned": (lambda s: ping(None), "unsigned command"),
-    "forged (another key)": (lambda s: ping(Signer(Ed25519PrivateKey.generate())),
-                             "bad signature"),
+    "forged (another key)": (lambda s: ping(Signer(Ed25519PrivateKey.generate())), "bad signature"),
     "tampered args": (lambda s: ping(s, args={"extra": 1}), "bad signature"),
     "tampered target": (lambda s: ping(s, target="panic"), "bad signature"),
     "signed for another device": (
-        lambda s: s.sign(SITE, "other-device", "ping", ping(None)), "bad signature"),
+        lambda s: s.sign(SITE, "other-device", "ping", ping(None)),
+        "bad signature",
+    ),
     "garbage signature": (lambda s: ping(s, signature="not base64!"), "not base64"),
     "expired": (lambda s: signed_at(s, time.time() - 2 * MAX_AGE), "expired"),
     "from the future": (lambda s: signed_at(s, time.time() + 2 * MAX_AGE), "expired"),
@@ -96,8 +118,9 @@ ATTACKS: dict[str, tuple[Callable[[Signer], dict[str, Any]], str]] = {
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_bad_commands_are_rejected_and_reported(harness: AgentHarness, centre: Recorder,
-                                                signer: Signer, attack: str) -> None:
+def test_bad_commands_are_rejected_and_reported(
+    harness: AgentHarness, centre: Recorder, signer: Signer, attack: str
+) -> None:
     make, reason = ATTACKS[attack]
     message = make(signer)
     result = send(centre, "ping", message)
@@ -109,8 +132,9 @@ def test_bad_commands_are_rejected_and_reported(harness: AgentHarness, centre: R
     assert harness.agent is not None and harness.agent.dispatcher.counters["rejected"] == 1
 
 
-def test_a_replay_is_refused_even_after_a_restart(harness: AgentHarness, centre: Recorder,
-                                                  signer: Signer) -> None:
+def test_a_replay_is_refused_even_after_a_restart(
+    harness: AgentHarness, centre: Recorder, signer: Signer
+) -> None:
     raw = json.dumps(ping(signer)).encode()
     assert send(centre, "ping", raw)["ok"] is True
     again = send(centre, "ping", raw)
@@ -126,15 +150,24 @@ def test_a_replay_is_refused_even_after_a_restart(harness: AgentHarness, centre:
 @pytest.fixture
 def receiver(tmp_path: Path, tls: TLSSetup) -> Iterator[Receiver]:
     """The centre's receiver on the TLS broker as CN "receiver", signing its re-sends."""
-    config = parse_receiver_config({
-        "mqtt": {"host": tls.broker.host, "port": tls.broker.port, "client_id": "receiver",
-                 "tls": {"enabled": True, "ca_file": str(tls.pki.ca_file),
-                         "cert_file": str(tls.receiver.cert_file),
-                         "key_file": str(tls.receiver.key_file)}},
-        "store": {"url": f"sqlite:///{tmp_path / 'central.db'}"},
-        "supervision": {"check_every": 0.1},
-        "commands": {"signing_key": str(tls.centre_key), "retry_every": 5.0},
-    })
+    config = parse_receiver_config(
+        {
+            "mqtt": {
+                "host": tls.broker.host,
+                "port": tls.broker.port,
+                "client_id": "receiver",
+                "tls": {
+                    "enabled": True,
+                    "ca_file": str(tls.pki.ca_file),
+                    "cert_file": str(tls.receiver.cert_file),
+                    "key_file": str(tls.receiver.key_file),
+                },
+            },
+            "store": {"url": f"sqlite:///{tmp_path / 'central.db'}"},
+            "supervision": {"check_every": 0.1},
+            "commands": {"signing_key": str(tls.centre_key), "retry_every": 5.0},
+        }
+    )
     running = Receiver(config).start()
     assert running.wait_connected(10)
     yield running
@@ -151,10 +184,17 @@ def device_state(receiver: Receiver, wanted: str) -> Callable[[], bool]:
 
 
 def test_the_consoles_signed_ack_and_resolve_are_confirmed_by_the_device(
-        harness: AgentHarness, receiver: Receiver, tls: TLSSetup, signer: Signer) -> None:
+    harness: AgentHarness, receiver: Receiver, tls: TLSSetup, signer: Signer
+) -> None:
     out = io.StringIO()
-    monitor = Monitor(tls.options(), receiver.store, SITE, signer=signer, operator="desk-2",
-                      view=TerminalView(out, as_json=True))
+    monitor = Monitor(
+        tls.options(),
+        receiver.store,
+        SITE,
+        signer=signer,
+        operator="desk-2",
+        view=TerminalView(out, as_json=True),
+    )
     monitor.start()
     try:
         assert harness.agent is not None
@@ -186,10 +226,17 @@ def test_the_consoles_signed_ack_and_resolve_are_confirmed_by_the_device(
         monitor.stop()
 
 
-def test_an_unsigned_console_cannot_acknowledge(harness: AgentHarness, centre: Recorder,
-                                                receiver: Receiver, tls: TLSSetup) -> None:
-    monitor = Monitor(tls.options(), receiver.store, SITE, signer=None, operator="desk-3",
-                      view=TerminalView(io.StringIO(), as_json=True))
+def test_an_unsigned_console_cannot_acknowledge(
+    harness: AgentHarness, centre: Recorder, receiver: Receiver, tls: TLSSetup
+) -> None:
+    monitor = Monitor(
+        tls.options(),
+        receiver.store,
+        SITE,
+        signer=None,
+        operator="desk-3",
+        view=TerminalView(io.StringIO(), as_json=True),
+    )
     monitor.start()
     try:
         assert harness.agent is not None
@@ -205,11 +252,18 @@ def test_an_unsigned_console_cannot_acknowledge(harness: AgentHarness, centre: R
         monitor.stop()
 
 
-def test_monitor_run_reads_operator_lines_and_quits(tls: TLSSetup, signer: Signer,
-                                                   receiver: Receiver) -> None:
+def test_monitor_run_reads_operator_lines_and_quits(
+    tls: TLSSetup, signer: Signer, receiver: Receiver
+) -> None:
     out = io.StringIO()
-    monitor = Monitor(tls.options(), receiver.store, SITE, signer=signer, operator="desk-1",
-                      view=TerminalView(out, as_json=True))
+    monitor = Monitor(
+        tls.options(),
+        receiver.store,
+        SITE,
+        signer=signer,
+        operator="desk-1",
+        view=TerminalView(out, as_json=True),
+    )
     started = time.monotonic()
     assert monitor.run(duration=10, lines=iter(["devices", "ack", "quit"])) == 0
     assert time.monotonic() - started < 5, "quit ends the session"

@@ -23,15 +23,24 @@ OTHER = f"wardpost/{SITE}/other-device"
 class Probe:
     """A bare MQTT 5 client that records CONNACK, PUBACK and SUBACK reason codes."""
 
-    def __init__(self, tls: TLSSetup, identity: Identity | None, *, ca_file: Path | None = None,
-                 use_tls: bool = True):
+    def __init__(
+        self,
+        tls: TLSSetup,
+        identity: Identity | None,
+        *,
+        ca_file: Path | None = None,
+        use_tls: bool = True,
+    ):
         self.connacks: list[Any] = []
         self.pubacks: dict[int, Any] = {}
         self.subacks: list[Any] = []
         self.errors: list[str] = []
         self._event = threading.Event()
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  client_id=f"probe-{id(self)}", protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"probe-{id(self)}",
+            protocol=mqtt.MQTTv5,
+        )
         if use_tls:
             self.client.tls_set(
                 ca_certs=str(ca_file or tls.pki.ca_file),
@@ -40,7 +49,8 @@ class Probe:
             )
         self.client.on_connect = lambda c, u, f, rc, p: self._note(self.connacks.append, rc)
         self.client.on_publish = lambda c, u, mid, rc, p: self._note(
-            lambda r: self.pubacks.__setitem__(mid, r), rc)
+            lambda r: self.pubacks.__setitem__(mid, r), rc
+        )
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self._note(self.subacks.extend, rcs)
         self.tls = tls
 
@@ -82,10 +92,14 @@ def test_agent_connects_over_tls_with_its_certificate(tmp_path: Path, tls: TLSSe
         try:
             emission = agent.emit("test", "probe.tick", {"n": 1})
             assert emission.wait_delivered(10), "the broker acknowledged the event over TLS"
-            rec.wait_for(lambda msgs: any(m.topic == f"{OWN}/events/probe.tick" for m in msgs),
-                          10, "the event at the centre")
-            rec.wait_for(lambda msgs: any(m.topic == f"{OWN}/heartbeat" for m in msgs), 5,
-                         "a heartbeat")
+            rec.wait_for(
+                lambda msgs: any(m.topic == f"{OWN}/events/probe.tick" for m in msgs),
+                10,
+                "the event at the centre",
+            )
+            rec.wait_for(
+                lambda msgs: any(m.topic == f"{OWN}/heartbeat" for m in msgs), 5, "a heartbeat"
+            )
             statuses = [m.json() for m in rec.on_topic(f"{OWN}/status")]
             assert statuses and statuses[-1]["state"] == "online"
             assert agent.publisher is not None and agent.publisher.counters["rejected"] == 0
@@ -94,8 +108,9 @@ def test_agent_connects_over_tls_with_its_certificate(tmp_path: Path, tls: TLSSe
 
 
 @pytest.mark.parametrize("case", ["no certificate", "certificate from another CA", "plain TCP"])
-def test_a_client_without_a_valid_certificate_is_refused(tmp_path: Path, tls: TLSSetup,
-                                                         case: str) -> None:
+def test_a_client_without_a_valid_certificate_is_refused(
+    tmp_path: Path, tls: TLSSetup, case: str
+) -> None:
     if case == "no certificate":
         probe = Probe(tls, None)
     elif case == "certificate from another CA":
@@ -116,9 +131,15 @@ def test_a_device_reaches_only_its_own_tree(tls: TLSSetup) -> None:
         assert probe.connect()
         for topic in (f"{OWN}/events/probe.tick", f"{OWN}/heartbeat", f"{OWN}/cmd_result/x1"):
             assert not probe.publish(topic).is_failure, topic
-        for topic in (f"{OTHER}/events/panic.pressed", f"{OTHER}/status",
-                      f"{OTHER}/cmd_result/x1", f"{OTHER}/cmd/ack", f"{OWN}/cmd/ack",
-                      f"{OTHER}/receipts", f"wardpost/elsewhere/{DEVICE}/events/panic.pressed"):
+        for topic in (
+            f"{OTHER}/events/panic.pressed",
+            f"{OTHER}/status",
+            f"{OTHER}/cmd_result/x1",
+            f"{OTHER}/cmd/ack",
+            f"{OWN}/cmd/ack",
+            f"{OTHER}/receipts",
+            f"wardpost/elsewhere/{DEVICE}/events/panic.pressed",
+        ):
             reason = probe.publish(topic)
             assert reason.value == 135, f"{topic}: {reason}"
     finally:
@@ -126,7 +147,8 @@ def test_a_device_reaches_only_its_own_tree(tls: TLSSetup) -> None:
 
 
 def test_the_receiver_writes_receipts_and_commands_but_cannot_speak_as_a_device(
-        tls: TLSSetup) -> None:
+    tls: TLSSetup,
+) -> None:
     probe = Probe(tls, tls.receiver)
     try:
         assert probe.connect()
@@ -164,7 +186,8 @@ def test_the_old_centre_identity_has_no_rights(tls: TLSSetup) -> None:
 
 
 def test_an_agent_speaking_as_another_device_is_refused_and_counts_it(
-        tmp_path: Path, tls: TLSSetup) -> None:
+    tmp_path: Path, tls: TLSSetup
+) -> None:
     """An agent configured as test-device but holding other-device's certificate (a copied
     or stolen config): every event is refused with reason 135 and nothing reaches the
     centre; the publisher counts the refusals and keeps the events in its outbox."""

@@ -42,11 +42,17 @@ def keys(tmp_path: Path) -> tuple[Signer, Path]:
     return Signer.from_file(str(tmp_path / "centre.key")), tmp_path / "centre.pub"
 
 
-def make_verifier(tmp_path: Path, pub: Path, clock: Clock,
-                  max_age: float = 30.0) -> SignatureVerifier:
-    return SignatureVerifier([load_public_key(str(pub))], max_age,
-                             ReplayStore(tmp_path / "state" / "commands.db", 2 * max_age),
-                             site=SITE, device=DEVICE, clock=clock)
+def make_verifier(
+    tmp_path: Path, pub: Path, clock: Clock, max_age: float = 30.0
+) -> SignatureVerifier:
+    return SignatureVerifier(
+        [load_public_key(str(pub))],
+        max_age,
+        ReplayStore(tmp_path / "state" / "commands.db", 2 * max_age),
+        site=SITE,
+        device=DEVICE,
+        clock=clock,
+    )
 
 
 def command(signer: Signer, clock: Clock, command_id: str = "c-1", **args: Any) -> dict[str, Any]:
@@ -59,19 +65,39 @@ def verify(verifier: SignatureVerifier, message: dict[str, Any]) -> None:
 
 
 def test_signed_bytes_are_canonical_and_name_the_destination() -> None:
-    a = signed_bytes(SITE, DEVICE, "ack", {"target": None, "args": {"b": 1, "a": 2}, "id": "x",
-                                           "issued_at": 1.5, "signature": "ignored"})
-    b = signed_bytes(SITE, DEVICE, "ack", {"id": "x", "issued_at": 1.5, "args": {"a": 2, "b": 1},
-                                           "target": None})
+    a = signed_bytes(
+        SITE,
+        DEVICE,
+        "ack",
+        {
+            "target": None,
+            "args": {"b": 1, "a": 2},
+            "id": "x",
+            "issued_at": 1.5,
+            "signature": "ignored",
+        },
+    )
+    b = signed_bytes(
+        SITE, DEVICE, "ack", {"id": "x", "issued_at": 1.5, "args": {"a": 2, "b": 1}, "target": None}
+    )
     assert a == b
-    assert json.loads(a) == {"name": "ack", "site": SITE, "device": DEVICE, "id": "x",
-                             "issued_at": 1.5, "args": {"a": 2, "b": 1}, "target": None}
-    assert signed_bytes(SITE, "other", "ack", {"id": "x"}) != signed_bytes(SITE, DEVICE, "ack",
-                                                                          {"id": "x"})
+    assert json.loads(a) == {
+        "name": "ack",
+        "site": SITE,
+        "device": DEVICE,
+        "id": "x",
+        "issued_at": 1.5,
+        "args": {"a": 2, "b": 1},
+        "target": None,
+    }
+    assert signed_bytes(SITE, "other", "ack", {"id": "x"}) != signed_bytes(
+        SITE, DEVICE, "ack", {"id": "x"}
+    )
 
 
-def test_valid_command_passes_once_and_the_window_is_both_ways(tmp_path: Path,
-                                                               keys: tuple[Signer, Path]) -> None:
+def test_valid_command_passes_once_and_the_window_is_both_ways(
+    tmp_path: Path, keys: tuple[Signer, Path]
+) -> None:
     signer, pub = keys
     clock = Clock()
     verifier = make_verifier(tmp_path, pub, clock)
@@ -87,8 +113,9 @@ def test_valid_command_passes_once_and_the_window_is_both_ways(tmp_path: Path,
         verify(verifier, early)
 
 
-def test_an_unknown_key_id_still_finds_the_right_key(tmp_path: Path,
-                                                     keys: tuple[Signer, Path]) -> None:
+def test_an_unknown_key_id_still_finds_the_right_key(
+    tmp_path: Path, keys: tuple[Signer, Path]
+) -> None:
     signer, pub = keys
     clock = Clock()
     verify(make_verifier(tmp_path, pub, clock), {**command(signer, clock), "key_id": "rotated"})
@@ -97,8 +124,9 @@ def test_an_unknown_key_id_still_finds_the_right_key(tmp_path: Path,
 def test_no_configured_key_rejects_everything(tmp_path: Path, keys: tuple[Signer, Path]) -> None:
     signer, _ = keys
     clock = Clock()
-    verifier = SignatureVerifier([], 30.0, ReplayStore(tmp_path / "r.db", 60.0), site=SITE,
-                                 device=DEVICE, clock=clock)
+    verifier = SignatureVerifier(
+        [], 30.0, ReplayStore(tmp_path / "r.db", 60.0), site=SITE, device=DEVICE, clock=clock
+    )
     with pytest.raises(CommandRejected, match="no centre public key"):
         verify(verifier, command(signer, clock))
 
@@ -124,8 +152,9 @@ def test_replay_store_persists_and_forgets_after_its_window(tmp_path: Path) -> N
     assert reopened.check_and_add("a", 1061.0), "forgotten once older than keep_for"
 
 
-def test_unusable_replay_store_falls_back_to_memory(tmp_path: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_unusable_replay_store_falls_back_to_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     store = ReplayStore(blocker / "commands.db", 60.0)  # its parent is a file
@@ -137,18 +166,29 @@ def test_unusable_replay_store_falls_back_to_memory(tmp_path: Path,
 
 
 def config_with(tmp_path: Path, **files: Path) -> Any:
-    doc: dict[str, Any] = {"agent": {"site": SITE, "device": DEVICE,
-                                     "state_dir": str(files.get("state", tmp_path / "state"))}}
+    doc: dict[str, Any] = {
+        "agent": {
+            "site": SITE,
+            "device": DEVICE,
+            "state_dir": str(files.get("state", tmp_path / "state")),
+        }
+    }
     if "public" in files:
         doc["commands"] = {"public_keys": [str(files["public"])]}
     if "tls_key" in files:
-        doc["mqtt"] = {"tls": {"enabled": True, "cert_file": str(files["tls_cert"]),
-                               "key_file": str(files["tls_key"])}}
+        doc["mqtt"] = {
+            "tls": {
+                "enabled": True,
+                "cert_file": str(files["tls_cert"]),
+                "key_file": str(files["tls_key"]),
+            }
+        }
     return parse_config(doc)
 
 
-def test_too_open_files_are_named_with_their_mode(tmp_path: Path,
-                                                  keys: tuple[Signer, Path]) -> None:
+def test_too_open_files_are_named_with_their_mode(
+    tmp_path: Path, keys: tuple[Signer, Path]
+) -> None:
     _, pub = keys
     state = tmp_path / "state"
     state.mkdir(mode=0o750)
@@ -173,7 +213,8 @@ def test_too_open_files_are_named_with_their_mode(tmp_path: Path,
 
 
 def test_the_agent_warns_at_start_and_never_logs_the_secret(
-        tmp_path: Path, keys: tuple[Signer, Path], caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, keys: tuple[Signer, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     _, pub = keys
     cert, key = tmp_path / "device.crt", tmp_path / "device.key"
     cert.write_text("cert")
@@ -201,8 +242,9 @@ def test_keys_generate_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "refusing to overwrite" in capsys.readouterr().err
 
 
-def test_a_signing_key_readable_by_others_is_reported(tmp_path: Path,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_a_signing_key_readable_by_others_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     generate_keypair(tmp_path / "c.key", tmp_path / "c.pub")
     os.chmod(tmp_path / "c.key", 0o644)
     Signer.from_file(str(tmp_path / "c.key"))

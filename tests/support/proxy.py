@@ -70,7 +70,9 @@ class TcpProxy:
         self._links: set[_Link] = set()
         self._server: asyncio.Server | None = None
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="tcp-proxy", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="tcp-proxy", daemon=True
+        )
 
     # ------------------------------------------------------------ control
 
@@ -119,7 +121,9 @@ class TcpProxy:
     # -------------------------------------------------------- loop thread
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._accept, self.host, self.port, reuse_address=True)
+        self._server = await asyncio.start_server(
+            self._accept, self.host, self.port, reuse_address=True
+        )
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def _set_mode(self, mode: Mode, delay: float) -> None:
@@ -176,7 +180,9 @@ class TcpProxy:
         for w in (writer, up_writer):
             w.transport.abort()
 
-    def _direction(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link) -> list[asyncio.Task[None]]:
+    def _direction(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link
+    ) -> list[asyncio.Task[None]]:
         """One direction: a receiver stamping each chunk with when it may leave, and a
         sender that waits for that moment. Latency without a throughput cap, order kept."""
         line: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
@@ -185,7 +191,12 @@ class TcpProxy:
             asyncio.create_task(self._send(line, writer, link)),
         ]
 
-    async def _receive(self, reader: asyncio.StreamReader, line: asyncio.Queue[tuple[float, bytes] | None], link: _Link) -> None:
+    async def _receive(
+        self,
+        reader: asyncio.StreamReader,
+        line: asyncio.Queue[tuple[float, bytes] | None],
+        link: _Link,
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
             while data := await reader.read(_CHUNK):
@@ -197,7 +208,12 @@ class TcpProxy:
             pass
         line.put_nowait(None)
 
-    async def _send(self, line: asyncio.Queue[tuple[float, bytes] | None], writer: asyncio.StreamWriter, link: _Link) -> None:
+    async def _send(
+        self,
+        line: asyncio.Queue[tuple[float, bytes] | None],
+        writer: asyncio.StreamWriter,
+        link: _Link,
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
             while (item := await line.get()) is not None:
