@@ -140,11 +140,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _status_line(agent: Any) -> str:
-    status = agent.heartbeat()
-    drivers = status["drivers"]
-    ok = sum(1 for d in drivers.values() if d["state"] in ("ok", "degraded"))
-    link = "up" if agent.publisher is not None and agent.publisher.connected else "down"
-    return f"link {link}, backlog {status['backlog']['count']}, drivers {ok}/{len(drivers)} ok"
+    status = agent.status()
+    drivers = status.heartbeat.drivers
+    ok = sum(1 for d in drivers.values() if d.health.state in ("ok", "degraded"))
+    link = "up" if status.link.connected else "down"
+    return f"link {link}, backlog {status.heartbeat.backlog.count}, drivers {ok}/{len(drivers)} ok"
 
 
 # ------------------------------------------------------------ config & info

@@ -99,7 +99,7 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         op = request.get("op")
         agent = self.agent
         if op == "status":
-            return {"ok": True, "status": agent.status()}
+            return {"ok": True, "status": agent.status().to_dict()}
         if op == "events":
             limit = _int(request.get("limit", 20), "limit", 1, 10_000)
             return {

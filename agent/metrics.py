@@ -10,7 +10,7 @@ shows and no second bookkeeping can drift from them::
     events = LabelledCounter(("kind", "priority"))  # emit: events.inc(kind, priority)
 
     def snapshot() -> list[Metric]:
-        return agent_metrics(agent.status(), latency=latency, events=events)
+        return agent_metrics(agent.status(), latency=latency, events=events)  # AgentStatus
 
     server = MetricsServer(snapshot, *config.address)
     server.start()        # raises OSError naming the address if it cannot listen
@@ -33,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
 from agent.driver import HealthState
+from agent.status import AgentStatus, DriverStatus
 
 log = logging.getLogger("wardpost.metrics")
 
@@ -191,142 +192,80 @@ _RUNNING_STATES = ("ok", "degraded")
 
 
 def agent_metrics(
-    status: Mapping[str, Any],
+    status: AgentStatus,
     *,
     latency: Histogram | None = None,
     events: LabelledCounter | None = None,
 ) -> list[Metric]:
-    """Metrics from the agent's ``status()`` dict (the one ``wardpost status`` prints).
-
-    Missing parts are skipped, so a partly started agent still renders.
-    """
+    """Metrics from the agent's status (the one ``wardpost status`` prints)."""
+    link, beat = status.link, status.heartbeat
+    counts = {k: float(v) for k, v in link.counters.items()}
     metrics = [
         gauge(
             "wardpost_info",
             "Agent identity; the value is always 1.",
-            {
-                (
-                    str(status.get("version", "")),
-                    str(status.get("site", "")),
-                    str(status.get("device", "")),
-                ): 1.0
-            },
+            {(status.version, status.site, status.device): 1.0},
             ("version", "site", "device"),
         ),
+        gauge("wardpost_uptime_seconds", "Seconds since the agent started.", beat.uptime),
+        gauge("wardpost_boot", "Agent start counter kept in the outbox.", beat.boot),
+        gauge("wardpost_link_up", "1 while connected to the broker.", float(link.connected)),
+        gauge("wardpost_in_flight_messages", "Published, not yet acknowledged.", link.in_flight),
+        counter(
+            "wardpost_mqtt_connects_total",
+            "Successful broker connections (reconnects included).",
+            counts.pop("connects", 0.0),
+        ),
+        counter(
+            "wardpost_mqtt_disconnects_total", "Broker link losses.", counts.pop("disconnects", 0.0)
+        ),
     ]
-    if "uptime" in status:
+    if counts:
         metrics.append(
-            gauge(
-                "wardpost_uptime_seconds",
-                "Seconds since the agent started.",
-                _float(status["uptime"]),
+            counter(
+                "wardpost_mqtt_messages_total",
+                "Event messages by outcome (sent, confirmed, resent, rejected).",
+                {(k,): v for k, v in counts.items()},
+                ("outcome",),
             )
         )
-    if "boot" in status:
-        metrics.append(
-            gauge(
-                "wardpost_boot", "Agent start counter kept in the outbox.", _float(status["boot"])
-            )
-        )
-    link = status.get("link")
-    if isinstance(link, Mapping):
-        metrics.append(
-            gauge(
-                "wardpost_link_up",
-                "1 while connected to the broker.",
-                1.0 if link.get("connected") else 0.0,
-            )
-        )
-        metrics.append(
-            gauge(
-                "wardpost_in_flight_messages",
-                "Published, not yet acknowledged.",
-                _float(link.get("in_flight", 0)),
-            )
-        )
-        counts = _numbers(link.get("counters"))
-        if "connects" in counts:
-            metrics.append(
-                counter(
-                    "wardpost_mqtt_connects_total",
-                    "Successful broker connections (reconnects included).",
-                    counts.pop("connects"),
-                )
-            )
-        if "disconnects" in counts:
-            metrics.append(
-                counter(
-                    "wardpost_mqtt_disconnects_total",
-                    "Broker link losses.",
-                    counts.pop("disconnects"),
-                )
-            )
-        if counts:
-            metrics.append(
-                counter(
-                    "wardpost_mqtt_messages_total",
-                    "Event messages by outcome (sent, confirmed, resent, rejected).",
-                    {(k,): v for k, v in counts.items()},
-                    ("outcome",),
-                )
-            )
-    backlog = status.get("backlog")
-    if isinstance(backlog, Mapping):
-        metrics.append(
-            gauge(
-                "wardpost_backlog_events",
-                "Events not yet confirmed delivered.",
-                _float(backlog.get("count", 0)),
-            )
-        )
-        oldest = backlog.get("oldest_age")
-        metrics.append(
-            gauge(
-                "wardpost_backlog_oldest_age_seconds",
-                "Age of the oldest undelivered event (0 when none).",
-                _float(oldest) if oldest is not None else 0.0,
-            )
-        )
-        if "in_memory" in backlog:
-            metrics.append(
-                gauge(
-                    "wardpost_backlog_in_memory_events",
-                    "Events held in RAM because the database is unusable.",
-                    _float(backlog["in_memory"]),
-                )
-            )
-    outbox = status.get("outbox")
-    if isinstance(outbox, Mapping) and _numbers(outbox.get("counters")):
+    metrics += [
+        gauge("wardpost_backlog_events", "Events not yet confirmed delivered.", beat.backlog.count),
+        gauge(
+            "wardpost_backlog_oldest_age_seconds",
+            "Age of the oldest undelivered event (0 when none).",
+            beat.backlog.oldest_age or 0.0,
+        ),
+        gauge(
+            "wardpost_backlog_in_memory_events",
+            "Events held in RAM because the database is unusable.",
+            beat.backlog.in_memory,
+        ),
+        gauge(
+            "wardpost_storage_fault",
+            "1 while the outbox database is faulty.",
+            1.0 if beat.storage_fault else 0.0,
+        ),
+    ]
+    if status.outbox_counters:
         metrics.append(
             counter(
                 "wardpost_outbox_operations_total",
                 "Outbox rows by operation (committed, released, evicted, ...).",
-                {(k,): v for k, v in _numbers(outbox.get("counters")).items()},
+                {(k,): float(v) for k, v in status.outbox_counters.items()},
                 ("operation",),
             )
         )
-    storage = status.get("storage")
-    if isinstance(storage, Mapping):
-        metrics.append(
-            gauge(
-                "wardpost_storage_fault",
-                "1 while the outbox database is faulty.",
-                1.0 if storage.get("fault") else 0.0,
-            )
-        )
-    commands = _numbers(status.get("commands"))
-    if commands:
+    if status.commands:
         metrics.append(
             counter(
                 "wardpost_commands_total",
                 "Commands from the centre by outcome.",
-                {(k,): v for k, v in commands.items()},
+                {(k,): float(v) for k, v in status.commands.items()},
                 ("outcome",),
             )
         )
-    drivers = status.get("drivers")
-    if isinstance(drivers, Mapping):
-        metrics += _driver_metrics(drivers)
+    metrics += _driver_metrics(beat.drivers)
     if latency is not None:
         metrics.append(
             latency.metric(
@@ -341,19 +280,17 @@ def agent_metrics(
     return metrics
 
 
-def _driver_metrics(drivers: Mapping[str, Any]) -> list[Metric]:
+def _driver_metrics(drivers: Mapping[str, DriverStatus]) -> list[Metric]:
     up: dict[tuple[str, ...], float] = {}
     states: dict[tuple[str, ...], float] = {}
     counts: dict[tuple[str, ...], float] = {}
-    for name, health in drivers.items():
-        if not isinstance(health, Mapping):
-            continue
-        state = str(health.get("state", ""))
-        up[(name, str(health.get("type", "")))] = 1.0 if state in _RUNNING_STATES else 0.0
+    for name, driver in drivers.items():
+        state = driver.health.state
+        up[(name, driver.type)] = 1.0 if state in _RUNNING_STATES else 0.0
         for known in dict.fromkeys((*_DRIVER_STATES, state)):
             states[(name, known)] = 1.0 if known == state else 0.0
-        for key, value in _numbers(health.get("counters")).items():
-            counts[(name, key)] = value
+        for key, value in driver.health.counters.items():
+            counts[(name, key)] = float(value)
     metrics = [
         gauge(
             "wardpost_driver_up",
@@ -378,23 +315,6 @@ def _driver_metrics(drivers: Mapping[str, Any]) -> list[Metric]:
             )
         )
     return metrics
-
-
-def _float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _numbers(value: Any) -> dict[str, float]:
-    if not isinstance(value, Mapping):
-        return {}
-    return {
-        str(k): float(v)
-        for k, v in value.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
 
 
 # ------------------------------------------------------------------ server

@@ -1,10 +1,10 @@
 """The agent: builds the data path and supervises the drivers on it.
 
-    driver ──emit──▶ Event ──▶ Outbox (SQLite, durable) ──▶ Publisher ──▶ broker
+    driver ──emit──▶ Event ──▶ Delivery (outbox, publisher) ──▶ broker
        ▲                                                        │
        └──────── Dispatcher ◀──── cmd/<name> ◀──────────────────┘
 
-:class:`Agent` owns one of each. Drivers are found through the registry, each
+:class:`Agent` owns one of each; :mod:`agent.delivery` keeps the delivery rules. Drivers are found through the registry, each
 started in isolation: one that fails to start is marked failed, reported, and
 retried with backoff while every other driver keeps running.
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent import __version__, homeassistant
+from agent.backoff import Backoff
 from agent.commands import Dispatcher, Verifier
 from agent.config import (
     CORE_SECTIONS,
@@ -35,6 +36,7 @@ from agent.config import (
     changed_fields,
     load_config,
 )
+from agent.delivery import Delivery, Outbox, Publisher, StorageReport
 from agent.driver import (
     Command,
     CommandError,
@@ -46,10 +48,9 @@ from agent.driver import (
     Timer,
 )
 from agent.event import Event, Priority, valid_kind
-from agent.outbox import Outbox, PendingRow, StorageReport
-from agent.publisher import Publisher
 from agent.registry import driver_config, validate_drivers
 from agent.security import verifier_for
+from agent.status import AgentStatus, Backlog, DriverStatus, Heartbeat, Link
 
 log = logging.getLogger("wardpost")
 
@@ -148,13 +149,18 @@ class DriverSlot:
     instance: Driver | None = None
     state: Literal["starting", "running", "failed", "stopped"] = "stopped"
     error: str = ""
-    failures: int = 0
+    retry: Backoff = field(default_factory=lambda: Backoff(_RETRY_MIN, _RETRY_MAX))
     retry_at: float = 0.0
     timers: list[Timer] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.section.name
+
+    @property
+    def failures(self) -> int:
+        """Failed starts since it last ran."""
+        return self.retry.failures
 
     def health(self) -> Health:
         if self.state == "failed":
@@ -217,20 +223,17 @@ class Agent:
         applies a reloaded ``[agent] log_level``."""
         self.config = config
         self.apply_log_level = apply_log_level
-        self.on_transmitted = on_transmitted
         self.on_event = on_event
         self.started_at = time.monotonic()
         self.verifier: Verifier = verifier or verifier_for(config)
         self.bus = EventBus()
-        self.outbox = Outbox(
-            config.outbox_path,
-            config.outbox,
-            on_committed=self._on_committed,
-            on_released=self._on_released,
-            on_report=self._on_storage_report,
+        self.delivery = Delivery(
+            config, on_report=self._on_storage_report, on_transmitted=on_transmitted
         )
-        self.publisher: Publisher | None = None
-        self.dispatcher = Dispatcher(self.verifier, self._publish_command_result, self._report_core)
+        self.outbox: Outbox = self.delivery.outbox
+        self.dispatcher = Dispatcher(
+            self.verifier, self.delivery.publish_command_result, self._report_core
+        )
         self.slots: dict[str, DriverSlot] = {}
         self._timers: list[RepeatingTimer] = []
         self._heartbeat_timer: RepeatingTimer | None = None
@@ -267,17 +270,11 @@ class Agent:
             priority=Priority.parse(priority),
             site=self.config.agent.site,
             device=self.config.agent.device,
-            seq=self.outbox.next_seq(),
+            seq=self.delivery.next_seq(),
             payload=body,
             test=test,
         )
-        emission = Emission(event)
-        row = PendingRow.of(event)  # serialised once, for the disk and the wire
-        if self.publisher is not None:
-            self.publisher.expect(row)
-        self.outbox.submit(emission, row)
-        if self.publisher is not None:
-            self.publisher.track(emission, row)
+        emission = self.delivery.submit(event)
         self.emitted += 1
         if self.on_event is not None:
             self.on_event(event)
@@ -293,13 +290,9 @@ class Agent:
         else:
             self.emit(CORE, report.kind, report.payload, report.priority)
 
-    def _on_committed(self, min_key: tuple[int, int]) -> None:
-        if self.publisher is not None:
-            self.publisher.committed(min_key)
-
-    def _on_released(self, ids: list[str]) -> None:
-        if self.publisher is not None:
-            self.publisher.released(ids)
+    @property
+    def publisher(self) -> Publisher | None:
+        return self.delivery.publisher
 
     # ------------------------------------------------------------ lifecycle
 
@@ -307,14 +300,11 @@ class Agent:
         state_dir = Path(self.config.agent.state_dir)
         with contextlib.suppress(OSError):
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        self._pending_reports.extend(self.outbox.open())
-        self.publisher = Publisher(
-            self.config,
-            self.outbox,
+        self._pending_reports.extend(self.delivery.open())
+        self.delivery.start(
             status_extra=self._status_extra,
             on_command=self.dispatcher.submit,
             on_link_change=self._on_link_change,
-            on_transmitted=self.on_transmitted,
         )
         self.dispatcher.register("reload", CORE, self._command_reload)
         self.dispatcher.register(
@@ -337,7 +327,6 @@ class Agent:
                 "seq_skipped": list(skipped) if (skipped := self.outbox.seqs.skipped) else None,
             },
         )
-        self.publisher.start()
         for section in self.config.drivers:
             if section.enabled:
                 slot = DriverSlot(section)
@@ -379,10 +368,7 @@ class Agent:
             for slot in list(self.slots.values()):
                 self._stop_slot(slot)
         self.dispatcher.stop()
-        self.outbox.flush(flush_timeout)
-        if self.publisher is not None:
-            self.publisher.stop(flush_timeout)
-        self.outbox.close()
+        self.delivery.stop(flush_timeout)
         self.bus.close()
         self.ready.clear()
         log.info("stopped")
@@ -412,7 +398,7 @@ class Agent:
                 {"driver": slot.name, "type": slot.section.type},
                 Priority.HIGH,
             )
-        slot.failures = 0
+        slot.retry.reset()
         slot.error = ""
 
     def _driver_failed(self, slot: DriverSlot, exc: Exception) -> None:
@@ -426,8 +412,7 @@ class Agent:
                 slot.instance.stop()
         self._cleanup_slot(slot)
         slot.state = "failed"
-        slot.failures += 1
-        slot.retry_at = time.monotonic() + min(_RETRY_MAX, _RETRY_MIN * 2 ** (slot.failures - 1))
+        slot.retry_at = time.monotonic() + slot.retry.next()
         if slot.error != message:
             log.error("driver %s (%s) failed to start: %s", slot.name, slot.section.type, message)
             self.emit(
@@ -465,8 +450,7 @@ class Agent:
     def healthy(self, timeout: float = 5.0) -> bool:
         """True while the data path really works: the outbox writer commits and the
         publisher's threads run. Drives the systemd watchdog."""
-        pub = self.publisher
-        return pub is not None and pub.alive() and self.outbox.flush(timeout)
+        return self.delivery.healthy(timeout)
 
     def driver(self, name: str) -> Driver:
         slot = self.slots.get(name)
@@ -567,16 +551,9 @@ class Agent:
         if publisher is None or not publisher.connected:
             return  # announced on the next connect
         try:
-            homeassistant.announce(
-                self.config,
-                lambda topic, body: publisher.client.publish(topic, body, qos=1, retain=True),
-            )
+            homeassistant.announce(self.config, publisher.publish_retained)
         except Exception:  # discovery is a convenience: it must never disturb the data path
             log.exception("Home Assistant discovery failed")
-
-    def _publish_command_result(self, command_id: str, body: Mapping[str, Any]) -> None:
-        if self.publisher is not None:
-            self.publisher.publish_direct(self.publisher.topics.command_result(command_id), body)
 
     def _status_extra(self) -> dict[str, Any]:
         drivers = sorted(s.name for s in self.config.drivers if s.enabled)
@@ -586,57 +563,55 @@ class Agent:
             "backlog": self.outbox.backlog()[0],
         }
 
-    def drivers_health(self) -> dict[str, dict[str, Any]]:
+    def drivers_health(self) -> dict[str, DriverStatus]:
         with self._lock:
             return {
-                name: {"type": slot.section.type, **slot.health().to_dict()}
+                name: DriverStatus(slot.section.type, slot.health())
                 for name, slot in self.slots.items()
             }
 
-    def heartbeat(self) -> dict[str, Any]:
+    def heartbeat(self) -> Heartbeat:
         count, oldest = self.outbox.backlog()
         pub = self.publisher
-        return {
-            "uptime": round(time.monotonic() - self.started_at, 3),
-            "interval": self.config.agent.heartbeat_interval,
-            "backlog": {
-                "count": count,
-                "oldest_age": None if oldest is None else round(max(0.0, time.time() - oldest), 3),
-                "in_memory": self.outbox.in_memory,
-            },
-            "drivers": self.drivers_health(),
-            "transmission": pub.stats.summary() if pub else {},
-            "storage": {"fault": self.outbox.fault},
-            "boot": self.outbox.boot,
-            "connection": pub.connection if pub else 0,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "delivery": self.config.mqtt.delivery,
-        }
+        return Heartbeat(
+            uptime=round(time.monotonic() - self.started_at, 3),
+            interval=self.config.agent.heartbeat_interval,
+            backlog=Backlog(
+                count=count,
+                oldest_age=None if oldest is None else round(max(0.0, time.time() - oldest), 3),
+                in_memory=self.outbox.in_memory,
+            ),
+            drivers=self.drivers_health(),
+            transmission=pub.stats.summary() if pub else {},
+            storage_fault=self.outbox.fault,
+            boot=self.outbox.boot,
+            connection=pub.connection if pub else 0,
+            time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            delivery=self.config.mqtt.delivery,
+        )
 
     def publish_heartbeat(self) -> None:
-        if self.publisher is not None:
-            self.publisher.publish_direct(self.publisher.topics.heartbeat, self.heartbeat(), qos=0)
+        self.delivery.publish_heartbeat(self.heartbeat().to_dict())
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> AgentStatus:
         pub = self.publisher
-        return {
-            "version": __version__,
-            "site": self.config.agent.site,
-            "device": self.config.agent.device,
-            "config": {"path": self.config.source, "digest": self.config.digest},
-            "link": {
-                "connected": bool(pub and pub.connected),
-                "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
-                "delivery": self.config.mqtt.delivery,
-                "guarantee": DELIVERY_GUARANTEES[self.config.mqtt.delivery],
-                "in_flight": pub.in_flight() if pub else 0,
-                "last_error": pub.last_error if pub else None,
-                "counters": dict(pub.counters) if pub else {},
-            },
-            "outbox": {
-                "path": str(self.config.outbox_path),
-                "counters": dict(self.outbox.counters),
-            },
-            "commands": dict(self.dispatcher.counters),
-            **self.heartbeat(),
-        }
+        return AgentStatus(
+            version=__version__,
+            site=self.config.agent.site,
+            device=self.config.agent.device,
+            config_path=str(self.config.source),
+            config_digest=self.config.digest,
+            link=Link(
+                connected=bool(pub and pub.connected),
+                broker=f"{self.config.mqtt.host}:{self.config.mqtt.port}",
+                delivery=self.config.mqtt.delivery,
+                guarantee=DELIVERY_GUARANTEES[self.config.mqtt.delivery],
+                in_flight=pub.in_flight() if pub else 0,
+                last_error=pub.last_error if pub else None,
+                counters=dict(pub.counters) if pub else {},
+            ),
+            outbox_path=str(self.config.outbox_path),
+            outbox_counters=dict(self.outbox.counters),
+            commands=dict(self.dispatcher.counters),
+            heartbeat=self.heartbeat(),
+        )

@@ -22,13 +22,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import OutboxConfig, load_config
 from agent.control import ControlError, request
+from agent.delivery.outbox import Outbox
 from agent.driver import Emission
 from agent.event import Event, Priority
-from agent.outbox import Outbox
 from agent.runtime import Agent
+from agent.testing.agent import agent_config, write_config
+from agent.testing.broker import Broker
 from benchmarks.report import Report, Row, percentile
-from tests.support.agent import agent_config, write_config
-from tests.support.broker import Broker
 
 PAYLOAD = {"location": {"ward": "3", "room": "12", "floor": "2"}, "mode": "press", "presses": 1}
 

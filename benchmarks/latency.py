@@ -16,8 +16,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.testing.broker import Broker
 from benchmarks.report import Row, percentile
-from tests.support.broker import Broker
 
 
 class Arrivals:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.broker import Broker
+from agent.testing.broker import Broker
 from tests.support.postgres import PostgresCluster
 
 

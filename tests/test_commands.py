@@ -19,8 +19,8 @@ from agent.commands import (
     RejectionReporter,
 )
 from agent.driver import Command, CommandError
-from tests.support.agent import DEADLINE, DEVICE, SITE, AgentHarness, Recorder
-from tests.support.broker import Broker
+from agent.testing.agent import DEADLINE, DEVICE, SITE, AgentHarness, Recorder
+from agent.testing.broker import Broker
 
 BASE = f"wardpost/{SITE}/{DEVICE}"
 

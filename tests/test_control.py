@@ -13,8 +13,8 @@ import pytest
 
 from agent.cli import main
 from agent.control import MAX_REQUEST, read_answer
-from tests.support.agent import DEADLINE, AgentHarness, Recorder
-from tests.support.broker import Broker
+from agent.testing.agent import DEADLINE, AgentHarness, Recorder
+from agent.testing.broker import Broker
 
 
 @pytest.fixture

@@ -8,10 +8,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from agent.config import MQTTConfig
+from agent.delivery.publisher import Window
 from agent.event import boottime
 from agent.runtime import Agent
-from tests.support.agent import DEADLINE, DEVICE, SITE, AgentHarness, Recorder, wait_until
-from tests.support.broker import Broker
+from agent.testing.agent import DEADLINE, DEVICE, SITE, AgentHarness, Recorder, wait_until
+from agent.testing.broker import Broker
 from tests.support.proxy import TcpProxy
 
 BASE = f"wardpost/{SITE}/{DEVICE}"
@@ -258,7 +259,7 @@ def test_a_forged_receipt_never_releases_an_event_not_yet_sent(
         )
         assert held.event.id in pending(), "a forged receipt released an event never sent"
         assert not held.is_delivered
-        assert agent.status()["link"]["counters"]["receipt_ids_ignored"] >= 2
+        assert agent.status().link.counters["receipt_ids_ignored"] >= 2
         centre.publish(f"{BASE}/receipts", {"ids": [first.event.id]})  # the genuine one
         assert first.wait_delivered(10)
         centre.wait_events("x.held", timeout=10)  # now it goes out
@@ -343,3 +344,46 @@ def test_late_receipts_for_released_events_are_not_taken_as_forged(
         wait_until(lambda: publisher.counters["receipt_ids_ignored"] >= 1, 10, "the unknown id")
         assert publisher.counters["receipt_ids_ignored"] == 1
         h.stop()
+
+
+def test_a_command_result_is_kept_until_the_broker_has_it(
+    tmp_path: Path, private_broker: Broker
+) -> None:
+    """A result produced with the link down survives a restart and goes out once it is up."""
+    broker = private_broker
+    broker.stop()
+    h = AgentHarness(tmp_path, broker)
+    agent = h.start(wait_connected=False)
+    command = {"id": "c-kept", "issued_at": time.time()}
+    agent.dispatcher.submit("ping", json.dumps(command).encode())
+    wait_until(lambda: agent.dispatcher.counters.get("ok", 0) >= 1, 10, "ping handled")
+    agent.outbox.flush()
+    assert [r.topic for r in agent.outbox.pending_replies()] == [f"{BASE}/cmd_result/c-kept"]
+    h.stop()
+    broker.start()
+    with Recorder(broker) as rec:
+        agent = h.start()
+        rec.wait_for(
+            lambda m: any(x.topic == f"{BASE}/cmd_result/c-kept" for x in m), 20, "kept result"
+        )
+        result = next(x.json() for x in rec.messages if x.topic.endswith("/cmd_result/c-kept"))
+        assert result["ok"] is True and result["result"]["version"]
+        wait_until(lambda: not agent.outbox.pending_replies(), 10, "result dropped once acked")
+    h.stop()
+
+
+def test_the_in_flight_window_follows_what_the_centre_confirms_promptly() -> None:
+    window = Window(256)
+    assert window.size == 8, "a connection starts with a few events in flight"
+    for _ in range(100):
+        window.confirmed(0.002)  # the link's best round trip: nothing queues
+    assert window.size == 108
+    for _ in range(200):
+        window.confirmed(0.040)  # 20x the best: most of the window waits in a queue
+    queued = window.size * (1 - 0.002 / 0.040)
+    assert 8 <= queued <= 17, f"settles with about 8-16 events queued, not {queued:.1f}"
+    window.restart()
+    assert window.size == 8
+    fixed = Window(256, adapt=False)
+    fixed.confirmed(1.0)
+    assert fixed.size == 256, "without receipts the window stays at inflight_window"

@@ -17,7 +17,7 @@ import pytest
 
 from agent.config import ConfigError, load_config
 from agent.runtime import Agent
-from tests.support.agent import (
+from agent.testing.agent import (
     DEADLINE,
     DEVICE,
     SITE,
@@ -27,7 +27,7 @@ from tests.support.agent import (
     wait_until,
     write_config,
 )
-from tests.support.broker import Broker
+from agent.testing.broker import Broker
 
 # -- Home Assistant's documented discovery schema -------------------------------------------
 

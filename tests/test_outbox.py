@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from agent.config import OutboxConfig
+from agent.delivery.outbox import Outbox, StorageReport
+from agent.delivery.sequence import BLOCK
 from agent.driver import Emission, Fate
 from agent.event import Event, Priority
-from agent.outbox import Outbox, StorageReport
-from agent.sequence import BLOCK
-from tests.support.agent import DEADLINE
+from agent.testing.agent import DEADLINE
 
 
 class Box:

@@ -29,8 +29,8 @@ from agent.config import (
 )
 from agent.runtime import Agent
 from agent.security import Signer, generate_keypair
-from tests.support.agent import write_config
-from tests.support.broker import Broker
+from agent.testing.agent import write_config
+from agent.testing.broker import Broker
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "wardpost.example.toml"
 

@@ -8,8 +8,8 @@ import pytest
 
 from agent.config import parse_config
 from agent.runtime import Agent
-from tests.support.agent import DEADLINE, AgentHarness, Recorder, agent_config, wait_until
-from tests.support.broker import Broker
+from agent.testing.agent import DEADLINE, AgentHarness, Recorder, agent_config, wait_until
+from agent.testing.broker import Broker
 
 
 def test_failing_driver_is_isolated_reported_and_retried(tmp_path: Path, broker: Broker) -> None:
@@ -32,7 +32,7 @@ def test_failing_driver_is_isolated_reported_and_retried(tmp_path: Path, broker:
             )
             rec.wait_events("sim.tick", 5)
             health = agent.drivers_health()
-            assert health["bad"]["state"] == "failed" and health["good"]["state"] == "ok"
+            assert health["bad"].health.state == "failed" and health["good"].health.state == "ok"
             wait_until(lambda: agent.slots["bad"].failures >= 2, DEADLINE, "a retry")
             assert len(rec.events("agent.driver_failed")) == 1, "the same failure is reported once"
         finally:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from agent.testing.broker import Broker
 from central.config import ReceiverConfig, parse_receiver_config
 from central.store import Store, open_store
-from tests.support.broker import Broker
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -19,14 +19,14 @@ import pytest
 from jsonschema import Draft7Validator
 
 from agent.event import uuid7
+from agent.testing.agent import DEVICE, SITE, AgentHarness, Recorder
+from agent.testing.broker import Broker
 from central.alarms import AlarmDesk
 from central.config import ReceiverConfig
 from central.devicesim import SimulatedDevice
 from central.receiver import Receiver
 from contract.commands import ContractError
 from tests.central.test_receiver import REPO, _write_config, wait_until
-from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder
-from tests.support.broker import Broker
 
 SCHEMAS = Path(__file__).parents[2] / "contract" / "schemas"
 BUTTON = {

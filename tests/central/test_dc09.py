@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from agent.testing.broker import free_port
 from central.config import Dc09Config
 from central.dc09 import (
     ContactId,
@@ -35,7 +36,6 @@ from central.dc09 import (
     parse_key,
 )
 from central.dc09_receiver import Dc09Receiver
-from tests.support.broker import free_port
 
 CAPTURED = [
     b'\nB0970029"NULL"0000L000#0809[]_21:00:01,02-20-2024\r',

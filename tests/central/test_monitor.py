@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
+from agent.testing.broker import Broker
 from central.alarms import AlarmDesk
 from central.config import ReceiverConfig
 from central.monitor import LOST_AFTER_INTERVALS, AlarmBoard, Console, LiveView, TerminalView
 from central.store import Store
 from tests.central.test_receiver import REPO, _write_config
 from tests.central.test_store import T0, SentCommands, cycle, event_msg, intake_for, result_msg
-from tests.support.broker import Broker
 
 BASE = "wardpost/north/ward3-pi"
 LOCATION = {"ward": "3B", "room": "12", "floor": ""}

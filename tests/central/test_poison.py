@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from agent.testing.broker import Broker
 from central.config import ReceiverConfig
 from central.devicesim import SimulatedDevice
 from central.receiver import Receiver
 from tests.central.test_intake_judgement import poison
 from tests.central.test_receiver import wait_until
-from tests.support.broker import Broker
 
 ROUNDS = 4  # every kind of poison this many times: well past the broker's in-flight window
 

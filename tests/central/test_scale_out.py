@@ -24,13 +24,13 @@ import pytest
 
 from agent.config import ConfigError
 from agent.event import Priority
+from agent.testing.broker import Broker
 from central.config import ReceiverConfig, parse_receiver_config
 from central.dc09_receiver import Dc09Receiver
 from central.devicesim import SimulatedDevice
 from central.intake import centre_event
 from central.receiver import SUPERVISION_LEASE, Receiver
 from central.store import Batch, StoreBusy, open_store
-from tests.support.broker import Broker
 from tests.support.receivers import REPO, ReceiverProcess, wait_until
 
 DEVICES = 50

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from agent.testing.broker import Broker
 from central.config import parse_receiver_config
 from central.console.server import ConsoleServer
 from central.devicesim import SimulatedDevice
 from central.receiver import Receiver
-from tests.support.broker import Broker
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

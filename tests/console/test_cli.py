@@ -10,7 +10,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from tests.support.broker import Broker, free_port
+from agent.testing.broker import Broker, free_port
 
 REPO = Path(__file__).parents[2]
 

@@ -16,9 +16,9 @@ from referencing import Registry, Resource
 
 from agent.event import KIND_PATTERN, MAX_KIND_LENGTH
 from agent.security import Signer, generate_keypair
+from agent.testing.agent import DEADLINE, DEVICE, SITE, AgentHarness, Message, Recorder, wait_until
+from agent.testing.broker import Broker
 from central.alarms import command_message, unsigned
-from tests.support.agent import DEADLINE, DEVICE, SITE, AgentHarness, Message, Recorder, wait_until
-from tests.support.broker import Broker
 
 MALFORMED = b"{not json"  # sent on purpose; not part of any contract
 CONTRACT = Path(__file__).resolve().parents[2] / "contract"

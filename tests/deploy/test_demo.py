@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agent import DEADLINE
+from agent.testing.agent import DEADLINE
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "scripts" / "demo"

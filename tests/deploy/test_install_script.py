@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agent import Recorder
-from tests.support.broker import Broker
-from tests.support.toml_writer import dumps
+from agent.testing.agent import Recorder
+from agent.testing.broker import Broker
+from agent.testing.toml_writer import dumps
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = (

@@ -24,7 +24,7 @@ from agent.logs import (
     under_journald,
 )
 from agent.logs import fields as log_fields
-from tests.support.agent import DEADLINE
+from agent.testing.agent import DEADLINE
 
 log = logging.getLogger("wardpost.test")
 

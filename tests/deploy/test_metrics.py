@@ -8,11 +8,11 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import pytest
 
 from agent.config import ConfigError, MetricsConfig, parse_section
+from agent.driver import Health
 from agent.metrics import (
     CONTENT_TYPE,
     Histogram,
@@ -24,6 +24,7 @@ from agent.metrics import (
     gauge,
     render,
 )
+from agent.status import AgentStatus, Backlog, DriverStatus, Heartbeat, Link
 
 # One exposition line: comment, or name{labels} value.
 _SAMPLE = re.compile(
@@ -132,32 +133,43 @@ def test_config_defaults_and_validation() -> None:
 
 # ------------------------------------------------------------ agent numbers
 
-STATUS: dict[str, Any] = {
-    "version": "0.1.0",
-    "site": "st-marys",
-    "device": "ed-entrance",
-    "link": {
-        "connected": True,
-        "in_flight": 2,
-        "counters": {"connects": 3, "disconnects": 2, "sent": 40, "confirmed": 38, "resent": 1},
+
+def _status(
+    backlog: Backlog, drivers: dict[str, DriverStatus], link: dict[str, int]
+) -> AgentStatus:
+    return AgentStatus(
+        version="0.1.0",
+        site="st-marys",
+        device="ed-entrance",
+        config_path="/etc/wardpost/wardpost.toml",
+        config_digest="abc",
+        link=Link(True, "broker:8883", "receipt", "", 2, None, link),
+        outbox_path="/var/lib/wardpost/outbox.db",
+        outbox_counters={"committed": 41, "evicted": 0},
+        commands={"accepted": 2, "rejected": 1},
+        heartbeat=Heartbeat(
+            uptime=120.5,
+            interval=30.0,
+            backlog=backlog,
+            drivers=drivers,
+            transmission={},
+            storage_fault=None,
+            boot=9,
+            connection=3,
+            time="2026-11-29T12:00:00Z",
+            delivery="receipt",
+        ),
+    )
+
+
+STATUS = _status(
+    Backlog(count=3, oldest_age=1.25, in_memory=0),
+    {
+        "gate1": DriverStatus("serial_gate", Health("degraded", "", {"frames": 7})),
+        "button": DriverStatus("panic_button", Health("failed", "no pin")),
     },
-    "outbox": {"path": "/var/lib/wardpost/outbox.db", "counters": {"committed": 41, "evicted": 0}},
-    "commands": {"accepted": 2, "rejected": 1},
-    "uptime": 120.5,
-    "backlog": {"count": 3, "oldest_age": 1.25, "in_memory": 0},
-    "drivers": {
-        "gate1": {
-            "type": "serial_gate",
-            "state": "degraded",
-            "detail": "",
-            "counters": {"frames": 7},
-        },
-        "button": {"type": "panic_button", "state": "failed", "detail": "no pin", "counters": {}},
-    },
-    "storage": {"fault": None},
-    "boot": 9,
-    "connection": 3,
-}
+    {"connects": 3, "disconnects": 2, "sent": 40, "confirmed": 38, "resent": 1},
+)
 
 
 def test_agent_metrics_from_status() -> None:
@@ -195,10 +207,11 @@ def test_agent_metrics_from_status() -> None:
         assert samples.get(key) == value, key
 
 
-def test_agent_metrics_tolerates_a_partial_status() -> None:
-    samples = parse(render(agent_metrics({"backlog": {"count": 0, "oldest_age": None}})))
+def test_agent_metrics_of_an_empty_backlog_and_no_drivers() -> None:
+    samples = parse(render(agent_metrics(_status(Backlog(0, None, 0), {}, {}))))
     assert samples["wardpost_backlog_oldest_age_seconds"] == 0
-    assert samples['wardpost_info{version="",site="",device=""}'] == 1
+    assert samples["wardpost_mqtt_connects_total"] == 0
+    assert not any(key.startswith("wardpost_driver_") for key in samples)
 
 
 # ------------------------------------------------------------------ server

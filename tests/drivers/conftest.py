@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.drivers.serial_pty import PtyDevice
+from agent.testing.serial_pty import PtyDevice
 from tests.support.context import RecordingContext
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import cv2
 import pytest
 
+from agent.testing.agent import DEADLINE, AgentHarness, Recorder, wait_until
+from agent.testing.broker import Broker
 from drivers.camera_face.models import DEFAULT_EMBEDDER
 from drivers.camera_face.pipeline import FacePipeline
 from drivers.camera_face.watchlist import FILE_NAME, Watchlist
 from tests.drivers.test_camera_face import options, photo, write_video
-from tests.support.agent import DEADLINE, AgentHarness, Recorder, wait_until
-from tests.support.broker import Broker
 from tests.support.shared import FACES, MODELS, require
 
 

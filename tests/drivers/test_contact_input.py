@@ -13,8 +13,8 @@ from gpiozero.pins.mock import MockFactory
 
 from agent.config import ConfigError, parse_section
 from agent.driver import CommandError
+from agent.testing.agent import wait_until
 from drivers.contact_input import ContactInputDriver, NoGpioError
-from tests.support.agent import wait_until
 from tests.support.context import RecordingContext
 
 Starter = Callable[..., ContactInputDriver]

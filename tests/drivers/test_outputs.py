@@ -13,9 +13,9 @@ from gpiozero.pins.mock import MockFactory, MockPin
 from agent.config import ConfigError, parse_section
 from agent.driver import Command, CommandError
 from agent.event import Event, Priority
+from agent.testing.agent import wait_until
 from drivers.gpio_common import mock_factory
 from drivers.outputs import OutputsConfig, OutputsDriver
-from tests.support.agent import wait_until
 from tests.support.context import RecordingContext
 
 SIREN, STROBE, LAMP = 5, 6, 13

@@ -16,9 +16,9 @@ from gpiozero.pins.mock import MockFactory, MockPin
 from agent.config import ConfigError, parse_section
 from agent.driver import Command, CommandError
 from agent.event import Priority
+from agent.testing.agent import DEADLINE, wait_until
 from drivers.gpio_common import GPIOUnavailable, mock_factory
 from drivers.panic_button import PanicButtonConfig, PanicButtonDriver
-from tests.support.agent import DEADLINE, wait_until
 from tests.support.context import RecordingContext
 
 BUTTON, LOOP, LED_PIN = 17, 27, 22
@@ -497,7 +497,7 @@ def test_config_errors_name_the_field(options: dict[str, Any], message: str) -> 
 def test_end_to_end_press_ack_resolve_over_mqtt(
     pins: MockFactory, broker: Any, tmp_path: Path
 ) -> None:
-    from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
+    from agent.testing.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
 
     base = f"wardpost/{SITE}/{DEVICE}"
     button = {

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from agent.config import ConfigError, parse_section
+from agent.testing.serial_frames import rdm6300
+from agent.testing.serial_pty import PtyDevice
 from drivers.rfid_patrol import PatrolSchedule, RfidPatrolDriver, RoundConfig
-from tests.drivers.serial_frames import rdm6300
-from tests.drivers.serial_pty import PtyDevice
 from tests.support.context import RecordingContext
 
 DAY = datetime(2026, 3, 14, tzinfo=UTC)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from tests.drivers.serial_frames import rdm6300
-from tests.drivers.serial_pty import PtyDevice
+from agent.testing.serial_frames import rdm6300
+from agent.testing.serial_pty import PtyDevice
 
 WARDPOST = Path(sys.executable).with_name("wardpost")
 

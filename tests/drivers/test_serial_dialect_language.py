@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from agent.config import ConfigError, parse_section
+from agent.testing.serial_pty import PtyDevice
 from drivers.rfid_patrol import RfidPatrolDriver
 from drivers.serial_common.cli import encode_frame
 from drivers.serial_common.dialect import load_dialect
@@ -18,7 +19,6 @@ from drivers.serial_common.driver import SerialDialectDriver
 from drivers.serial_common.engine import DialectEngine
 from drivers.serial_gate import SerialGateDriver
 from drivers.xray import XrayDriver
-from tests.drivers.serial_pty import PtyDevice
 from tests.support.context import RecordingContext
 
 FAST = {"reconnect_min": 0.05, "reconnect_max": 0.2, "read_timeout": 0.05}

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError
+from agent.testing.serial_frames import messages, multizone, rdm6300
 from drivers.serial_common.checksums import CRC_ALIASES, CRC_CATALOGUE, find_checksum
 from drivers.serial_common.dialect import builtin_dialects, load_dialect
 from drivers.serial_common.engine import DialectEngine, Reply
 from drivers.serial_common.framing import Unparsed
-from tests.drivers.serial_frames import messages, multizone, rdm6300
 
 
 def engine(name: str) -> DialectEngine:

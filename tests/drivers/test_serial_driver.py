@@ -11,12 +11,12 @@ import pytest
 
 from agent.config import ConfigError, parse_section
 from agent.driver import CommandError, Driver
+from agent.testing.agent import wait_until
+from agent.testing.serial_frames import multizone, odd_parity
+from agent.testing.serial_pty import PtyDevice
 from drivers.serial_common.driver import SerialDialectDriver
 from drivers.serial_gate import SerialGateDriver
 from drivers.xray import XrayDriver
-from tests.drivers.serial_frames import multizone, odd_parity
-from tests.drivers.serial_pty import PtyDevice
-from tests.support.agent import wait_until
 from tests.support.context import RecordingContext
 
 FAST = {"reconnect_min": 0.05, "reconnect_max": 0.2, "read_timeout": 0.05}

@@ -11,10 +11,10 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
-from tests.drivers.serial_frames import rdm6300
-from tests.drivers.serial_pty import PtyDevice
-from tests.support.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
-from tests.support.broker import Broker
+from agent.testing.agent import DEVICE, SITE, AgentHarness, Recorder, wait_until
+from agent.testing.broker import Broker
+from agent.testing.serial_frames import rdm6300
+from agent.testing.serial_pty import PtyDevice
 
 FAST = {"reconnect_min": 0.05, "reconnect_max": 0.2, "read_timeout": 0.05}
 
@@ -93,7 +93,7 @@ def test_patrol_checkpoint_reaches_the_subscriber(
 
 def relays_at_rest(harness: AgentHarness) -> bool:
     assert harness.agent is not None
-    return harness.agent.drivers_health()["relays"]["detail"] == "gate relay: rest"
+    return harness.agent.drivers_health()["relays"].health.detail == "gate relay: rest"
 
 
 def test_dry_contact_alarm_reaches_the_subscriber(tmp_path: Path, broker: Broker) -> None:

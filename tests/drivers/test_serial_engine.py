@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from agent.config import parse_section
+from agent.testing.serial_frames import messages, odd_parity
 from drivers.serial_common.checksums import find_checksum
 from drivers.serial_common.dialect import Dialect
 from drivers.serial_common.engine import DialectEngine
 from drivers.serial_common.framing import SAMPLE_BYTES, Unparsed
 from drivers.serial_common.limits import Aggregator, FloodGate, RateLimiter, message_key
-from tests.drivers.serial_frames import messages, odd_parity
 
 ECHO = [{"match": "(?P<text>.+)", "kind": "test.line"}]
 

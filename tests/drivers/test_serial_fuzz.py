@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.config import parse_section
+from agent.testing.serial_frames import messages, multizone, rdm6300
 from drivers.serial_common.dialect import Dialect, builtin_dialects, load_dialect
 from drivers.serial_common.engine import DialectEngine, Message, Reply
 from drivers.serial_common.framing import SAMPLE_BYTES, Rejected, Unparsed
 from drivers.serial_common.layout import BodyReader
-from tests.drivers.serial_frames import messages, multizone, rdm6300
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
+from agent.testing.broker import Broker
 from tests.faults.harness import ITERATIONS_ENV, OUTAGE_ENV, SEED_ENV, base_seed
-from tests.support.broker import Broker
 
 REPO = Path(__file__).resolve().parents[2]
 _ROWS: list[dict[str, Any]] = []

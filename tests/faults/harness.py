@@ -16,10 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
-import sqlite3
 import subprocess
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -29,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.control import ControlError
-from tests.support.agent import SITE, Recorder, agent_config, write_config
-from tests.support.broker import Broker
-from tests.support.process import AgentProcess, ControlClient
+from agent.testing.agent import SITE, Recorder, agent_config, write_config
+from agent.testing.broker import Broker
+from agent.testing.outbox import outbox_rows
+from agent.testing.process import AgentProcess, ControlClient
 
 SEED_ENV = "WARDPOST_FAULT_SEED"
 ITERATIONS_ENV = "WARDPOST_FAULT_ITERATIONS"
@@ -257,23 +255,6 @@ def fill_disk(directory: Path) -> int:
                 while True:
                     written += f.write(b"\xff" * chunk)
     return written
-
-
-def outbox_rows(db_path: Path) -> list[tuple[str, int, int, str, float | None]]:
-    """Rows of a stopped agent's outbox, read from a copy so the original stays untouched."""
-    if not db_path.exists():
-        return []
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / db_path.name
-        for suffix in ("", "-wal"):
-            src = Path(str(db_path) + suffix)
-            if src.exists():
-                shutil.copyfile(src, Path(str(copy) + suffix))
-        conn = sqlite3.connect(copy)
-        try:
-            return list(conn.execute("SELECT id, rank, seq, kind, published FROM events"))
-        finally:
-            conn.close()
 
 
 # -------------------------------------------------------------------- the rig

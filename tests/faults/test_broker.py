@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from agent.testing.broker import Broker
 from tests.faults.harness import Emitter, Rig, arrival_index, boottime, iterations, outage_seconds
-from tests.support.broker import Broker
 from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.faults

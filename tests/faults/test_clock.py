@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from agent.testing.broker import Broker
 from tests.faults.harness import Emitter, Rig
-from tests.support.broker import Broker
 
 pytestmark = pytest.mark.faults
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from agent.testing.broker import Broker
 from tests.faults.harness import Rig, boottime
-from tests.support.broker import Broker
 
 pytestmark = pytest.mark.faults
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.faults.harness import Emitter, Rig, iterations, outbox_rows
-from tests.support.broker import Broker
+from agent.testing.broker import Broker
+from agent.testing.outbox import outbox_rows
+from tests.faults.harness import Emitter, Rig, iterations
 
 pytestmark = pytest.mark.faults
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from agent.config import MQTTConfig
+from agent.testing.broker import Broker
 from tests.faults.harness import Emitter, Rig, boottime, iterations
-from tests.support.broker import Broker
 from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.faults

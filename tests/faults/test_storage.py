@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from agent.testing.broker import Broker
 from tests.faults.harness import Emitter, Rig, fill_disk, remount
-from tests.support.broker import Broker
 from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.faults

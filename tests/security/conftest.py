@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from agent.security import generate_keypair
+from agent.testing.agent import DEVICE, SITE, Recorder
+from agent.testing.broker import Broker, free_port
 from central.monitor import BrokerOptions
-from tests.support.agent import DEVICE, SITE, Recorder
-from tests.support.broker import Broker, free_port
 from tests.support.tls import MOSQUITTO_DIR, Identity, TestPKI, shipped_broker_config
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from agent.cli import main
 from agent.security import generate_keypair
-from tests.support.agent import write_config
+from agent.testing.agent import write_config
 
 
 @pytest.fixture

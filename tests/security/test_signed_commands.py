@@ -13,12 +13,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.security import Signer
+from agent.testing.agent import DEADLINE, DEVICE, SITE, AgentHarness, Recorder, wait_until
 from central.alarms import command_message, unsigned
 from central.config import parse_receiver_config
 from central.monitor import Monitor, TerminalView
 from central.receiver import Receiver
 from tests.security.conftest import TLSSetup
-from tests.support.agent import DEADLINE, DEVICE, SITE, AgentHarness, Recorder, wait_until
 
 pytest.importorskip("drivers.panic_button")
 

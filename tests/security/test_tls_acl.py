@@ -12,8 +12,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.testing.agent import DEADLINE, DEVICE, SITE, AgentHarness, wait_until
 from tests.security.conftest import TLSSetup
-from tests.support.agent import DEADLINE, DEVICE, SITE, AgentHarness, wait_until
 from tests.support.tls import Identity, TestPKI
 
 OWN = f"wardpost/{SITE}/{DEVICE}"

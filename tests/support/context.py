@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from agent.driver import Command, CommandHandler, DriverContext, Emission, Timer
 from agent.event import Event, Priority
-from tests.support.agent import DEADLINE
+from agent.testing.agent import DEADLINE
 
 
 class _Repeating:

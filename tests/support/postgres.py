@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.support.broker import free_port
+from agent.testing.broker import free_port
 
 #: The unprivileged account the cluster runs as when the tests run as root.
 UNPRIVILEGED_USER = "nobody"

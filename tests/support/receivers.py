@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tests.support.toml_writer import dumps
+from agent.testing.toml_writer import dumps
 
 REPO = Path(__file__).resolve().parents[2]
 

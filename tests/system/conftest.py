@@ -36,18 +36,18 @@ from typing import Any, BinaryIO, TypeVar
 
 import pytest
 
+from agent.testing.broker import Broker, free_port
+from agent.testing.process import REPO, AgentProcess
+from agent.testing.serial_pty import PtyDevice
+from agent.testing.toml_writer import dumps
 from central.config import parse_receiver_config
 from central.store import Store, open_store
 from drivers.camera_face.models import DEFAULT_EMBEDDER
-from tests.drivers.serial_pty import PtyDevice
 from tests.drivers.test_camera_face import photo, write_video
-from tests.support.broker import Broker, free_port
 from tests.support.postgres import PostgresCluster
-from tests.support.process import REPO, AgentProcess
 from tests.support.proxy import TcpProxy
 from tests.support.shared import FACES, MODELS, require
 from tests.support.tls import MOSQUITTO_DIR, Identity, TestPKI, shipped_broker_config
-from tests.support.toml_writer import dumps
 
 SITE = "north"
 PANIC, GATE, CAMERA, HOSTILE = "ward3", "entrance", "door-cam", "intruder"

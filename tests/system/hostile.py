@@ -17,7 +17,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.event import Event, Priority
-from tests.support.broker import Broker
+from agent.testing.broker import Broker
 from tests.support.tls import Identity, TestPKI
 
 NOT_AUTHORIZED = 135

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.toml_writer import dumps
+from agent.testing.toml_writer import dumps
 from tests.system.conftest import (
     ARC_ACCOUNT,
     CAMERA,

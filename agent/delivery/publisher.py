@@ -23,12 +23,16 @@ broker answers at once and which changes nothing); with no answer at all for
 ``link_timeout`` seconds the socket is shut down and the link re-opened. Idle, the
 keepalive's PINGREQ notices a dead link within about twice ``keepalive``.
 
-After a reconnect everything unconfirmed goes out again from the outbox, in order
-(critical first, then oldest first). paho would re-send the messages it still had in
-flight on its own, ahead of or interleaved with the pump's sends, and one source's
-events could then arrive out of order; so the network thread drops paho's copies the
-moment the new connection is accepted, and nothing is sent on it until the pump has
-taken in that connection.
+Each connection gets a fresh paho client, thrown away with it (as aiomqtt does). After
+a reconnect everything unconfirmed goes out again from the outbox, in order (critical
+first, then oldest first); paho cannot re-send anything of its own ahead of or between
+those sends, because the client that held its copies is gone. Nothing is sent on a new
+connection until the pump has taken it in. Every item the network thread hands the
+pump names its connection, so a late PUBACK of an old one never matches a message id
+of the new one.
+
+Command results are kept in the outbox too (:class:`~agent.delivery.outbox.Reply`) until the
+broker has them, and go out again on the next connection if it did not.
 """
 
 from __future__ import annotations
@@ -37,12 +41,12 @@ import contextlib
 import json
 import logging
 import queue
-import random
 import socket
 import ssl
 import statistics
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -55,10 +59,11 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import __version__
+from agent.backoff import Backoff
 from agent.config import Config
+from agent.delivery.outbox import Outbox, PendingRow, Reply
 from agent.driver import Emission
 from agent.event import Priority, utc_iso
-from agent.outbox import Outbox, PendingRow
 
 log = logging.getLogger("wardpost.publisher")
 
@@ -66,14 +71,109 @@ _START = (-1, -1)  # a cursor before every (rank, seq)
 _PROBE_AFTER = 1.0  # seconds of silence from the broker, while events wait, before a probe
 _PROBE_GRACE = 1.5  # a probe gets at least this long to be answered
 _RECENTLY_RELEASED = 4096  # ids remembered so a late duplicate receipt is not taken as forged
+_WINDOW_FLOOR = 8  # events in flight a connection starts with, and never goes below
+# Events allowed to wait in a queue on the way (the broker's, the centre's): enough to
+# keep the slowest stage busy, so the window never costs throughput.
+_QUEUED_LOW, _QUEUED_HIGH = 8, 16
+
+
+class Window:
+    """How many events may be in flight: as many as keep the link busy, not more.
+
+    Everything in flight when the agent is killed goes out again after the restart, and
+    the centre sees it twice; a window kept full while the centre (or the broker)
+    confirms more slowly than the agent sends adds only such duplicates and delay, never
+    throughput. So, as TCP Vegas does, the window estimates how many of its events wait
+    in a queue somewhere (``size × (1 − best round trip / this round trip)``) at each
+    confirmation, grows by one while fewer than ``_QUEUED_LOW`` wait (doubling per round
+    trip) and shrinks by one while more than ``_QUEUED_HIGH`` do. Each connection starts
+    small; the window never exceeds ``[mqtt] inflight_window``. Without ``adapt`` it is
+    always ``[mqtt] inflight_window``.
+    """
+
+    def __init__(self, ceiling: int, *, adapt: bool = True):
+        self.ceiling = ceiling
+        self.floor = min(ceiling, _WINDOW_FLOOR) if adapt else ceiling
+        self.size = self.floor
+        self._best = float("inf")
+
+    def restart(self) -> None:
+        """A new connection: its round trips are not the last one's."""
+        self.size = self.floor
+        self._best = float("inf")
+
+    def confirmed(self, round_trip: float) -> None:
+        round_trip = max(round_trip, 1e-6)
+        self._best = min(self._best, round_trip)
+        queued = self.size * (1.0 - self._best / round_trip)
+        if queued < _QUEUED_LOW:
+            self.size = min(self.ceiling, self.size + 1)
+        elif queued > _QUEUED_HIGH:
+            self.size = max(self.floor, self.size - 1)
 
 
 @dataclass
-class _Sent:
+class _Unconfirmed:
+    """An event sent on the current connection, waiting for its PUBACK or receipt."""
+
     row_id: str
     key: tuple[int, int]
     accepted: float
     sent: float
+
+
+# What the network thread and the emitting threads hand the pump, in the order it happened.
+# ``link`` numbers the paho client (one per connection) an item came from.
+@dataclass(frozen=True, slots=True)
+class _Published:
+    link: int
+    info: mqtt.MQTTMessageInfo
+    row: PendingRow
+
+
+@dataclass(frozen=True, slots=True)
+class _Acked:
+    link: int
+    mid: int
+    reason: ReasonCode
+
+
+@dataclass(frozen=True, slots=True)
+class _ReceiptArrived:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _ReleaseStored:
+    ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _ReplyQueued:
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class _Connected:
+    link: int
+    reason: ReasonCode
+
+
+@dataclass(frozen=True, slots=True)
+class _Disconnected:
+    link: int
+    reason: Any
+
+
+_PumpItem = (
+    _Published
+    | _Acked
+    | _ReceiptArrived
+    | _ReleaseStored
+    | _ReplyQueued
+    | _Connected
+    | _Disconnected
+)
 
 
 class TransmissionStats:
@@ -175,24 +275,31 @@ class Publisher:
         self._probe_sent_at: float | None = None
         self._probe_topic = f"{self.topics.base}/link-probe"
 
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_PumpItem] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._live: WeakValueDictionary[str, Emission] = WeakValueDictionary()
         self._live_lock = threading.Lock()
-        # Held around every publish of an event and while the network thread drops paho's
-        # copies on connect; a direct send and its record enter the inbox together under it.
+        # Held around every publish and while the network thread swaps clients; a direct
+        # send and its record enter the inbox together under it.
         self._send_lock = threading.Lock()
-        self._link_generation = 0  # counts accepted connections (network thread, under lock)
-        self._sendable = False  # events may go out on the current connection (under lock)
+        self._client: mqtt.Client | None = None  # this connection's client (under lock)
+        self._client_link = 0  # which connection it belongs to (under lock)
+        self._sendable = False  # the pump has taken in the current connection (under lock)
         # Pump-thread state only:
-        self._by_mid: dict[int, _Sent] = {}
+        self._link = 0  # the connection the pump's maps below belong to
+        self._by_mid: dict[int, _Unconfirmed] = {}
         self._inflight: dict[str, int] = {}  # event id -> mid, waiting for PUBACK
-        self._awaiting: dict[str, _Sent] = {}  # event id -> sent, waiting for a receipt
+        self._awaiting: dict[str, _Unconfirmed] = {}  # event id -> sent, waiting for a receipt
+        self._replies: dict[str, Reply] = {r.id: r for r in outbox.pending_replies()}
+        self._reply_mids: dict[int, tuple[str, float]] = {}  # mid -> (reply id, sent)
         self._releasing: set[str] = set()  # released, until the outbox confirms
         self._recently_released: OrderedDict[str, None] = OrderedDict()
         self._cursor = _START
         self._db_exhausted = False
+        # Only the centre's receipts are slow enough to queue behind a full window; the
+        # broker's PUBACKs come back as fast as it reads, so with them the window stays open.
+        self.window = Window(config.mqtt.inflight_window, adapt=self.receipt_mode)
         self._rewind_lock = threading.Lock()
         self._rewind_to: tuple[int, int] | None = None  # first key to look at again
         # Direct sends of new critical events wait until older critical rows from the
@@ -203,7 +310,6 @@ class Publisher:
         self._criticals_caught_up = False
         self._held_criticals: dict[str, tuple[int, int]] = {}
 
-        self.client = self._make_client()
         self._net_thread = threading.Thread(
             target=self._network_loop, name="mqtt-network", daemon=True
         )
@@ -211,19 +317,19 @@ class Publisher:
 
     # ------------------------------------------------------------ lifecycle
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self, link: int) -> mqtt.Client:
+        """A client for one connection (``userdata`` = ``link``), dropped when it ends."""
         v5 = self.mqtt.protocol == "5"
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.config.client_id,
+            userdata=link,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else True,
+            reconnect_on_failure=False,
         )
         client.max_inflight_messages_set(0)  # we bound the window ourselves
         client.max_queued_messages_set(0)
-        # _drop_paho_resends() relies on these paho internals; fail at start, not mid-outage.
-        if not (hasattr(client, "_out_messages") and hasattr(client, "_out_message_mutex")):
-            raise RuntimeError("unsupported paho-mqtt version: no _out_messages to manage")
         if self.mqtt.username:
             client.username_pw_set(self.mqtt.username, self.config.password())
         tls = self.mqtt.tls
@@ -257,15 +363,18 @@ class Publisher:
         deadline = time.monotonic() + flush_timeout
         while time.monotonic() < deadline and self.connected and self._inflight:
             time.sleep(0.02)
-        if self.connected:
-            info = self.client.publish(
+        with self._send_lock:
+            client = self._client
+        if self.connected and client is not None:
+            info = client.publish(
                 self.topics.status, self._status_payload("stopped"), qos=1, retain=True
             )
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(max(0.1, deadline - time.monotonic()))
         self._stopping.set()
         self._wake.set()
-        self.client.disconnect()
+        if client is not None:
+            client.disconnect()  # wakes the network thread's loop at once
         self._net_thread.join(5)
         self._pump_thread.join(5)
 
@@ -297,11 +406,13 @@ class Publisher:
             ):
                 self.counters["critical_queued"] += 1
                 return  # stays held: the pump sends it from the outbox, in order
+            assert self._client is not None  # sendable
             del self._held_criticals[row.id]
             self.counters["critical_direct"] += 1
-            info = self.client.publish(self.topics.event(row.kind), row.body, qos=1)
-            self._inbox.put(("sent", (info, row)))
-        self._wake.set()
+            info = self._client.publish(self.topics.event(row.kind), row.body, qos=1)
+            # No wake-up: the network thread is the one to run now, to put the alarm on the
+            # wire; the pump reads this record with the PUBACK, or within half a second.
+            self._inbox.put(_Published(self._client_link, info, row))
 
     def committed(self, min_key: tuple[int, int]) -> None:
         """The outbox committed events starting at ``min_key``: look there again."""
@@ -309,17 +420,37 @@ class Publisher:
         self._wake.set()
 
     def released(self, ids: list[str]) -> None:
-        self._inbox.put(("released", ids))
+        self._inbox.put(_ReleaseStored(ids))
         self._wake.set()
 
-    def publish_direct(
-        self, topic: str, payload: Mapping[str, Any], qos: int = 1, retain: bool = False
-    ) -> None:
-        """Status-like messages that live outside the outbox (heartbeats, command results)."""
-        if self.connected:
-            self.client.publish(
-                topic, json.dumps(payload, separators=(",", ":")), qos=qos, retain=retain
-            )
+    def publish_heartbeat(self, payload: Mapping[str, Any]) -> None:
+        """A heartbeat (QoS 0, never kept: the next one says the same), if the link is up."""
+        with self._send_lock:
+            if self._sendable and self._client is not None:
+                self._client.publish(
+                    self.topics.heartbeat, json.dumps(payload, separators=(",", ":")), qos=0
+                )
+
+    def publish_retained(self, topic: str, body: str) -> bool:
+        """A retained QoS 1 message outside the event stream (Home Assistant discovery), on
+        this link if it is up; False when it is not (the caller sends it on the next one)."""
+        with self._send_lock:
+            if not (self._sendable and self._client is not None):
+                return False
+            self._client.publish(topic, body, qos=1, retain=True)
+            return True
+
+    def publish_command_result(self, command_id: str, payload: Mapping[str, Any]) -> None:
+        """Kept in the outbox until the broker has it; sent on this link or the next."""
+        reply = Reply(
+            uuid.uuid4().hex,
+            self.topics.command_result(command_id),
+            json.dumps(payload, separators=(",", ":")),
+            time.time(),
+        )
+        self.outbox.keep_reply(reply)
+        self._inbox.put(_ReplyQueued(reply))
+        self._wake.set()
 
     def alive(self) -> bool:
         return self._net_thread.is_alive() and self._pump_thread.is_alive()
@@ -337,27 +468,9 @@ class Publisher:
         reason: ReasonCode,
         props: Properties | None,
     ) -> None:
-        # Runs inside paho's CONNACK handling, before paho re-sends what it had in flight.
         self._last_inbound = time.monotonic()
-        with self._send_lock:
-            self._sendable = False
-            if not reason.is_failure:
-                self._drop_paho_resends()
-            self._link_generation += 1
-            generation = self._link_generation
-        self._inbox.put(("connack", (reason, generation)))
+        self._inbox.put(_Connected(userdata, reason))
         self._wake.set()
-
-    def _drop_paho_resends(self) -> None:
-        """Forget paho's unacknowledged events: the pump re-sends them in order itself.
-
-        The sessions are clean, so the broker keeps no state that these would complete.
-        Command results and status messages live outside the outbox: paho re-sends those."""
-        prefix = self.topics.event_prefix
-        with self.client._out_message_mutex:
-            messages = self.client._out_messages
-            for mid in [mid for mid, m in messages.items() if m.topic.startswith(prefix)]:
-                del messages[mid]
 
     def _on_disconnect(
         self,
@@ -367,7 +480,7 @@ class Publisher:
         reason: ReasonCode,
         props: Properties | None,
     ) -> None:
-        self._inbox.put(("disconnected", reason))
+        self._inbox.put(_Disconnected(userdata, reason))
         self._wake.set()
 
     def _on_publish(
@@ -380,7 +493,7 @@ class Publisher:
     ) -> None:
         # Not evidence of a live link by itself: paho reports QoS 0 messages (heartbeats)
         # here as soon as they are written. An event's PUBACK counts (_handle_puback).
-        self._inbox.put(("puback", (mid, reason)))
+        self._inbox.put(_Acked(userdata, mid, reason))
         self._wake.set()
 
     def _on_answer(self, client: mqtt.Client, userdata: Any, mid: int, *rest: Any) -> None:
@@ -391,7 +504,7 @@ class Publisher:
         self._last_inbound = time.monotonic()
         try:
             if msg.topic == self.topics.receipts:
-                self._inbox.put(("receipt", msg.payload))
+                self._inbox.put(_ReceiptArrived(bytes(msg.payload)))
                 self._wake.set()
             elif msg.topic.startswith(self.topics.command_prefix):
                 self.on_command(msg.topic[len(self.topics.command_prefix) :], bytes(msg.payload))
@@ -413,45 +526,42 @@ class Publisher:
         return json.dumps(body, separators=(",", ":"))
 
     def _network_loop(self) -> None:
-        delay = self.mqtt.reconnect_min_delay
-        first = True
-        socket_open = False
+        backoff = Backoff(self.mqtt.reconnect_min_delay, self.mqtt.reconnect_max_delay)
+        link = 0
         while not self._stopping.is_set():
-            if not socket_open:
-                attempt = self.connection + 1
-                # The Last Will carries the connection number it belongs to, so a console can
-                # ignore an "offline" that arrives after this device already came back.
-                self.client.will_set(
-                    self.topics.status, self._status_payload("offline", attempt), qos=1, retain=True
-                )
-                try:
-                    if first:
-                        self.client.connect(self.mqtt.host, self.mqtt.port, self.mqtt.keepalive)
-                        first = False
-                    else:
-                        self.client.reconnect()
-                    socket_open = True
-                except (OSError, ssl.SSLError, ValueError) as exc:
-                    self._note_error(f"cannot connect to {self.mqtt.host}:{self.mqtt.port}: {exc}")
-                    wait = random.uniform(delay / 2, delay)
-                    delay = min(delay * 2, self.mqtt.reconnect_max_delay)
-                    self._stopping.wait(wait)
-                    continue
-            rc = self.client.loop(timeout=0.5)
-            if rc != mqtt.MQTT_ERR_SUCCESS:
-                socket_open = False
-                with self._send_lock:
-                    self._sendable = False
+            link += 1
+            client = self._make_client(link)
+            # The Last Will carries the connection number it belongs to, so a console can
+            # ignore an "offline" that arrives after this device already came back.
+            client.will_set(
+                self.topics.status,
+                self._status_payload("offline", self.connection + 1),
+                qos=1,
+                retain=True,
+            )
+            try:
+                client.connect(self.mqtt.host, self.mqtt.port, self.mqtt.keepalive)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                self._note_error(f"cannot connect to {self.mqtt.host}:{self.mqtt.port}: {exc}")
+                self._stopping.wait(backoff.next())
+                continue
+            with self._send_lock:
+                self._client, self._client_link = client, link
+            rc = mqtt.MQTT_ERR_SUCCESS
+            while rc == mqtt.MQTT_ERR_SUCCESS and not self._stopping.is_set():
+                rc = client.loop(timeout=0.5)
                 if self.connected:
-                    delay = self.mqtt.reconnect_min_delay
-                    self._inbox.put(("disconnected", rc))
-                    self._wake.set()
-                if not self._stopping.is_set():
-                    wait = random.uniform(delay / 2, delay)
-                    delay = min(delay * 2, self.mqtt.reconnect_max_delay)
-                    self._stopping.wait(wait)
-            elif self.connected:
-                delay = self.mqtt.reconnect_min_delay
+                    backoff.reset()
+            with self._send_lock:
+                self._sendable = False
+            if rc == mqtt.MQTT_ERR_SUCCESS:  # stopping on a client stop() did not see
+                client.disconnect()
+                for _ in range(8):
+                    if client.loop(timeout=0.25) != mqtt.MQTT_ERR_SUCCESS:
+                        break
+            self._inbox.put(_Disconnected(link, rc))
+            self._wake.set()
+            self._stopping.wait(backoff.next())
 
     def _note_error(self, text: str) -> None:
         if text != self.last_error:
@@ -481,26 +591,29 @@ class Publisher:
                     break
         early_acks: dict[int, ReasonCode] = {}
         receipts: list[bytes] = []
-        for item, arg in items:
-            if item == "sent":
-                info, row = arg
-                if self._record(info, row) and info.mid in early_acks:
-                    self._handle_puback(info.mid, early_acks.pop(info.mid), releases)
-            elif item == "puback":
-                if arg[0] in self._by_mid:
-                    self._handle_puback(arg[0], arg[1], releases)
-                else:  # a direct send acknowledged before its record was read
-                    early_acks[arg[0]] = arg[1]
-            elif item == "receipt":
-                # Judged after this pass's "sent" records: a receipt for a direct send can
-                # overtake its record into the inbox, never out of the drain.
-                receipts.append(arg)
-            elif item == "released":
-                self._releasing.difference_update(arg)
-            elif item == "connack":
-                self._handle_connack(*arg)
-            elif item == "disconnected":
-                self._handle_disconnect(arg)
+        for item in items:
+            match item:
+                case _Published(link=self._link):
+                    if self._record(item.info, item.row) and item.info.mid in early_acks:
+                        self._handle_puback(item.info.mid, early_acks.pop(item.info.mid), releases)
+                case _Acked(link=self._link):
+                    if item.mid in self._by_mid or item.mid in self._reply_mids:
+                        self._handle_puback(item.mid, item.reason, releases)
+                    else:  # a direct send acknowledged before its record was read
+                        early_acks[item.mid] = item.reason
+                case _ReceiptArrived():
+                    # Judged after this pass's records: a receipt for a direct send can
+                    # overtake its record into the inbox, never out of the drain.
+                    receipts.append(item.payload)
+                case _ReleaseStored():
+                    self._releasing.difference_update(item.ids)
+                case _ReplyQueued():
+                    self._replies[item.reply.id] = item.reply
+                case _Connected():
+                    self._handle_connack(item.reason, item.link)
+                case _Disconnected(link=self._link):
+                    self._handle_disconnect(item.reason)
+                # anything else came from a connection the pump has already left behind
         for payload in receipts:
             self._handle_receipt(payload, releases)
         if releases:
@@ -511,6 +624,7 @@ class Publisher:
         if self._link_dead():
             return
         self._fill_window()
+        self._send_replies()
 
     def _link_dead(self) -> bool:
         """Probe a silent broker while events wait; shut a link down that stays silent.
@@ -533,20 +647,24 @@ class Publisher:
                 self.in_flight(),
             )
             self._probe_sent_at = None
-            sock = self.client.socket()
+            with self._send_lock:
+                sock = self._client.socket() if self._client is not None else None
             if isinstance(sock, socket.socket):  # TLS sockets too
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
             return True
         if silent >= _PROBE_AFTER and probe is None:
-            self.client.unsubscribe(self._probe_topic)
+            with self._send_lock:
+                if self._client is not None:
+                    self._client.unsubscribe(self._probe_topic)
             self._probe_sent_at = now
         return False
 
-    def _handle_connack(self, reason: ReasonCode, generation: int) -> None:
+    def _handle_connack(self, reason: ReasonCode, link: int) -> None:
         if reason.is_failure:
             self._note_error(f"broker refused the connection: {reason}")
             return
+        self._link = link
         self.connected = True
         self.last_error = None
         self.connection += 1
@@ -555,20 +673,27 @@ class Publisher:
         log.info(
             "connected to %s:%d (connection %d)", self.mqtt.host, self.mqtt.port, self.connection
         )
-        self.client.subscribe([(self.topics.receipts, 1), (self.topics.commands, 1)])
-        self.client.publish(self.topics.status, self._status_payload("online"), qos=1, retain=True)
         # Whatever was unconfirmed on the last connection goes out again from the outbox,
-        # critical first then oldest first (paho's own copies were dropped on CONNACK).
+        # critical first then oldest first (its client, with paho's copies, is gone).
         self._by_mid.clear()
         self._inflight.clear()
         self._awaiting.clear()
+        self._reply_mids.clear()
+        self.window.restart()
         self._cursor = _START
         self._db_exhausted = False
         self._probe_sent_at = None
         with self._send_lock:
             self._criticals_caught_up = False
-            # A later connection may already be up: then its own CONNACK item enables sends.
-            self._sendable = generation == self._link_generation
+            # A later connection may already be up: then its own item enables sends.
+            current = link == self._client_link and self._client is not None
+            self._sendable = current
+            if current:
+                assert self._client is not None
+                self._client.subscribe([(self.topics.receipts, 1), (self.topics.commands, 1)])
+                self._client.publish(
+                    self.topics.status, self._status_payload("online"), qos=1, retain=True
+                )
         self.on_link_change(True)
 
     def _handle_disconnect(self, reason: Any) -> None:
@@ -580,6 +705,13 @@ class Publisher:
         self.on_link_change(False)
 
     def _handle_puback(self, mid: int, reason: ReasonCode, releases: list[str]) -> None:
+        reply = self._reply_mids.pop(mid, None)
+        if reply is not None:
+            if reason.is_failure:
+                log.error("broker rejected a command result: %s (will retry)", reason)
+            elif self._replies.pop(reply[0], None) is not None:
+                self.outbox.drop_reply(reply[0])
+            return
         sent = self._by_mid.pop(mid, None)
         if sent is None:
             return
@@ -595,6 +727,7 @@ class Publisher:
                 self._awaiting[sent.row_id] = sent
         else:
             releases.append(sent.row_id)
+            self.window.confirmed(time.monotonic() - sent.sent)
             self.stats.add(time.time() - sent.accepted)
 
     def _handle_receipt(self, payload: bytes, releases: list[str]) -> None:
@@ -624,6 +757,7 @@ class Publisher:
                 if event_id not in self._recently_released and event_id not in releases:
                     ignored += 1
                 continue
+            self.window.confirmed(time.monotonic() - sent.sent)
             self.stats.add(now - sent.accepted)
             releases.append(event_id)
         if ignored:
@@ -667,6 +801,9 @@ class Publisher:
         if resend_from is not None:
             self.counters["resent"] += 1
             self._rewind(resend_from)
+        for mid, (_, sent_at) in list(self._reply_mids.items()):
+            if sent_at < ack_cutoff:  # sent again by the next _send_replies
+                del self._reply_mids[mid]
 
     def _rewind(self, key: tuple[int, int]) -> None:
         """Make the next fill look at ``key`` and everything after it again."""
@@ -680,9 +817,9 @@ class Publisher:
             self._cursor = min(self._cursor, (rewind[0], rewind[1] - 1))
             self._db_exhausted = False
         while not self._db_exhausted and self.connected:
-            room = self.mqtt.inflight_window - len(self._inflight) - len(self._awaiting)
-            if room <= 0:
-                return
+            room = self.window.size - len(self._inflight) - len(self._awaiting)
+            if room <= 0 or (room < self.window.size // 8 and self._cursor[0] > Priority.CRITICAL):
+                return  # refill in batches: one read for many events, not one per PUBACK
             busy = self._inflight.keys() | self._awaiting.keys() | self._releasing
             rows = self.outbox.fetch_pending(self._cursor, room, busy)
             for row in rows:
@@ -697,18 +834,30 @@ class Publisher:
 
     def _send(self, row: PendingRow) -> bool:
         with self._send_lock:
-            if not self._sendable:
+            if not self._sendable or self._client is None:
                 return False
-            info = self.client.publish(self.topics.event(row.kind), row.body, qos=1)
+            info = self._client.publish(self.topics.event(row.kind), row.body, qos=1)
             self._held_criticals.pop(row.id, None)
         self._record(info, row)
         return True
+
+    def _send_replies(self) -> None:
+        """Command results not yet taken by the broker, after this pass's events."""
+        waiting = {reply_id for reply_id, _ in self._reply_mids.values()}
+        for reply in list(self._replies.values()):
+            if reply.id in waiting:
+                continue
+            with self._send_lock:
+                if not self._sendable or self._client is None:
+                    return
+                info = self._client.publish(reply.topic, reply.body, qos=1)
+            self._reply_mids[info.mid] = (reply.id, time.monotonic())
 
     def _record(self, info: mqtt.MQTTMessageInfo, row: PendingRow) -> bool:
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("publish of %s failed: %s", row.id, mqtt.error_string(info.rc))
             return False
-        sent = _Sent(row.id, row.key, row.accepted, time.monotonic())
+        sent = _Unconfirmed(row.id, row.key, row.accepted, time.monotonic())
         old = self._inflight.get(row.id)
         if old is not None:
             self._by_mid.pop(old, None)

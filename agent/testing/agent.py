@@ -15,8 +15,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import load_config
 from agent.runtime import Agent
-from tests.support.broker import Broker
-from tests.support.toml_writer import dumps
+from agent.testing.broker import Broker
+from agent.testing.toml_writer import dumps
 
 #: How long a test waits for something that should happen: generous, because CI runs on a
 #: loaded 2-core machine; a passing test returns as soon as the condition holds.
@@ -191,7 +191,7 @@ class Recorder:
         self.stop()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        m = Message(msg.topic, msg.payload, bool(msg.retain), time.monotonic())
+        m = Message(msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic())
         with self._cond:
             self.messages.append(m)
         if self.receipts and "/events/" in msg.topic:

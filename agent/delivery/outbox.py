@@ -39,15 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import OutboxConfig
+from agent.delivery.salvage import salvage_outbox
+from agent.delivery.sequence import SeqReserve
 from agent.driver import Emission
 from agent.event import Event, Priority
-from agent.salvage import salvage_outbox
-from agent.sequence import SeqReserve
 
 log = logging.getLogger("wardpost.outbox")
 
 SCHEMA_VERSION = 1
 _RETRY_DISK_EVERY = 5.0  # seconds between attempts to move in-memory events back to disk
+_CHECKPOINT_EVERY = 1.0  # seconds between WAL checkpoints while commits come in
 # SQLite's primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF).
 _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL = 8, 10, 13
 
@@ -83,6 +84,54 @@ class StorageReport:
     priority: Priority = Priority.HIGH
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A command result: kept on disk until the broker has it, like an event."""
+
+    id: str
+    topic: str
+    body: str
+    created: float
+
+
+# What the writer thread is asked to do, in the order asked.
+@dataclass(frozen=True, slots=True)
+class _Add:
+    emission: Emission
+    row: PendingRow
+
+
+@dataclass(frozen=True, slots=True)
+class _Release:
+    ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Statement:
+    """A small write committed with the next batch (a meta value, a kept reply)."""
+
+    sql: str
+    params: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Prune:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Barrier:
+    done: threading.Event
+
+
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    pass
+
+
+_Op = _Add | _Release | _Statement | _Prune | _Barrier | _Stop
+
+
 class StorageFault(Exception):
     pass
 
@@ -110,7 +159,7 @@ class Outbox:
         self.on_committed = on_committed
         self.on_released = on_released
         self.on_report = on_report
-        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         #: Sequence numbers, reserved in a file of their own beside the database.
         self.seqs = SeqReserve(self.path.with_name(self.path.stem + ".seq"))
         self._seq_floor = 1  # the next seq according to the database
@@ -133,6 +182,9 @@ class Outbox:
         #: Seconds a failed disk must stay writable before recovery is announced.
         self.restore_after = 30.0
         self._thread: threading.Thread | None = None
+        self._checkpoints: threading.Thread | None = None
+        self._committed = threading.Event()  # set by the writer, cleared by the checkpointer
+        self._closing = threading.Event()
         self._readers = threading.local()
         self.boot = 0
         self.counters = {
@@ -184,15 +236,28 @@ class Outbox:
             self._ensure_ballast()
         self._thread = threading.Thread(target=self._writer, name="outbox-writer", daemon=True)
         self._thread.start()
+        self._checkpoints = threading.Thread(
+            target=self._checkpointer, name="outbox-checkpoint", daemon=True
+        )
+        self._checkpoints.start()
         return reports
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        # Keep the WAL small: on a nearly full SD card a 4 MB WAL can be the last straw.
-        conn.execute("PRAGMA wal_autocheckpoint=256")
+        # Checkpoints run on their own thread (_checkpointer), never inside a commit: an
+        # alarm's commit must not wait for the database file's fsync. They run at least
+        # every _CHECKPOINT_EVERY seconds, which keeps the WAL small: on a nearly full SD
+        # card a 4 MB WAL can be the last straw.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute("PRAGMA journal_size_limit=1048576")
+        # Command results wait here until the broker has them (a database from before
+        # they were kept gets the table on its next open).
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS replies "
+            "(id TEXT PRIMARY KEY, topic TEXT NOT NULL, body TEXT NOT NULL, created REAL NOT NULL)"
+        )
         return conn
 
     def _open_checked(self, reports: list[StorageReport]) -> sqlite3.Connection:
@@ -265,33 +330,19 @@ class Outbox:
     def _create_schema(conn: sqlite3.Connection) -> None:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone():
             return
-        # sqlite-utils (and numpy, which it imports when installed) is loaded only to
-        # create the database, so the running agent stays small.
-        from sqlite_utils import Database
-
-        db = Database(conn)
-        events, meta = db.table("events"), db.table("meta")
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("VACUUM")  # auto_vacuum only takes effect on an empty database after VACUUM
-        events.create(
-            {
-                "id": str,
-                "rank": int,
-                "seq": int,
-                "kind": str,
-                "accepted": float,
-                "body": str,
-                "size": int,
-                "published": float,
-            },
-            pk="id",
-            not_null={"rank", "seq", "kind", "accepted", "body", "size"},
+        # The column order is the record layout salvage.py reads from damaged pages.
+        conn.execute(
+            "CREATE TABLE events (id TEXT PRIMARY KEY, rank INTEGER NOT NULL, seq INTEGER NOT NULL, "
+            "kind TEXT NOT NULL, accepted FLOAT NOT NULL, body TEXT NOT NULL, size INTEGER NOT NULL, "
+            "published FLOAT)"
         )
         conn.execute("CREATE INDEX events_pending ON events(rank, seq) WHERE published IS NULL")
         conn.execute(
             "CREATE INDEX events_published ON events(published) WHERE published IS NOT NULL"
         )
-        meta.create({"key": str, "value": int}, pk="key")
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER)")
         conn.execute(
             "INSERT INTO meta VALUES ('schema', ?), ('next_seq', 1), ('boot', 0)", (SCHEMA_VERSION,)
         )
@@ -363,14 +414,35 @@ class Outbox:
 
     def submit(self, emission: Emission, row: PendingRow | None = None) -> None:
         """Queue an event for commit. Never blocks."""
-        self._queue.put(("add", (emission, row or PendingRow.of(emission.event))))
+        self._queue.put(_Add(emission, row or PendingRow.of(emission.event)))
 
     def release(self, ids: Iterable[str]) -> None:
         """Mark events published (the centre has them). Never blocks."""
-        self._queue.put(("release", list(ids)))
+        self._queue.put(_Release(list(ids)))
+
+    def keep_reply(self, reply: Reply) -> None:
+        """Store a command result until :meth:`drop_reply`. Never blocks."""
+        self._queue.put(
+            _Statement(
+                "INSERT OR IGNORE INTO replies VALUES (?, ?, ?, ?)",
+                (reply.id, reply.topic, reply.body, reply.created),
+            )
+        )
+
+    def drop_reply(self, reply_id: str) -> None:
+        self._queue.put(_Statement("DELETE FROM replies WHERE id = ?", (reply_id,)))
+
+    def pending_replies(self) -> list[Reply]:
+        """Command results stored and not yet taken by the broker, oldest first."""
+        return [
+            Reply(*row)
+            for row in self._reader_query(
+                "SELECT id, topic, body, created FROM replies ORDER BY created"
+            )
+        ]
 
     def set_meta(self, key: str, value: int) -> None:
-        self._queue.put(("meta", (key, value)))
+        self._queue.put(_Statement("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
 
     def get_meta(self, key: str) -> int | None:
         row = self._reader_query("SELECT value FROM meta WHERE key = ?", (key,))
@@ -378,12 +450,12 @@ class Outbox:
 
     def prune(self) -> None:
         """Drop published rows past the retention age and give the space back."""
-        self._queue.put(("prune", None))
+        self._queue.put(_Prune())
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is committed (or failed over to memory)."""
         done = threading.Event()
-        self._queue.put(("barrier", done))
+        self._queue.put(_Barrier(done))
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -391,9 +463,13 @@ class Outbox:
         handed out but never stored are then free for the next run."""
         if self._thread is None:
             return
-        self._queue.put(("stop", None))
+        self._queue.put(_Stop())
         self._thread.join(timeout)
         self._thread = None
+        self._closing.set()
+        if self._checkpoints is not None:
+            self._checkpoints.join(timeout)
+            self._checkpoints = None
         # Everything submitted is now stored or in memory; a number above both was never
         # sent either (the agent stops its publisher before its outbox).
         self.seqs.close(max(self._persisted_seq, self._memory_seq) + 1)
@@ -432,14 +508,17 @@ class Outbox:
     ) -> list[PendingRow]:
         """Pending events in send order (critical first, then oldest) after ``after``."""
         rows: list[PendingRow] = []
-        want = limit + len(exclude)
-        for row in self._reader_query(
-            "SELECT id, rank, seq, kind, accepted, body FROM events "
-            "WHERE published IS NULL AND (rank, seq) > (?, ?) ORDER BY rank, seq LIMIT ?",
-            (after[0], after[1], want),
-        ):
-            if row[0] not in exclude:
-                rows.append(PendingRow(*row))
+        cursor = after
+        while len(rows) < limit:  # excluded rows are rare (a rewind): read on past them
+            batch = self._reader_query(
+                "SELECT id, rank, seq, kind, accepted, body FROM events "
+                "WHERE published IS NULL AND (rank, seq) > (?, ?) ORDER BY rank, seq LIMIT ?",
+                (cursor[0], cursor[1], limit),
+            )
+            rows.extend(PendingRow(*row) for row in batch if row[0] not in exclude)
+            if len(batch) < limit:
+                break
+            cursor = (batch[-1][1], batch[-1][2])
         with self._memory_lock:
             if self._memory:
                 rows.extend(
@@ -501,6 +580,25 @@ class Outbox:
 
     # ---------------------------------------------------------------- writer
 
+    def _checkpointer(self) -> None:
+        """Copy the WAL into the database file, off the commit path.
+
+        PASSIVE: it never blocks the writer or a reader, and does what it can now; the
+        next round does the rest. Its own short-lived connection, so a database the
+        writer re-opened after a disk fault is the one checkpointed."""
+        while not self._closing.wait(_CHECKPOINT_EVERY):
+            if not self._committed.is_set() or self._conn is None:
+                continue
+            self._committed.clear()
+            try:
+                conn = sqlite3.connect(self.path, isolation_level=None, timeout=1)
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                finally:
+                    conn.close()
+            except sqlite3.Error as exc:  # the writer reports storage faults
+                log.debug("outbox: checkpoint failed: %s", exc)
+
     def _writer(self) -> None:
         stop = False
         while not stop:
@@ -509,6 +607,10 @@ class Outbox:
                 ops = [self._queue.get(timeout=_RETRY_DISK_EVERY if degraded else None)]
             except queue.Empty:
                 ops = []
+            # Let a thread woken with us run first: a critical event's submit is followed at
+            # once by its publish, and the network thread putting it on the wire should not
+            # wait for this commit's Python work to give up the interpreter.
+            time.sleep(0)
             while len(ops) < 5000:
                 try:
                     ops.append(self._queue.get_nowait())
@@ -516,24 +618,25 @@ class Outbox:
                     break
             adds: list[tuple[Emission, PendingRow]] = []
             releases: list[str] = []
-            metas: list[tuple[str, int]] = []
+            chores: list[_Statement] = []
             barriers: list[threading.Event] = []
             prune = False
-            for op, arg in ops:
-                if op == "add":
-                    adds.append(arg)
-                elif op == "release":
-                    releases.extend(arg)
-                elif op == "meta":
-                    metas.append(arg)
-                elif op == "prune":
-                    prune = True
-                elif op == "barrier":
-                    barriers.append(arg)
-                elif op == "stop":
-                    stop = True
+            for op in ops:
+                match op:
+                    case _Add():
+                        adds.append((op.emission, op.row))
+                    case _Release():
+                        releases.extend(op.ids)
+                    case _Statement():
+                        chores.append(op)
+                    case _Prune():
+                        prune = True
+                    case _Barrier():
+                        barriers.append(op.done)
+                    case _Stop():
+                        stop = True
             try:
-                self._write_batch(adds, releases, metas, prune)
+                self._write_batch(adds, releases, chores, prune)
             except Exception:  # the writer must never die: log, keep events in memory
                 log.exception("outbox: unexpected error in the writer")
                 self._to_memory(adds, "unexpected writer error")
@@ -544,14 +647,14 @@ class Outbox:
         self,
         adds: list[tuple[Emission, PendingRow]],
         releases: list[str],
-        metas: list[tuple[str, int]],
+        chores: list[_Statement],
         prune: bool,
     ) -> None:
         degraded = bool(self._memory) or self._conn is None
         if degraded and time.monotonic() - self._last_disk_retry >= _RETRY_DISK_EVERY:
             self._retry_memory()
         self._announce_recovery()
-        if not (adds or releases or metas or prune):
+        if not (adds or releases or chores or prune):
             return
         if releases:
             self._release_memory(releases)
@@ -567,7 +670,7 @@ class Outbox:
         rows = [row for _, row in adds]
         synced = any(row.rank <= self.config.synced_rank for row in rows)
         try:
-            self._commit(rows, releases, metas, prune, synced)
+            self._commit(rows, releases, chores, prune, synced)
         except sqlite3.Error as exc:
             error: sqlite3.Error = exc
             retried = False
@@ -575,7 +678,7 @@ class Outbox:
                 adds = self._keep_space_for_alarms(adds)
                 rows = [row for _, row in adds]
                 try:
-                    self._commit(rows, releases, metas, prune, synced)
+                    self._commit(rows, releases, chores, prune, synced)
                     retried = True
                 except sqlite3.Error as exc2:
                     error = exc2
@@ -603,7 +706,7 @@ class Outbox:
         self,
         rows: list[PendingRow],
         releases: list[str],
-        metas: list[tuple[str, int]],
+        chores: list[_Statement],
         prune: bool,
         synced: bool,
     ) -> None:
@@ -639,8 +742,8 @@ class Outbox:
                     [(now, i) for i in releases],
                 )
                 released = conn.total_changes - before
-            for key, value in metas:
-                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            for chore in chores:
+                conn.execute(chore.sql, chore.params)
             rows_now, bytes_now = self._rows + added, self._bytes + added_bytes
             pruned = (0, 0)
             if prune:
@@ -663,6 +766,7 @@ class Outbox:
         self.counters["committed"] += added
         self.counters["released"] += released
         self.counters["batches"] += 1
+        self._committed.set()
         if prune:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA incremental_vacuum")
