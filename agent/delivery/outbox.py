@@ -684,8 +684,9 @@ class Outbox:
                     error = exc2
             if not retried:
                 self._unreleased = releases
-                reason = self._describe_failure(error)
-                if self._read_only():
+                read_only = self._read_only()
+                reason = self._describe_failure(error, read_only)
+                if read_only:
                     # A filesystem that went read-only comes back only as a new mount
                     # (after fsck): the writer reopens the file when it retries.
                     with contextlib.suppress(sqlite3.Error):
@@ -853,8 +854,8 @@ class Outbox:
             probe.unlink()
         return False
 
-    def _describe_failure(self, exc: sqlite3.Error) -> str:
-        if exc.sqlite_errorcode & 0xFF == _SQLITE_READONLY or self._read_only():
+    def _describe_failure(self, exc: sqlite3.Error, read_only: bool) -> str:
+        if read_only or exc.sqlite_errorcode & 0xFF == _SQLITE_READONLY:
             return f"the filesystem of {self.path.parent} is read-only ({exc})"
         if exc.sqlite_errorcode & 0xFF == _SQLITE_FULL:
             return f"disk full ({exc})"
@@ -867,9 +868,9 @@ class Outbox:
             return None
         return st.f_bavail * st.f_frsize
 
-    def _least_urgent_on_disk(self) -> Priority:
-        """The least urgent priority the disk takes now (see the module docstring)."""
-        free = self._free_space()
+    def _least_urgent_on_disk(self, free: int | None) -> Priority:
+        """The least urgent priority the disk takes with ``free`` bytes left (see the
+        module docstring)."""
         if self._reserve_in_use or (free is not None and free < self.config.shed_normal_below):
             return Priority.HIGH
         if free is not None and free < self.config.shed_low_below:
@@ -880,11 +881,11 @@ class Outbox:
         self, adds: list[tuple[Emission, PendingRow]]
     ) -> list[tuple[Emission, PendingRow]]:
         """Hold the priorities the disk does not take now in memory; return the rest."""
-        least = self._least_urgent_on_disk()
+        free = self._free_space()
+        least = self._least_urgent_on_disk(free)
         state = "ok" if least is Priority.LOW else f"{least.label} and more urgent only"
         if state != self._space_state:
             self._space_state = state
-            free = self._free_space()
             log.warning("outbox: free space %s bytes; disk takes %s", free, state)
             self.on_report(
                 StorageReport(
@@ -1044,7 +1045,7 @@ class Outbox:
                 return
         if self._reserve_in_use:
             self._ensure_ballast()  # the space is back once the reserve fits again
-        least = self._least_urgent_on_disk()
+        least = self._least_urgent_on_disk(self._free_space())
         with self._memory_lock:
             rows = [r for r in self._memory.values() if r.rank <= least]
         releases, self._unreleased = self._unreleased, []

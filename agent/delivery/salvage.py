@@ -261,12 +261,11 @@ def _value(data: bytes, offset: int, kind: int) -> tuple[Value, int]:
 
 
 def _varint(data: bytes, offset: int) -> tuple[int, int]:
+    """SQLite's varint: up to 8 bytes of 7 bits (high bit: more follow), then a full byte."""
     value = 0
-    for i in range(9):
+    for i in range(8):
         byte = data[offset + i]
-        if i == 8:
-            return (value << 8) | byte, offset + 9
         value = (value << 7) | (byte & 0x7F)
         if not byte & 0x80:
             return value, offset + i + 1
-    raise ValueError("unreachable")
+    return (value << 8) | data[offset + 8], offset + 9
