@@ -112,7 +112,8 @@ def test_face_match_card_with_crop_and_signed_reject(
             "score": 0.71,
             "threshold": 0.55,
             "camera": "er-entrance",
-            "votes": "3/3",
+            "frames": 5,
+            "track": 3,
             "crop_jpeg": _face_crop(),
         },
     )
