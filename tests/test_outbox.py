@@ -253,6 +253,36 @@ def test_a_crash_never_gives_a_used_seq_out_again(tmp_path: Path) -> None:
     again.outbox.close()
 
 
+def test_a_crash_while_events_are_held_in_memory_shows_them_as_lost(tmp_path: Path) -> None:
+    """Numbers of events the full disk could not take are lost with the process: the restart
+    must not announce them as skipped (reserved but unused), or the centre never counts them."""
+    box = Box(tmp_path / "live" / "o.db", reserve_bytes=0)
+    stored = box.add()
+    box.outbox.flush()
+    conn = box.outbox._conn
+    assert conn is not None
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # the database cannot grow
+    emitted = [box.add(size=4000) for _ in range(10)]
+    box.outbox.flush()
+    held = {e.event.seq for e in emitted if e.fate is Fate.MEMORY}
+    assert held and max(held) == emitted[-1].event.seq, "the last events are memory-only"
+    crashed = _snapshot(box.outbox.path, tmp_path / "after-crash")
+    box.outbox.close()
+
+    again = Box(crashed)
+    fresh = again.outbox.next_seq()
+    assert fresh > max(held)
+    first, last = again.outbox.seqs.skipped or (fresh, fresh - 1)
+    assert first == max(held) + 1 and last == fresh - 1, (
+        f"skipped {first}..{last} hides events held in memory {sorted(held)}"
+    )
+    on_disk = {r.seq for r in again.outbox.fetch_pending((-1, -1), 1000)}
+    lost = set(range(stored.event.seq + 1, first)) - on_disk
+    assert lost == held - on_disk and lost, "every number the centre sees missing was an event"
+    again.outbox.close()
+
+
 def test_seq_survives_the_loss_of_the_outbox_file(tmp_path: Path) -> None:
     box = Box(tmp_path / "o.db")
     last = [box.add() for _ in range(5)][-1].event.seq

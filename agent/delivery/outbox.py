@@ -952,6 +952,7 @@ class Outbox:
                 self._memory_emissions[row.id] = emission
             dropped = self._trim_memory()
         self._memory_seq = max(self._memory_seq, *(row.seq for _, row in adds))
+        self.seqs.note_held(self._memory_seq)
         if not self._last_disk_retry:
             self._last_disk_retry = time.monotonic()  # the first retry comes after a pause
         for emission, _ in adds:

@@ -13,6 +13,13 @@ so an emitting thread waits for the disk only if a whole half block is numbered 
 one fsync. A clean stop writes back the number after the last one stored or sent, so a
 restart leaves no gap; after a crash, the unused rest of the block is reported as skipped (see
 :attr:`SeqReserve.skipped`) so the centre does not count those numbers as lost.
+
+Numbers given to events the disk could not take (held in memory) are not "unused": if
+the process dies they are lost, and the centre must see them as a gap. The highest of
+them is therefore written to a second, tiny file (``.held``) that is allocated while the
+disk has room and afterwards only overwritten in place, which needs no free block — so
+it can be written on the very full disk that made the events memory-only. A restart
+reports as skipped only the numbers above it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ log = logging.getLogger("wardpost.outbox")
 
 BLOCK = 1024  # numbers reserved per write of the high-water mark
 _RETRY_AFTER = 5.0  # seconds between attempts to write the mark on a failing disk
+_HELD_RECORD = 24  # bytes of the .held file: one zero-padded number and a newline
 
 
 class SeqReserve:
@@ -52,19 +60,40 @@ class SeqReserve:
         #: This run's boot counter, kept in the mark's file too, so that it survives the
         #: loss of the outbox (the centre tells a restarted device from a stale Will by it).
         self.boot = 0
+        self.held_path = self.path.with_name(self.path.name + ".held")
+        self._held_fd: int | None = None
+        self._held_written = 0
+        self._held_fault: str | None = None
 
     def resume(self, floor: int, boot: int = 1) -> None:
         """Start numbering at ``floor`` (the outbox's next seq) or above the stored mark,
         whichever is higher, and reserve the first block before returning. ``boot`` is
         this run's boot counter by the outbox: raised above any the mark's file recorded."""
         mark, stored_boot = self._read_mark()
+        held = self._open_held()
         self.boot = max(boot, stored_boot + 1)
         with self._lock:
             start = max(self._next, floor, mark)
-            if mark > floor:
-                self.skipped = (floor, mark - 1)
+            first_unused = max(floor, held + 1)  # numbers up to ``held`` went to real events
+            if mark > first_unused:
+                self.skipped = (first_unused, mark - 1)
             self._next = self.resumed_at = start
         self._reserve(start + self.block)
+
+    def note_held(self, seq: int) -> None:
+        """Events up to ``seq`` are held in memory only: should the process die, the next
+        run must count their numbers as lost, not as skipped. Called by the outbox's writer."""
+        if seq <= self._held_written or self._held_fd is None:
+            return
+        try:
+            os.pwrite(self._held_fd, f"{seq:0{_HELD_RECORD - 1}d}\n".encode(), 0)
+            os.fdatasync(self._held_fd)
+            self._held_written = seq
+        except OSError as exc:
+            fault = f"cannot write {self.held_path}: {exc}"
+            if fault != self._held_fault:
+                log.error("%s; a crash now would hide events held in memory from the centre", fault)
+            self._held_fault = fault
 
     def raise_floor(self, floor: int) -> None:
         """Never number below ``floor`` (an outbox read again after a disk fault)."""
@@ -114,6 +143,9 @@ class SeqReserve:
                 self._extended.wait(1.0)
             self._extending = self._closed = True
         self._write_mark(min(used_below, self._next))
+        if self._held_fd is not None:
+            os.close(self._held_fd)
+            self._held_fd = None
 
     def _reserve(self, limit: int) -> None:
         with self._lock:
@@ -152,6 +184,32 @@ class SeqReserve:
                 self.fault = fault
             self._extending = False
             self._extended.notify_all()
+
+    def _open_held(self) -> int:
+        """Read the last run's held mark (0 if none) and keep the file open, allocated, for
+        this run's. Without it (a read-only disk, say) losses after a crash may be reported
+        as skipped numbers, as they were before the file existed: said once in the log."""
+        held = 0
+        try:
+            held = int(self.held_path.read_text() or 0)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:  # a torn write at power loss, say
+            log.error("held-seq mark %s unreadable (%s); taken as 0", self.held_path, exc)
+        if self._held_fd is not None:
+            return held
+        try:
+            self._held_fd = os.open(self.held_path, os.O_RDWR | os.O_CREAT, 0o640)
+            # Real bytes, not a hole or fallocate's unwritten extent: overwriting them
+            # later must not need a block from a full disk.
+            os.pwrite(self._held_fd, f"{held:0{_HELD_RECORD - 1}d}\n".encode(), 0)
+            os.fsync(self._held_fd)
+        except OSError as exc:
+            log.error("held-seq mark %s unusable: %s", self.held_path, exc)
+            if self._held_fd is not None:
+                os.close(self._held_fd)
+                self._held_fd = None
+        return held
 
     def _read_mark(self) -> tuple[int, int]:
         """(the mark, the boot counter of the run that wrote it; 0 in files written before
