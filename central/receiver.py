@@ -53,6 +53,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.backoff import Backoff
 from central.alarms import AlarmDesk, MqttCommander, Signing, unsigned
 from central.config import ReceiverConfig, ReceiverMQTTConfig
 from central.intake import Inbound, Intake, Outcome
@@ -360,7 +361,7 @@ class Receiver:
         holding those devices against the other receivers meanwhile; retried while the store
         is down (nothing is receipted before). ``quarantine_for``: quarantine them all with
         this reason instead. None: the store refused the batch for what is in it."""
-        delay = 0.1
+        retry = Backoff(0.1, 10.0)
         while True:
             try:
                 keys = self.intake.device_keys(messages)
@@ -383,13 +384,13 @@ class Receiver:
                     log.error("%s", self._refusal)
                     return None
                 self.stats.store_errors += 1
+                delay = retry.next()
                 log.error(
                     "store write failed (%s); nothing receipted, retrying in %.1f s", exc, delay
                 )
-                if self._stopping.is_set() and delay > 5:
+                if self._stopping.is_set() and retry.failures > 6:  # ≈ 6 s of retries
                     raise
                 time.sleep(delay)
-                delay = min(delay * 2, 10.0)
                 try:
                     self.store.reconnect()
                 except ConnectionError as again:

@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from agent.backoff import Backoff
 from agent.driver import Command, CommandError, Driver, DriverContext, Health, Timer
 from agent.event import Priority
 from agent.homeassistant import Entity
@@ -168,17 +169,16 @@ class CameraFaceDriver(Driver):
     def _run(self) -> None:
         source = self._source
         assert source is not None
-        delay = self.config.reconnect_min_delay
+        retry = Backoff(self.config.reconnect_min_delay, self.config.reconnect_max_delay)
         while not self._stopping.is_set():
             try:
                 source.open()
             except SourceLost as exc:
                 self._lost(str(exc))
-                self._stopping.wait(delay)
-                delay = min(delay * 2, self.config.reconnect_max_delay)
+                self._stopping.wait(retry.next())
                 continue
             self._found()
-            delay = self.config.reconnect_min_delay
+            retry.reset()
             try:
                 self._consume(source)
             except SourceLost as exc:
@@ -191,7 +191,7 @@ class CameraFaceDriver(Driver):
                 self._end_tracks()
             if self._failure:
                 return
-            self._stopping.wait(delay)
+            self._stopping.wait(retry.next())
 
     def _consume(self, source: FrameSource) -> None:
         interval = 1.0 / self.config.max_fps if self.config.max_fps else 0.0

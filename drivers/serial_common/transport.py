@@ -17,7 +17,6 @@ import contextlib
 import errno
 import logging
 import os
-import random
 import threading
 import time
 from collections import deque
@@ -26,6 +25,8 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 import serial
+
+from agent.backoff import Backoff
 
 #: Largest single read; a busy port is drained in chunks of this size.
 READ_CHUNK = 4096
@@ -203,18 +204,16 @@ class SerialLink:
             self.log.exception("link change handler failed for %s", self.settings.port)
 
     def _run(self) -> None:
-        delay = self.settings.reconnect_min
+        retry = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
         while not self._stop.is_set():
             try:
                 port = self._open()
             except (OSError, ValueError, serial.SerialException) as exc:
                 self.counters["open_failures"] += 1
                 self._report(False, describe(exc))
-                # Jitter keeps several readers from retrying in lockstep.
-                self._stop.wait(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, self.settings.reconnect_max)
+                self._stop.wait(retry.next())
                 continue
-            delay = self.settings.reconnect_min
+            retry.reset()
             self.counters["opens"] += 1
             with self._lock:
                 self._port = port

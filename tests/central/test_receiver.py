@@ -149,13 +149,20 @@ def _write_config(path: Path, broker: Broker, store: dict[str, Any], client_id: 
 
 
 def _start(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "central", "run", "--config", str(config)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    """The receiver as a process, its log appended to ``<config>.log`` (a file, not a pipe:
+    nobody reads a pipe while it runs, and a full one would stall the receiver)."""
+    with _log(config).open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "central", "run", "--config", str(config)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+
+
+def _log(config: Path) -> Path:
+    return config.with_suffix(".log")
 
 
 @pytest.mark.faults
@@ -194,7 +201,7 @@ def test_receiver_killed_mid_stream_loses_nothing_and_stores_nothing_twice(
         store.close()
     finally:
         receiver.send_signal(signal.SIGTERM)
-        assert receiver.wait(15) == 0, receiver.stderr.read().decode() if receiver.stderr else ""
+        assert receiver.wait(15) == 0, _log(config).read_text()
 
 
 def test_events_sent_during_a_clean_restart_are_stored_at_once(
@@ -230,7 +237,7 @@ def test_events_sent_during_a_clean_restart_are_stored_at_once(
         store.close()
     finally:
         receiver.send_signal(signal.SIGTERM)
-        assert receiver.wait(15) == 0, receiver.stderr.read().decode() if receiver.stderr else ""
+        assert receiver.wait(15) == 0, _log(config).read_text()
 
 
 def _try_open(store_section: dict[str, Any]) -> Store | None:
