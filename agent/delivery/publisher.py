@@ -420,8 +420,7 @@ class Publisher:
         self._wake.set()
 
     def released(self, ids: list[str]) -> None:
-        self._inbox.put(_ReleaseStored(ids))
-        self._wake.set()
+        self._hand_pump(_ReleaseStored(ids))
 
     def publish_heartbeat(self, payload: Mapping[str, Any]) -> None:
         """A heartbeat (QoS 0, never kept: the next one says the same), if the link is up."""
@@ -449,8 +448,7 @@ class Publisher:
             time.time(),
         )
         self.outbox.keep_reply(reply)
-        self._inbox.put(_ReplyQueued(reply))
-        self._wake.set()
+        self._hand_pump(_ReplyQueued(reply))
 
     def alive(self) -> bool:
         return self._net_thread.is_alive() and self._pump_thread.is_alive()
@@ -469,8 +467,7 @@ class Publisher:
         props: Properties | None,
     ) -> None:
         self._last_inbound = time.monotonic()
-        self._inbox.put(_Connected(userdata, reason))
-        self._wake.set()
+        self._hand_pump(_Connected(userdata, reason))
 
     def _on_disconnect(
         self,
@@ -480,8 +477,7 @@ class Publisher:
         reason: ReasonCode,
         props: Properties | None,
     ) -> None:
-        self._inbox.put(_Disconnected(userdata, reason))
-        self._wake.set()
+        self._hand_pump(_Disconnected(userdata, reason))
 
     def _on_publish(
         self,
@@ -493,8 +489,15 @@ class Publisher:
     ) -> None:
         # Not evidence of a live link by itself: paho reports QoS 0 messages (heartbeats)
         # here as soon as they are written. An event's PUBACK counts (_handle_puback).
-        self._inbox.put(_Acked(userdata, mid, reason))
-        self._wake.set()
+        self._hand_pump(_Acked(userdata, mid, reason))
+
+    def _hand_pump(self, item: _PumpItem) -> None:
+        """Give the pump an item and make sure it wakes for it. The item goes in first and
+        the pump clears its flag before it empties the inbox, so a flag still set means the
+        pump has yet to look: one PUBACK in a burst of hundreds pays for the wake-up, not all."""
+        self._inbox.put(item)
+        if not self._wake.is_set():
+            self._wake.set()
 
     def _on_answer(self, client: mqtt.Client, userdata: Any, mid: int, *rest: Any) -> None:
         """SUBACK or UNSUBACK (a probe's answer): the broker is there."""
@@ -504,8 +507,7 @@ class Publisher:
         self._last_inbound = time.monotonic()
         try:
             if msg.topic == self.topics.receipts:
-                self._inbox.put(_ReceiptArrived(bytes(msg.payload)))
-                self._wake.set()
+                self._hand_pump(_ReceiptArrived(bytes(msg.payload)))
             elif msg.topic.startswith(self.topics.command_prefix):
                 self.on_command(msg.topic[len(self.topics.command_prefix) :], bytes(msg.payload))
         except Exception:  # never let an exception reach paho's loop
@@ -559,8 +561,7 @@ class Publisher:
                 for _ in range(8):
                     if client.loop(timeout=0.25) != mqtt.MQTT_ERR_SUCCESS:
                         break
-            self._inbox.put(_Disconnected(link, rc))
-            self._wake.set()
+            self._hand_pump(_Disconnected(link, rc))
             self._stopping.wait(backoff.next())
 
     def _note_error(self, text: str) -> None:
