@@ -38,7 +38,12 @@ from agent.control import (
     request,
     strict_json,
 )
-from agent.registry import available_drivers, missing_extra, validate_drivers
+from agent.registry import (
+    available_drivers,
+    check_metrics_extra,
+    missing_extra,
+    validate_drivers,
+)
 
 log = logging.getLogger("wardpost")
 
@@ -46,6 +51,7 @@ log = logging.getLogger("wardpost")
 def _load(path: str) -> Config:
     config = load_config(path)
     validate_drivers(config)
+    check_metrics_extra(config)
     return config
 
 
@@ -60,7 +66,6 @@ def _setup_logging(level: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.logs import flush_repeats, register_secret, setup_logging
-    from agent.metrics import Histogram, LabelledCounter, MetricsServer, agent_metrics
     from agent.runtime import Agent
     from agent.sdnotify import Notifier
 
@@ -79,15 +84,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     if (password := config.password()) is not None:
         register_secret(password)
     notifier = Notifier.from_env()
-    latency, events = Histogram(), LabelledCounter(("kind", "priority"))
+    collector = None
+    if config.metrics.enabled:  # _load checked that the metrics extra is installed
+        from agent.metrics import AgentCollector
+
+        # Late-bound: agent is made below, and scrapes begin only after it started.
+        collector = AgentCollector(lambda: agent.status())  # noqa: PLW0108
 
     def apply_log_level(level: str) -> None:
         setup_logging(args.log_level or level)
 
     agent = Agent(
         config,
-        on_transmitted=latency.observe,
-        on_event=lambda e: events.inc(e.kind, e.priority.label),
+        on_transmitted=collector.latency.observe if collector else None,
+        on_event=collector.count_event if collector else None,
         apply_log_level=apply_log_level,
     )
     stop = threading.Event()
@@ -98,12 +108,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent.start()
     control = ControlServer(config.agent.control_socket_path, agent)
     control.start()
-    metrics: MetricsServer | None = None
-    if config.metrics.enabled:
-        metrics = MetricsServer(
-            lambda: agent_metrics(agent.status(), latency=latency, events=events),
-            *config.metrics.address,
-        )
+    metrics = None
+    if collector is not None:
+        from agent.metrics import MetricsServer
+
+        metrics = MetricsServer(collector, *config.metrics.address)
         try:
             metrics.start()
         except OSError as exc:
@@ -155,6 +164,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(path)
         unchecked = validate_drivers(config)
+        check_metrics_extra(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

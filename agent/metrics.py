@@ -1,18 +1,14 @@
-"""Optional Prometheus metrics on a local port, rendered from a snapshot on each scrape.
+"""Optional Prometheus metrics on a local port, read from the agent's status on each scrape.
 
-Nothing here runs unless ``[metrics] enabled = true``. The server is the standard
-library's HTTP server in a daemon thread, bound to loopback by default; each
-``GET /metrics`` calls a snapshot function and renders the text exposition
-format (version 0.0.4), so the numbers are exactly those ``wardpost status``
-shows and no second bookkeeping can drift from them::
+Nothing here runs unless ``[metrics] enabled = true``, and it needs the ``metrics`` extra
+(prometheus-client; ``agent.registry.check_metrics_extra`` says so at start-up). On each
+``GET /metrics``, :class:`AgentCollector` reads ``status()`` (the same :class:`AgentStatus`
+``wardpost status`` prints, so no second bookkeeping can drift from it); only the publish
+latency and the events by kind and priority are counted as they happen. The collector is
+registered in a private registry, never prometheus-client's global one::
 
-    latency = Histogram()                       # publisher: latency.observe(seconds)
-    events = LabelledCounter(("kind", "priority"))  # emit: events.inc(kind, priority)
-
-    def snapshot() -> list[Metric]:
-        return agent_metrics(agent.status(), latency=latency, events=events)  # AgentStatus
-
-    server = MetricsServer(snapshot, *config.address)
+    collector = AgentCollector(agent.status)  # latency.observe(seconds), count_event(event)
+    server = MetricsServer(collector, *config.metrics.address)
     server.start()        # raises OSError naming the address if it cannot listen
     ...
     server.stop()
@@ -22,265 +18,150 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import math
 import socket
 import threading
 import typing
-from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from agent.driver import HealthState
+from agent.event import Event
 from agent.status import AgentStatus, DriverStatus
 
 log = logging.getLogger("wardpost.metrics")
 
+#: The text format generate_latest writes for the agent's names (all legacy-valid).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: Publish latency buckets in seconds: milliseconds on a healthy LAN up to
 #: minutes for events that waited out a broker outage in the outbox.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
-
-# ------------------------------------------------------------------ model
-
-MetricType = Literal["counter", "gauge", "histogram", "untyped"]
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One metric family: a name, a type, help text and its samples.
-
-    Each sample is ``(suffix, labels, value)``; the suffix is ``""`` except for a
-    histogram's ``_bucket``/``_sum``/``_count`` lines.
-    """
-
-    name: str
-    type: MetricType
-    help: str
-    samples: tuple[tuple[str, Mapping[str, str], float], ...] = field(default_factory=tuple)
-
-
-def counter(
-    name: str,
-    help: str,
-    value: float | Mapping[tuple[str, ...], float] = 0.0,
-    labels: Sequence[str] = (),
-) -> Metric:
-    """A counter (name should end in ``_total``); ``value`` per label tuple when ``labels``."""
-    return _simple(name, "counter", help, value, labels)
-
-
-def gauge(
-    name: str,
-    help: str,
-    value: float | Mapping[tuple[str, ...], float] = 0.0,
-    labels: Sequence[str] = (),
-) -> Metric:
-    """A gauge; ``value`` per label tuple when ``labels`` are given."""
-    return _simple(name, "gauge", help, value, labels)
-
-
-def _simple(
-    name: str,
-    kind: MetricType,
-    help: str,
-    value: float | Mapping[tuple[str, ...], float],
-    labels: Sequence[str],
-) -> Metric:
-    if isinstance(value, Mapping):
-        samples = tuple(
-            ("", dict(zip(labels, key, strict=True)), float(v)) for key, v in value.items()
-        )
-    else:
-        samples = (("", {}, float(value)),)
-    return Metric(name, kind, help, samples)
-
-
-class Histogram:
-    """A thread-safe cumulative histogram (``observe`` from any thread)."""
-
-    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS):
-        if list(buckets) != sorted(set(buckets)) or not buckets:
-            raise ValueError("histogram buckets must be distinct and ascending")
-        self.buckets = tuple(float(b) for b in buckets)
-        self._counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
-        self._sum = 0.0
-        self._lock = threading.Lock()
-
-    def observe(self, value: float) -> None:
-        with self._lock:
-            self._counts[bisect_left(self.buckets, value)] += 1
-            self._sum += value
-
-    def metric(self, name: str, help: str) -> Metric:
-        with self._lock:
-            counts, total = list(self._counts), self._sum
-        samples: list[tuple[str, Mapping[str, str], float]] = []
-        running = 0
-        for bound, count in zip((*self.buckets, math.inf), counts, strict=True):
-            running += count
-            samples.append(("_bucket", {"le": _number(bound)}, float(running)))
-        samples += [("_sum", {}, total), ("_count", {}, float(running))]
-        return Metric(name, "histogram", help, tuple(samples))
-
-
-class LabelledCounter:
-    """Thread-safe counts by label values, e.g. events by (kind, priority)."""
-
-    def __init__(self, labels: Sequence[str]):
-        self.labels = tuple(labels)
-        self._counts: dict[tuple[str, ...], int] = {}
-        self._lock = threading.Lock()
-
-    def inc(self, *values: str, amount: int = 1) -> None:
-        if len(values) != len(self.labels):
-            raise ValueError(
-                f"expected {len(self.labels)} label values {self.labels}, got {values}"
-            )
-        with self._lock:
-            self._counts[values] = self._counts.get(values, 0) + amount
-
-    def snapshot(self) -> dict[tuple[str, ...], int]:
-        with self._lock:
-            return dict(self._counts)
-
-    def metric(self, name: str, help: str) -> Metric:
-        return counter(name, help, {k: float(v) for k, v in self.snapshot().items()}, self.labels)
-
-
-# -------------------------------------------------------------- exposition
-
-
-def render(metrics: Iterable[Metric]) -> str:
-    """The Prometheus text exposition format for ``metrics``."""
-    out: list[str] = []
-    for metric in metrics:
-        out.append(f"# HELP {metric.name} {_escape_help(metric.help)}")
-        out.append(f"# TYPE {metric.name} {metric.type}")
-        for suffix, labels, value in metric.samples:
-            label_text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
-            braces = f"{{{label_text}}}" if label_text else ""
-            out.append(f"{metric.name}{suffix}{braces} {_number(value)}")
-    return "\n".join(out) + "\n"
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _escape_label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
-
-
-# ------------------------------------------------------------ agent numbers
-
 _DRIVER_STATES: tuple[str, ...] = typing.get_args(HealthState)
 _RUNNING_STATES = ("ok", "degraded")
 
 
-def agent_metrics(
-    status: AgentStatus,
-    *,
-    latency: Histogram | None = None,
-    events: LabelledCounter | None = None,
-) -> list[Metric]:
-    """Metrics from the agent's status (the one ``wardpost status`` prints)."""
-    link, beat = status.link, status.heartbeat
-    counts = {k: float(v) for k, v in link.counters.items()}
-    metrics = [
-        gauge(
+class AgentCollector(Collector):
+    """The agent's metrics: ``status()`` read on each scrape, plus :attr:`latency`
+    (``observe(seconds)``) and :meth:`count_event`, which any thread may call."""
+
+    def __init__(self, status: Callable[[], AgentStatus]) -> None:
+        self.status = status
+        self.latency = Histogram(
+            "wardpost_publish_latency_seconds",
+            "Time from event creation to broker acknowledgement.",
+            buckets=LATENCY_BUCKETS,
+            registry=None,
+        )
+        self.events = Counter(
+            "wardpost_events_total",
+            "Events emitted, by kind and priority.",
+            ("kind", "priority"),
+            registry=None,
+        )
+
+    def count_event(self, event: Event) -> None:
+        self.events.labels(event.kind, event.priority.label).inc()
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.status()
+        link, beat = status.link, status.heartbeat
+        counts = dict(link.counters)
+        yield _labelled(
+            GaugeMetricFamily,
             "wardpost_info",
             "Agent identity; the value is always 1.",
-            {(status.version, status.site, status.device): 1.0},
             ("version", "site", "device"),
-        ),
-        gauge("wardpost_uptime_seconds", "Seconds since the agent started.", beat.uptime),
-        gauge("wardpost_boot", "Agent start counter kept in the outbox.", beat.boot),
-        gauge("wardpost_link_up", "1 while connected to the broker.", float(link.connected)),
-        gauge("wardpost_in_flight_messages", "Published, not yet acknowledged.", link.in_flight),
-        counter(
+            {(status.version, status.site, status.device): 1},
+        )
+        yield GaugeMetricFamily(
+            "wardpost_uptime_seconds", "Seconds since the agent started.", beat.uptime
+        )
+        yield GaugeMetricFamily(
+            "wardpost_boot", "Agent start counter kept in the outbox.", beat.boot
+        )
+        yield GaugeMetricFamily(
+            "wardpost_link_up", "1 while connected to the broker.", float(link.connected)
+        )
+        yield GaugeMetricFamily(
+            "wardpost_in_flight_messages", "Published, not yet acknowledged.", link.in_flight
+        )
+        yield CounterMetricFamily(
             "wardpost_mqtt_connects_total",
             "Successful broker connections (reconnects included).",
-            counts.pop("connects", 0.0),
-        ),
-        counter(
-            "wardpost_mqtt_disconnects_total", "Broker link losses.", counts.pop("disconnects", 0.0)
-        ),
-    ]
-    if counts:
-        metrics.append(
-            counter(
+            counts.pop("connects", 0),
+        )
+        yield CounterMetricFamily(
+            "wardpost_mqtt_disconnects_total", "Broker link losses.", counts.pop("disconnects", 0)
+        )
+        if counts:
+            yield _labelled(
+                CounterMetricFamily,
                 "wardpost_mqtt_messages_total",
                 "Event messages by outcome (sent, confirmed, resent, rejected).",
-                {(k,): v for k, v in counts.items()},
                 ("outcome",),
+                {(k,): v for k, v in counts.items()},
             )
+        yield GaugeMetricFamily(
+            "wardpost_backlog_events", "Events not yet confirmed delivered.", beat.backlog.count
         )
-    metrics += [
-        gauge("wardpost_backlog_events", "Events not yet confirmed delivered.", beat.backlog.count),
-        gauge(
+        yield GaugeMetricFamily(
             "wardpost_backlog_oldest_age_seconds",
             "Age of the oldest undelivered event (0 when none).",
             beat.backlog.oldest_age or 0.0,
-        ),
-        gauge(
+        )
+        yield GaugeMetricFamily(
             "wardpost_backlog_in_memory_events",
             "Events held in RAM because the database is unusable.",
             beat.backlog.in_memory,
-        ),
-        gauge(
+        )
+        yield GaugeMetricFamily(
             "wardpost_storage_fault",
             "1 while the outbox database is faulty.",
             1.0 if beat.storage_fault else 0.0,
-        ),
-    ]
-    if status.outbox_counters:
-        metrics.append(
-            counter(
+        )
+        if status.outbox_counters:
+            yield _labelled(
+                CounterMetricFamily,
                 "wardpost_outbox_operations_total",
                 "Outbox rows by operation (committed, released, evicted, ...).",
-                {(k,): float(v) for k, v in status.outbox_counters.items()},
                 ("operation",),
+                {(k,): v for k, v in status.outbox_counters.items()},
             )
-        )
-    if status.commands:
-        metrics.append(
-            counter(
+        if status.commands:
+            yield _labelled(
+                CounterMetricFamily,
                 "wardpost_commands_total",
                 "Commands from the centre by outcome.",
-                {(k,): float(v) for k, v in status.commands.items()},
                 ("outcome",),
+                {(k,): v for k, v in status.commands.items()},
             )
-        )
-    metrics += _driver_metrics(beat.drivers)
-    if latency is not None:
-        metrics.append(
-            latency.metric(
-                "wardpost_publish_latency_seconds",
-                "Time from event creation to broker acknowledgement.",
-            )
-        )
-    if events is not None:
-        metrics.append(
-            events.metric("wardpost_events_total", "Events emitted, by kind and priority.")
-        )
-    return metrics
+        yield from _driver_metrics(beat.drivers)
+        for family in (*self.latency.collect(), *self.events.collect()):
+            # Without the _created series prometheus-client adds: the agent's series only.
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
-def _driver_metrics(drivers: Mapping[str, DriverStatus]) -> list[Metric]:
+def _labelled(
+    kind: type[GaugeMetricFamily | CounterMetricFamily],
+    name: str,
+    help: str,
+    labels: tuple[str, ...],
+    values: Mapping[tuple[str, ...], float],
+) -> Metric:
+    family = kind(name, help, labels=labels)
+    for key, value in values.items():
+        family.add_metric(key, value)
+    return family
+
+
+def _driver_metrics(drivers: Mapping[str, DriverStatus]) -> Iterator[Metric]:
     up: dict[tuple[str, ...], float] = {}
     states: dict[tuple[str, ...], float] = {}
     counts: dict[tuple[str, ...], float] = {}
@@ -291,30 +172,28 @@ def _driver_metrics(drivers: Mapping[str, DriverStatus]) -> list[Metric]:
             states[(name, known)] = 1.0 if known == state else 0.0
         for key, value in driver.health.counters.items():
             counts[(name, key)] = float(value)
-    metrics = [
-        gauge(
-            "wardpost_driver_up",
-            "1 while the driver runs (state ok or degraded).",
-            up,
-            ("driver", "type"),
-        ),
-        gauge(
-            "wardpost_driver_state",
-            "1 for the driver's current state.",
-            states,
-            ("driver", "state"),
-        ),
-    ]
+    yield _labelled(
+        GaugeMetricFamily,
+        "wardpost_driver_up",
+        "1 while the driver runs (state ok or degraded).",
+        ("driver", "type"),
+        up,
+    )
+    yield _labelled(
+        GaugeMetricFamily,
+        "wardpost_driver_state",
+        "1 for the driver's current state.",
+        ("driver", "state"),
+        states,
+    )
     if counts:
-        metrics.append(
-            gauge(
-                "wardpost_driver_counter",
-                "Counters reported by each driver.",
-                counts,
-                ("driver", "counter"),
-            )
+        yield _labelled(
+            GaugeMetricFamily,
+            "wardpost_driver_counter",
+            "Counters reported by each driver.",
+            ("driver", "counter"),
+            counts,
         )
-    return metrics
 
 
 # ------------------------------------------------------------------ server
@@ -329,7 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             try:
-                body = render(self.server.snapshot()).encode("utf-8")
+                body = generate_latest(self.server.registry)
             except Exception as exc:  # the agent must survive a bad snapshot
                 log.exception("metrics snapshot failed")
                 self._reply(500, f"snapshot failed: {type(exc).__name__}\n".encode(), "text/plain")
@@ -355,22 +234,22 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], snapshot: Callable[[], Iterable[Metric]]):
+    def __init__(self, address: tuple[str, int], registry: CollectorRegistry):
         self.address_family = socket.AF_INET6 if _is_ipv6(address[0]) else socket.AF_INET
-        self.snapshot = snapshot
+        self.registry = registry
         super().__init__(address, _Handler)
 
 
 class MetricsServer:
-    """Serves ``snapshot()`` at ``http://host:port/metrics`` from a daemon thread.
+    """Serves ``collector`` at ``http://host:port/metrics`` from a daemon thread, through a
+    private registry.
 
     ``port=0`` picks a free port; :attr:`port` holds the real one after :meth:`start`.
     """
 
-    def __init__(
-        self, snapshot: Callable[[], Iterable[Metric]], host: str = "127.0.0.1", port: int = 9108
-    ):
-        self.snapshot = snapshot
+    def __init__(self, collector: Collector, host: str = "127.0.0.1", port: int = 9108):
+        self.registry = CollectorRegistry()
+        self.registry.register(collector)
         self.host = host
         self.port = port
         self._server: _Server | None = None
@@ -379,7 +258,7 @@ class MetricsServer:
     def start(self) -> None:
         """Listen and serve; raises OSError naming the address when it cannot listen."""
         try:
-            server = _Server((self.host, self.port), self.snapshot)
+            server = _Server((self.host, self.port), self.registry)
         except OSError as exc:
             raise OSError(
                 exc.errno, f"cannot listen for metrics on {self.host}:{self.port}: {exc.strerror}"

@@ -10,7 +10,8 @@ drivers by declaring, in its ``pyproject.toml``::
 A driver that needs optional dependencies names their extra in brackets: when
 they are missing, the error says which extra to install instead of a bare
 ``No module named ...``, and a disabled driver of that type is left unchecked
-rather than failing the whole config.
+rather than failing the whole config. ``[metrics] enabled = true`` without the
+``metrics`` extra gets the same kind of error (:func:`check_metrics_extra`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ DISTRIBUTION = "wardpost"
 
 
 class MissingExtraError(ConfigError):
-    """A driver cannot load because the optional dependencies it declares are not installed."""
+    """A driver (or ``[metrics]``) cannot load because its optional dependencies are not
+    installed."""
 
 
 def missing_extra(ep: EntryPoint, exc: BaseException) -> str | None:
@@ -37,8 +39,11 @@ def missing_extra(ep: EntryPoint, exc: BaseException) -> str | None:
         return None
     if exc.name.partition(".")[0] == ep.module.partition(".")[0]:
         return None  # one of the plug-in's own modules is missing: not an extra
-    extras = ",".join(ep.extras)
     dist = ep.dist.name if ep.dist is not None else DISTRIBUTION
+    return _needs_extra(",".join(ep.extras), exc.name, dist)
+
+
+def _needs_extra(extras: str, module: str, dist: str = DISTRIBUTION) -> str:
     if dist == DISTRIBUTION:
         how = (
             f"sudo scripts/install --extras {extras} (in a checkout: pip install -e '.[{extras}]')"
@@ -47,8 +52,24 @@ def missing_extra(ep: EntryPoint, exc: BaseException) -> str | None:
         how = f"pip install '{dist}[{extras}]'"
     return (
         f"needs the optional {extras!r} dependencies, which are not installed "
-        f"(No module named {exc.name!r}): install them with {how}"
+        f"(No module named {module!r}): install them with {how}"
     )
+
+
+def check_metrics_extra(config: Config) -> None:
+    """``[metrics] enabled = true`` needs the ``metrics`` extra (prometheus-client): raises
+    a located :class:`MissingExtraError` naming it when it is not installed."""
+    if not config.metrics.enabled:
+        return
+    try:
+        import agent.metrics  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "prometheus_client":
+            raise
+        raise MissingExtraError(
+            f"the Prometheus endpoint {_needs_extra('metrics', exc.name or '')}",
+            "metrics.enabled",
+        ).located(config.source) from None
 
 
 def available_drivers() -> dict[str, Any]:

@@ -48,7 +48,7 @@ from agent.driver import (
     Timer,
 )
 from agent.event import Event, Priority, valid_kind
-from agent.registry import driver_config, validate_drivers
+from agent.registry import check_metrics_extra, driver_config, validate_drivers
 from agent.security import verifier_for
 from agent.status import AgentStatus, Backlog, DriverStatus, Heartbeat, Link
 
@@ -473,6 +473,7 @@ class Agent:
         try:
             new = load_config(source)
             validate_drivers(new)
+            check_metrics_extra(new)
             changed = changed_fields(self.config, new)
             verifier = verifier_for(new)  # the key files are read again: a rotated key applies
         except ConfigError as exc:

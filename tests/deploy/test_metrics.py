@@ -1,111 +1,53 @@
-"""Prometheus exposition: rendering, the agent's numbers, and a real scrape over loopback."""
+"""Prometheus metrics: the agent's numbers as the collector exposes them, a real scrape over
+loopback, and the error when ``[metrics]`` is enabled without the ``metrics`` extra."""
 
 from __future__ import annotations
 
-import math
-import re
 import socket
+import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from agent.cli import main
 from agent.config import ConfigError, MetricsConfig, parse_section
 from agent.driver import Health
-from agent.metrics import (
-    CONTENT_TYPE,
-    Histogram,
-    LabelledCounter,
-    Metric,
-    MetricsServer,
-    agent_metrics,
-    counter,
-    gauge,
-    render,
-)
+from agent.event import Event, Priority
+from agent.metrics import CONTENT_TYPE, AgentCollector, MetricsServer
 from agent.status import AgentStatus, Backlog, DriverStatus, Heartbeat, Link
+from agent.testing.agent import DEADLINE, agent_config, wait_until, write_config
+from agent.testing.broker import Broker, free_port
+from agent.testing.process import AgentProcess
 
-# One exposition line: comment, or name{labels} value.
-_SAMPLE = re.compile(
-    r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\.)*",?)*\})? '
-    r"(-?[0-9.e+-]+|NaN|\+Inf|-Inf)"
-)
-
-
-def parse(text: str) -> dict[str, float]:
-    """Sample lines as {'name{labels}': value}, checking every line is well formed."""
-    assert text.endswith("\n")
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("# HELP ") or line.startswith("# TYPE "):
-            continue
-        assert _SAMPLE.fullmatch(line), line
-        key, _, value = line.rpartition(" ")
-        samples[key] = float(value)
-    return samples
+Key = tuple[str, tuple[tuple[str, str], ...]]
 
 
-# ---------------------------------------------------------------- rendering
+def key(name: str, **labels: str) -> Key:
+    return name, tuple(sorted(labels.items()))
 
 
-def test_render_counter_gauge_and_escaping() -> None:
-    text = render(
-        [
-            counter("demo_total", "A counter.\nSecond line \\ ok", 3),
-            gauge("demo_state", "Labelled.", {("gate 1", 'say "hi"\n'): 1.5}, ("driver", "note")),
-        ]
-    )
-    assert text == (
-        "# HELP demo_total A counter.\\nSecond line \\\\ ok\n"
-        "# TYPE demo_total counter\n"
-        "demo_total 3\n"
-        "# HELP demo_state Labelled.\n"
-        "# TYPE demo_state gauge\n"
-        'demo_state{driver="gate 1",note="say \\"hi\\"\\n"} 1.5\n'
-    )
-    parse(text)
+def parse(text: str) -> tuple[dict[str, tuple[str, str]], dict[Key, float]]:
+    """The exposition's families as {name: (type, help)} (counters by their ``_total``
+    name, as they appear) and its samples as {key(name, **labels): value}."""
+    families: dict[str, tuple[str, str]] = {}
+    samples: dict[Key, float] = {}
+    for family in text_string_to_metric_families(text):
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        families[name] = (family.type, family.documentation)
+        for sample in family.samples:
+            samples[key(sample.name, **sample.labels)] = sample.value
+    return families, samples
 
 
-def test_special_values() -> None:
-    text = render([gauge("g", "x", {("a",): math.nan, ("b",): math.inf, ("c",): 1e20}, ("k",))])
-    samples = parse(text)
-    assert math.isnan(samples['g{k="a"}'])
-    assert 'g{k="b"} +Inf' in text
-    assert samples['g{k="c"}'] == 1e20
-
-
-def test_histogram_is_cumulative() -> None:
-    histogram = Histogram((0.1, 1.0))
-    for value in (0.05, 0.1, 0.5, 2.0, 30.0):
-        histogram.observe(value)
-    samples = parse(render([histogram.metric("lat_seconds", "Latency.")]))
-    assert samples == {
-        'lat_seconds_bucket{le="0.1"}': 2,
-        'lat_seconds_bucket{le="1"}': 3,
-        'lat_seconds_bucket{le="+Inf"}': 5,
-        "lat_seconds_sum": pytest.approx(32.65),
-        "lat_seconds_count": 5,
-    }
-
-
-def test_histogram_rejects_bad_buckets() -> None:
-    with pytest.raises(ValueError, match="ascending"):
-        Histogram((1.0, 0.5))
-
-
-def test_labelled_counter() -> None:
-    events = LabelledCounter(("kind", "priority"))
-    events.inc("panic.pressed", "critical")
-    events.inc("panic.pressed", "critical")
-    events.inc("gate.alarm", "high", amount=3)
-    with pytest.raises(ValueError, match="expected 2 label values"):
-        events.inc("gate.alarm")
-    samples = parse(render([events.metric("wardpost_events_total", "Events.")]))
-    assert samples == {
-        'wardpost_events_total{kind="panic.pressed",priority="critical"}': 2,
-        'wardpost_events_total{kind="gate.alarm",priority="high"}': 3,
-    }
+def exposition(collector: AgentCollector) -> str:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return generate_latest(registry).decode()
 
 
 # ---------------------------------------------------------------- config
@@ -129,6 +71,43 @@ def test_config_defaults_and_validation() -> None:
             parse_section(MetricsConfig, {"enabled": True, "listen": bad}, "metrics")
         assert str(info.value).startswith("metrics.listen: "), str(info.value)
         assert message in str(info.value)
+
+
+CONFIG = """
+[agent]
+site = "st-marys"
+device = "entrance-a"
+state_dir = "{state}"
+
+[metrics]
+enabled = true
+"""
+
+
+def test_enabled_without_the_extra_names_section_and_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "wardpost.toml"
+    path.write_text(CONFIG.format(state=tmp_path / "state"))
+    assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
+
+    # As on a device installed without the extra: prometheus_client cannot be imported.
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    monkeypatch.delitem(sys.modules, "agent.metrics")
+    capsys.readouterr()
+    expected = (
+        f"{path}: metrics.enabled: the Prometheus endpoint needs the optional 'metrics' "
+        "dependencies, which are not installed (No module named 'prometheus_client'): "
+        "install them with sudo scripts/install --extras metrics "
+        "(in a checkout: pip install -e '.[metrics]')"
+    )
+    assert main(["check-config", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+    assert main(["--config", str(path), "run"]) == 2
+    assert capsys.readouterr().err == f"wardpost: refusing to start: {expected}\n"
+
+    path.write_text(CONFIG.format(state=tmp_path / "state").replace("true", "false"))
+    assert main(["check-config", str(path)]) == 0, "disabled: the extra is not needed"
 
 
 # ------------------------------------------------------------ agent numbers
@@ -171,47 +150,130 @@ STATUS = _status(
     {"connects": 3, "disconnects": 2, "sent": 40, "confirmed": 38, "resent": 1},
 )
 
+#: Every family the agent exposes, with its type and help text.
+FAMILIES = {
+    "wardpost_info": ("gauge", "Agent identity; the value is always 1."),
+    "wardpost_uptime_seconds": ("gauge", "Seconds since the agent started."),
+    "wardpost_boot": ("gauge", "Agent start counter kept in the outbox."),
+    "wardpost_link_up": ("gauge", "1 while connected to the broker."),
+    "wardpost_in_flight_messages": ("gauge", "Published, not yet acknowledged."),
+    "wardpost_mqtt_connects_total": (
+        "counter",
+        "Successful broker connections (reconnects included).",
+    ),
+    "wardpost_mqtt_disconnects_total": ("counter", "Broker link losses."),
+    "wardpost_mqtt_messages_total": (
+        "counter",
+        "Event messages by outcome (sent, confirmed, resent, rejected).",
+    ),
+    "wardpost_backlog_events": ("gauge", "Events not yet confirmed delivered."),
+    "wardpost_backlog_oldest_age_seconds": (
+        "gauge",
+        "Age of the oldest undelivered event (0 when none).",
+    ),
+    "wardpost_backlog_in_memory_events": (
+        "gauge",
+        "Events held in RAM because the database is unusable.",
+    ),
+    "wardpost_storage_fault": ("gauge", "1 while the outbox database is faulty."),
+    "wardpost_outbox_operations_total": (
+        "counter",
+        "Outbox rows by operation (committed, released, evicted, ...).",
+    ),
+    "wardpost_commands_total": ("counter", "Commands from the centre by outcome."),
+    "wardpost_driver_up": ("gauge", "1 while the driver runs (state ok or degraded)."),
+    "wardpost_driver_state": ("gauge", "1 for the driver's current state."),
+    "wardpost_driver_counter": ("gauge", "Counters reported by each driver."),
+    "wardpost_publish_latency_seconds": (
+        "histogram",
+        "Time from event creation to broker acknowledgement.",
+    ),
+    "wardpost_events_total": ("counter", "Events emitted, by kind and priority."),
+}
+
+
+def event(kind: str, priority: Priority) -> Event:
+    return Event(kind, "test", priority, "st-marys", "ed-entrance", 1)
+
 
 def test_agent_metrics_from_status() -> None:
-    latency = Histogram()
-    latency.observe(0.02)
-    events = LabelledCounter(("kind", "priority"))
-    events.inc("panic.pressed", "critical")
-    samples = parse(render(agent_metrics(STATUS, latency=latency, events=events)))
+    collector = AgentCollector(lambda: STATUS)
+    collector.latency.observe(0.02)
+    collector.count_event(event("panic.pressed", Priority.CRITICAL))
+    families, samples = parse(exposition(collector))
+    assert families == FAMILIES
     expected = {
-        'wardpost_info{version="0.1.0",site="st-marys",device="ed-entrance"}': 1,
-        "wardpost_uptime_seconds": 120.5,
-        "wardpost_boot": 9,
-        "wardpost_link_up": 1,
-        "wardpost_in_flight_messages": 2,
-        "wardpost_mqtt_connects_total": 3,
-        "wardpost_mqtt_disconnects_total": 2,
-        'wardpost_mqtt_messages_total{outcome="resent"}': 1,
-        "wardpost_backlog_events": 3,
-        "wardpost_backlog_oldest_age_seconds": 1.25,
-        "wardpost_backlog_in_memory_events": 0,
-        'wardpost_outbox_operations_total{operation="committed"}': 41,
-        "wardpost_storage_fault": 0,
-        'wardpost_commands_total{outcome="rejected"}': 1,
-        'wardpost_driver_up{driver="gate1",type="serial_gate"}': 1,
-        'wardpost_driver_up{driver="button",type="panic_button"}': 0,
-        'wardpost_driver_state{driver="button",state="failed"}': 1,
-        'wardpost_driver_state{driver="button",state="ok"}': 0,
-        'wardpost_driver_state{driver="gate1",state="degraded"}': 1,
-        'wardpost_driver_counter{driver="gate1",counter="frames"}': 7,
-        'wardpost_publish_latency_seconds_bucket{le="0.025"}': 1,
-        "wardpost_publish_latency_seconds_count": 1,
-        'wardpost_events_total{kind="panic.pressed",priority="critical"}': 1,
+        key("wardpost_info", version="0.1.0", site="st-marys", device="ed-entrance"): 1,
+        key("wardpost_uptime_seconds"): 120.5,
+        key("wardpost_boot"): 9,
+        key("wardpost_link_up"): 1,
+        key("wardpost_in_flight_messages"): 2,
+        key("wardpost_mqtt_connects_total"): 3,
+        key("wardpost_mqtt_disconnects_total"): 2,
+        key("wardpost_mqtt_messages_total", outcome="resent"): 1,
+        key("wardpost_backlog_events"): 3,
+        key("wardpost_backlog_oldest_age_seconds"): 1.25,
+        key("wardpost_backlog_in_memory_events"): 0,
+        key("wardpost_outbox_operations_total", operation="committed"): 41,
+        key("wardpost_storage_fault"): 0,
+        key("wardpost_commands_total", outcome="rejected"): 1,
+        key("wardpost_driver_up", driver="gate1", type="serial_gate"): 1,
+        key("wardpost_driver_up", driver="button", type="panic_button"): 0,
+        key("wardpost_driver_state", driver="button", state="failed"): 1,
+        key("wardpost_driver_state", driver="button", state="ok"): 0,
+        key("wardpost_driver_state", driver="gate1", state="degraded"): 1,
+        key("wardpost_driver_counter", driver="gate1", counter="frames"): 7,
+        key("wardpost_publish_latency_seconds_bucket", le="0.025"): 1,
+        key("wardpost_publish_latency_seconds_count"): 1,
+        key("wardpost_events_total", kind="panic.pressed", priority="critical"): 1,
     }
-    for key, value in expected.items():
-        assert samples.get(key) == value, key
+    for k, value in expected.items():
+        assert samples.get(k) == value, k
+    # Only the agent's series: none of the _created ones prometheus-client would add.
+    assert not [k for k in samples if k[0].endswith("_created")]
+
+
+def test_latency_histogram_and_events_counted() -> None:
+    collector = AgentCollector(lambda: STATUS)
+    for seconds in (0.004, 0.02, 0.5, 400.0):
+        collector.latency.observe(seconds)
+    for kind, priority in [("panic.pressed", Priority.CRITICAL)] * 2 + [
+        ("gate.alarm", Priority.HIGH)
+    ]:
+        collector.count_event(event(kind, priority))
+    _, samples = parse(exposition(collector))
+    buckets = {
+        k[1][0][1]: v
+        for k, v in samples.items()
+        if k[0] == "wardpost_publish_latency_seconds_bucket"
+    }
+    # The bounds as prometheus-client writes them (and Prometheus 3 normalises them): 1.0, not 1.
+    assert list(buckets) == [
+        *("0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0"),
+        *("10.0", "30.0", "60.0", "300.0", "+Inf"),
+    ]
+    assert buckets["0.005"] == 1 and buckets["0.025"] == 2 and buckets["0.5"] == 3
+    assert buckets["300.0"] == 3 and buckets["+Inf"] == 4
+    assert samples[key("wardpost_publish_latency_seconds_sum")] == pytest.approx(400.524)
+    assert samples[key("wardpost_publish_latency_seconds_count")] == 4
+    events = {k: v for k, v in samples.items() if k[0] == "wardpost_events_total"}
+    assert events == {
+        key("wardpost_events_total", kind="panic.pressed", priority="critical"): 2,
+        key("wardpost_events_total", kind="gate.alarm", priority="high"): 1,
+    }
 
 
 def test_agent_metrics_of_an_empty_backlog_and_no_drivers() -> None:
-    samples = parse(render(agent_metrics(_status(Backlog(0, None, 0), {}, {}))))
-    assert samples["wardpost_backlog_oldest_age_seconds"] == 0
-    assert samples["wardpost_mqtt_connects_total"] == 0
-    assert not any(key.startswith("wardpost_driver_") for key in samples)
+    families, samples = parse(
+        exposition(AgentCollector(lambda: _status(Backlog(0, None, 0), {}, {})))
+    )
+    assert samples[key("wardpost_backlog_oldest_age_seconds")] == 0
+    assert samples[key("wardpost_mqtt_connects_total")] == 0
+    assert "wardpost_mqtt_messages_total" not in families
+    assert not any(name.startswith("wardpost_driver_") for name, _ in samples)
+    # No events yet: the family is announced without samples.
+    assert "wardpost_events_total" in families
+    assert not any(name == "wardpost_events_total" for name, _ in samples)
 
 
 # ------------------------------------------------------------------ server
@@ -221,13 +283,13 @@ def test_agent_metrics_of_an_empty_backlog_and_no_drivers() -> None:
 def server() -> Iterator[MetricsServer]:
     calls: list[int] = []
 
-    def snapshot() -> Iterable[Metric]:
+    def status() -> AgentStatus:
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("outbox closed")
-        return agent_metrics(STATUS)
+        return STATUS
 
-    s = MetricsServer(snapshot, "127.0.0.1", 0)
+    s = MetricsServer(AgentCollector(status), "127.0.0.1", 0)
     s.start()
     yield s
     s.stop()
@@ -246,7 +308,7 @@ def test_scrape_over_loopback(server: MetricsServer) -> None:
     status, content_type, body = get(server.url)
     assert status == 200
     assert content_type == CONTENT_TYPE
-    assert parse(body)["wardpost_backlog_events"] == 3
+    assert parse(body)[1][key("wardpost_backlog_events")] == 3
 
     # A failing snapshot is a 500 for that scrape only.
     status, _, body = get(server.url)
@@ -258,13 +320,13 @@ def test_scrape_over_loopback(server: MetricsServer) -> None:
 
 
 def test_busy_port_is_a_clear_error(server: MetricsServer) -> None:
-    second = MetricsServer(lambda: [], "127.0.0.1", server.port)
+    second = MetricsServer(AgentCollector(lambda: STATUS), "127.0.0.1", server.port)
     with pytest.raises(OSError, match=rf"cannot listen for metrics on 127.0.0.1:{server.port}"):
         second.start()
 
 
 def test_stop_releases_the_port() -> None:
-    s = MetricsServer(lambda: [gauge("x", "x", 1)], "127.0.0.1", 0)
+    s = MetricsServer(AgentCollector(lambda: STATUS), "127.0.0.1", 0)
     s.start()
     port = s.port
     s.stop()
@@ -275,13 +337,47 @@ def test_stop_releases_the_port() -> None:
 def test_ipv6_loopback() -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this host")
-    s = MetricsServer(lambda: [gauge("x", "x", 1)], "::1", 0)
+    s = MetricsServer(AgentCollector(lambda: STATUS), "::1", 0)
     try:
         s.start()
     except OSError as exc:
         pytest.skip(f"IPv6 loopback unavailable: {exc}")
     try:
         assert s.url.startswith("http://[::1]:")
-        assert parse(get(s.url)[2]) == {"x": 1}
+        assert parse(get(s.url)[2])[1][key("wardpost_boot")] == 9
     finally:
         s.stop()
+
+
+def test_wardpost_run_serves_its_metrics(tmp_path: Path, broker: Broker) -> None:
+    """The daemon as systemd runs it: events and publish latency counted as they happen,
+    the status read on each scrape, and the port released on a clean stop."""
+    port, sock = free_port(), tmp_path / "control.sock"
+    doc = agent_config(
+        tmp_path,
+        broker,
+        agent={"control_socket": str(sock)},
+        metrics={"enabled": True, "listen": f"127.0.0.1:{port}"},
+    )
+    agent = AgentProcess(write_config(tmp_path / "wardpost.toml", doc), sock).start()
+    try:
+        assert agent.emit("panic.pressed", "critical")["ok"]
+        url = f"http://127.0.0.1:{port}/metrics"
+        samples: dict[Key, float] = {}
+
+        def delivered() -> bool:
+            nonlocal samples
+            samples = parse(get(url)[2])[1]
+            latency = samples.get(key("wardpost_publish_latency_seconds_count"), 0)
+            return samples.get(key("wardpost_backlog_events")) == 0 and latency >= 1
+
+        wait_until(delivered, DEADLINE, "the event delivered, as the metrics say")
+        assert samples[key("wardpost_events_total", kind="panic.pressed", priority="critical")] == 1
+        assert samples[key("wardpost_link_up")] == 1
+        assert agent.terminate() == 0, agent.tail()
+    finally:
+        agent.kill()
+    # Released: the next agent listens there again (the scrapes' TIME_WAIT allowed for).
+    again = MetricsServer(AgentCollector(lambda: STATUS), "127.0.0.1", port)
+    again.start()
+    again.stop()
