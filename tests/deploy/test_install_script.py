@@ -372,11 +372,12 @@ def check_installed(root: Path, tmp_path: Path, broker: Broker, device: str) -> 
     assert "sudo scripts/install --extras camera" in check.stderr
 
     with Recorder(broker, f"wardpost/{doc['agent']['site']}/{device}/#") as recorder:
-        agent = subprocess.Popen(
-            [root / "opt/wardpost/venv/bin/wardpost", "--config", config, "run"],
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / "agent.log").open("wb"),
-        )
+        with (tmp_path / "agent.log").open("wb") as log:  # the child keeps its own copy
+            agent = subprocess.Popen(
+                [root / "opt/wardpost/venv/bin/wardpost", "--config", config, "run"],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
         try:
             recorder.wait_events("sim.tick", count=2, timeout=60)
         finally:
