@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.testing.broker import Broker
-from tests.support.postgres import PostgresCluster
+from central.testing.postgres import PostgresCluster
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -122,15 +122,17 @@ class AgentHarness:
         self.stop()
 
 
-def wait_until(
-    predicate: Callable[[], bool], timeout: float = DEADLINE, what: str = "condition"
-) -> None:
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = DEADLINE, what: str = "condition") -> T:
+    """The first true value ``predicate()`` returns, polled until ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        if value := predicate():
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @dataclass

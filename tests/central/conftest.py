@@ -17,7 +17,7 @@ from central.store import Store, open_store
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_section(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A ``[store]`` table for each engine. PostgreSQL: a fresh database of the tests' own
-    cluster (tests/support/postgres.py), with the tables in a schema of their own."""
+    cluster (central/testing/postgres.py), with the tables in a schema of their own."""
     if request.param == "sqlite":
         yield {"url": f"sqlite:///{tmp_path / 'central.db'}"}
         return

@@ -13,14 +13,13 @@ from typing import Any
 
 import pytest
 
-from agent.testing.agent import DEADLINE
+from agent.testing.agent import DEADLINE, wait_until
 from agent.testing.broker import Broker
 from central.config import ReceiverConfig, parse_receiver_config
 from central.dc09_receiver import Dc09Receiver
 from central.devicesim import SimulatedDevice
 from central.receiver import Receiver
 from central.store import Store, open_store
-from tests.support.receivers import wait_until
 
 REPO = Path(__file__).parents[2]
 

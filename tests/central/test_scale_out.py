@@ -24,6 +24,7 @@ import pytest
 
 from agent.config import ConfigError
 from agent.event import Priority
+from agent.testing.agent import wait_until
 from agent.testing.broker import Broker
 from central.config import ReceiverConfig, parse_receiver_config
 from central.dc09_receiver import Dc09Receiver
@@ -31,7 +32,7 @@ from central.devicesim import SimulatedDevice
 from central.intake import centre_event
 from central.receiver import SUPERVISION_LEASE, Receiver
 from central.store import Batch, StoreBusy, open_store
-from tests.support.receivers import REPO, ReceiverProcess, wait_until
+from central.testing.receivers import REPO, ReceiverProcess
 
 DEVICES = 50
 EVENTS_PER_DEVICE = 30

@@ -16,18 +16,8 @@ from central.config import parse_receiver_config
 from central.console.server import ConsoleServer
 from central.devicesim import SimulatedDevice
 from central.receiver import Receiver
+from central.testing.browser import CHROMIUM, CHROMIUM_ARGS
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PASSWORD = "correct horse battery"
 OPERATORS = {"olga": "operator", "sam": "supervisor", "ada": "admin"}
 PLAN = "ER panic: send two guards, call the police hotline 5555."

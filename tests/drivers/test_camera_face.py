@@ -26,6 +26,7 @@ import pytest
 
 from agent.config import ConfigError, parse_section
 from agent.driver import Command, CommandError
+from agent.testing.agent import wait_until
 from drivers.camera_face import CameraFaceConfig, CameraFaceDriver
 from drivers.camera_face.cli import add_cli
 from drivers.camera_face.decision import FaceTracker, WatchlistJudge
@@ -102,15 +103,6 @@ def drop_image(folder: Path, source: Path, name: str) -> None:
     partial = folder / f".{name}.part"
     shutil.copyfile(source, partial)
     partial.replace(folder / name)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def counter(driver: CameraFaceDriver, name: str) -> float:

@@ -42,9 +42,9 @@ from agent.testing.serial_pty import PtyDevice
 from agent.testing.toml_writer import dumps
 from central.config import parse_receiver_config
 from central.store import Store, open_store
+from central.testing.postgres import PostgresCluster
 from drivers.camera_face.models import DEFAULT_EMBEDDER
 from tests.drivers.test_camera_face import photo, write_video
-from tests.support.postgres import PostgresCluster
 from tests.support.proxy import TcpProxy
 from tests.support.shared import FACES, MODELS, require
 from tests.support.tls import MOSQUITTO_DIR, Identity, TestPKI, shipped_broker_config
