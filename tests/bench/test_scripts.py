@@ -40,7 +40,7 @@ def test_panic_benchmark_reports_pin_to_subscriber_beside_raw_paho(tmp_path: Pat
     metrics = {r["metric"]: r for r in rows}
     p99 = metrics["pin edge -> panic.pressed p99"]
     assert p99["baseline_name"] == "raw paho publish -> subscriber p99"
-    assert p99["value"] > 0 and p99["baseline"] > 0 and p99["target"] == "<= 5 ms"
+    assert p99["value"] > 0 and p99["baseline"] > 0 and p99["target"] == "<= 2.5x raw and <= 5 ms"
     assert "30 rounds, 0 lost" in metrics["pin edge -> panic.pressed p50"]["notes"]
 
 
