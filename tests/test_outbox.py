@@ -203,6 +203,40 @@ def test_full_disk_keeps_accepting_and_recovers(tmp_path: Path) -> None:
     box.outbox.close()
 
 
+def test_an_alarm_released_in_the_batch_that_fails_to_store_it_stays_released(
+    tmp_path: Path,
+) -> None:
+    """A critical event is sent before its commit, so its receipt can reach the writer in
+    the same batch as the event itself. If the disk refuses that batch, the event must not
+    wait in memory as if unconfirmed: moved to disk later, it would stay pending for good."""
+    box = Box(tmp_path / "o.db", reserve_bytes=0)
+    box.outbox.flush()
+    conn = box.outbox._conn
+    assert conn is not None
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # the database cannot grow
+    for _ in range(3):
+        box.add(size=4000)
+    box.outbox.flush()
+    with box.outbox._memory_lock:  # the writer stops in its next hold: the queue fills
+        box.add(size=4000)
+        time.sleep(0.2)
+        alarm = box.add(priority=Priority.CRITICAL, size=4000)
+        box.outbox.release([alarm.event.id])  # its receipt, before the writer saw the add
+    box.outbox.flush()
+    assert alarm.event.id not in box.pending(), "released: not held in memory"
+    conn.execute("PRAGMA max_page_count = 1000000")
+    box.outbox._last_disk_retry = time.monotonic()  # the disk works, no retry due yet
+    box.add()
+    box.outbox.flush()
+    box.outbox._last_disk_retry = 0.0  # now the held events go back to disk
+    box.add()
+    box.outbox.flush()
+    assert box.outbox.in_memory == 0
+    assert alarm.event.id not in box.pending(), "a released alarm came back as pending"
+    box.outbox.close()
+
+
 def test_retention_prunes_published_rows_only(tmp_path: Path) -> None:
     box = Box(tmp_path / "o.db", retention_hours=0.0)
     a, b = box.add(), box.add()

@@ -656,14 +656,14 @@ class Outbox:
         self._announce_recovery()
         if not (adds or releases or chores or prune):
             return
-        if releases:
-            self._release_memory(releases)
         if self._conn is None:
             self._to_memory(adds, self._disk_fault or "no database")
+            self._release_memory(releases)  # after the hold: see the commit failure below
             # Rows on a read-only disk stay pending there: keep their releases until they
             # can be recorded (the publisher holds them back from re-sending meanwhile).
             self._unreleased.extend(releases)
             return
+        self._release_memory(releases)
         # Releases whose update failed earlier are retried with this batch.
         releases, self._unreleased = self._unreleased + releases, []
         adds = self._keep_space_for_alarms(adds)
@@ -693,6 +693,9 @@ class Outbox:
                         self._conn.close()
                     self._conn = None
                 self._to_memory(adds, reason)
+                # A critical event is sent before its commit: its receipt may be in this very
+                # batch, and held as unconfirmed it would go to disk later as pending for good.
+                self._release_memory(releases)
                 return
         if self._disk_fault and not self._memory:
             self._storage_restored()
@@ -1023,6 +1026,8 @@ class Outbox:
             self.on_report(StorageReport("agent.storage_restored", {"path": str(self.path)}))
 
     def _release_memory(self, ids: list[str]) -> None:
+        if not ids:
+            return
         with self._memory_lock:
             for i in ids:
                 self._memory.pop(i, None)
