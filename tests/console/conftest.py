@@ -17,6 +17,7 @@ from central.console.server import ConsoleServer
 from central.devicesim import SimulatedDevice
 from central.receiver import Receiver
 from central.testing.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.shared import missing_prerequisite
 
 PASSWORD = "correct horse battery"
 OPERATORS = {"olga": "operator", "sam": "supervisor", "ada": "admin"}
@@ -101,7 +102,7 @@ def make_centre(broker: Broker, tmp_path: Path) -> Iterator[Callable[..., Centre
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Any]:
     if not shutil.which(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing: scripts/setup-env installs Debian's chromium")
+        missing_prerequisite(f"{CHROMIUM} is missing: scripts/setup-env installs Debian's chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -13,15 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from agent.security import generate_keypair, signed_bytes
-from tests.central.test_receiver import wait_until
+from agent.testing.agent import wait_until
 from tests.console.conftest import PASSWORD, PLAN, Centre, login
-
-FACES = Path(__file__).parents[2].parent / "shared" / "faces"
+from tests.support.shared import FACES, require
 
 
 def test_panic_press_ack_confirmation_resolve_and_audit(
@@ -83,9 +81,9 @@ def test_panic_press_ack_confirmation_resolve_and_audit(
 
 
 def _face_crop() -> str:
-    photos = sorted((FACES / "lfw_dev").glob("*/*.jpg"))
-    if not photos:
-        pytest.skip(f"no face photos under {FACES}")
+    require(FACES)
+    photos = sorted(FACES.glob("*/*.jpg"))
+    assert photos, f"no face photos under {FACES}"
     image = cv2.imread(str(photos[0]))
     ok, jpeg = cv2.imencode(".jpg", cv2.resize(image[60:190, 60:190], (112, 112)))
     assert ok

@@ -29,6 +29,7 @@ import pytest
 from agent.testing.agent import Recorder
 from agent.testing.broker import Broker
 from agent.testing.toml_writer import dumps
+from tests.support.shared import missing_prerequisite
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = (
@@ -566,7 +567,7 @@ def test_uninstall_dry_run_on_the_real_paths(source: Path) -> None:
 def test_shellcheck_is_clean() -> None:
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+        missing_prerequisite("shellcheck is not installed (scripts/setup-env installs it)")
     names = ("install", "uninstall", "install-common.bash", "build-wheelhouse", "lock", "setup-env")
     scripts = [REPO / "scripts" / name for name in names]
     result = subprocess.run(
