@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -50,6 +51,17 @@ class Box:
         )
         self.outbox.submit(e)
         return e
+
+    def fill_disk(self) -> sqlite3.Connection:
+        """Commit what is queued, then let the database grow no more: every commit that
+        needs a new page fails with SQLITE_FULL, as on a full disk. Returns the writer's
+        connection (``PRAGMA max_page_count = 1000000`` frees the disk again)."""
+        self.outbox.flush()
+        conn = self.outbox._conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+        return conn
 
     def pending(self) -> list[str]:
         return [r.id for r in self.outbox.fetch_pending((-1, -1), 1_000_000)]
@@ -168,11 +180,7 @@ def test_unwritable_state_dir_falls_back_to_memory(tmp_path: Path) -> None:
 
 def test_full_disk_keeps_accepting_and_recovers(tmp_path: Path) -> None:
     box = Box(tmp_path / "o.db", reserve_bytes=0)
-    box.outbox.flush()
-    conn = box.outbox._conn
-    assert conn is not None
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # the database cannot grow: SQLITE_FULL
+    conn = box.fill_disk()
     emissions = [box.add(size=4000) for _ in range(20)]
     critical = box.add(priority=Priority.CRITICAL, size=4000)
     box.outbox.flush()
@@ -210,11 +218,7 @@ def test_an_alarm_released_in_the_batch_that_fails_to_store_it_stays_released(
     the same batch as the event itself. If the disk refuses that batch, the event must not
     wait in memory as if unconfirmed: moved to disk later, it would stay pending for good."""
     box = Box(tmp_path / "o.db", reserve_bytes=0)
-    box.outbox.flush()
-    conn = box.outbox._conn
-    assert conn is not None
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # the database cannot grow
+    conn = box.fill_disk()
     for _ in range(3):
         box.add(size=4000)
     box.outbox.flush()
@@ -292,11 +296,7 @@ def test_a_crash_while_events_are_held_in_memory_shows_them_as_lost(tmp_path: Pa
     must not announce them as skipped (reserved but unused), or the centre never counts them."""
     box = Box(tmp_path / "live" / "o.db", reserve_bytes=0)
     stored = box.add()
-    box.outbox.flush()
-    conn = box.outbox._conn
-    assert conn is not None
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # the database cannot grow
+    box.fill_disk()
     emitted = [box.add(size=4000) for _ in range(10)]
     box.outbox.flush()
     held = {e.event.seq for e in emitted if e.fate is Fate.MEMORY}
