@@ -140,40 +140,56 @@ def test_corrupt_outbox_at_start(
     assert moved, "the corrupt file should be kept aside for inspection"
 
 
-def test_truncated_outbox_at_start(
-    tmp_path: Path, fault_broker: Broker, fault_matrix: Callable[[dict[str, Any]], None]
-) -> None:
-    with TcpProxy(fault_broker.host, fault_broker.port) as proxy:
-        proxy.refuse()  # keep the first events pending in the outbox
-        rig = Rig(tmp_path, fault_broker, mqtt_port=proxy.port)
+def _restart_with_damaged_outbox(
+    tmp_path: Path,
+    broker: Broker,
+    damage: Callable[[Rig], None],
+    priorities: tuple[str, ...],
+    limit: int,
+    *,
+    after: int,
+) -> Rig:
+    """Accept ``limit`` events while the broker is unreachable (all pending in the outbox),
+    stop the agent, ``damage`` its files, start it again with the broker back, accept
+    ``after`` more and wait until everything left is delivered."""
+    with TcpProxy(broker.host, broker.port) as proxy:
+        proxy.refuse()
+        rig = Rig(tmp_path, broker, mqtt_port=proxy.port)
         rig.start()
         try:
-            before = Emitter(
-                rig.agent,
-                rig.ledger,
-                kind="fault.before",
-                priorities=("normal", "critical"),
-                limit=400,
-            ).start()
-            before.thread.join(30)
+            Emitter(
+                rig.agent, rig.ledger, kind="fault.before", priorities=priorities, limit=limit
+            ).start().thread.join(60)
             rig.agent.terminate()
-            pending_before = set(rig.ledger.accepted)
-            size = rig.db_path.stat().st_size
-            os.truncate(rig.db_path, size * 6 // 10)
+            damage(rig)
             proxy.set_pass()
             rig.agent.start()
-            after = Emitter(
+            Emitter(
                 rig.agent,
                 rig.ledger,
                 kind="fault.after",
                 priorities=("critical", "normal"),
-                limit=300,
-            ).start()
-            after.thread.join(30)
+                limit=after,
+            ).start().thread.join(60)
             rig.wait_drained()
             rig.agent.terminate()
         finally:
             rig.close()
+    return rig
+
+
+def test_truncated_outbox_at_start(
+    tmp_path: Path, fault_broker: Broker, fault_matrix: Callable[[dict[str, Any]], None]
+) -> None:
+    pending_before: set[str] = set()
+
+    def truncate(rig: Rig) -> None:
+        pending_before.update(rig.ledger.accepted)
+        os.truncate(rig.db_path, rig.db_path.stat().st_size * 6 // 10)
+
+    rig = _restart_with_damaged_outbox(
+        tmp_path, fault_broker, truncate, ("normal", "critical"), 400, after=300
+    )
     # What the truncation destroyed cannot be delivered; everything salvaged or accepted since must be.
     rig.ledger.read_outbox(rig.db_path)
     destroyed = pending_before - set(rig.ledger.committed)
@@ -380,42 +396,18 @@ def test_damaged_outbox_loss_is_what_the_centre_sees(
 ) -> None:
     """4 KiB overwritten in the middle of the file: only the rows on the damaged pages are lost,
     and the centre's seq gap and the recovery event both count exactly those."""
-    with TcpProxy(fault_broker.host, fault_broker.port) as proxy:
-        proxy.refuse()
-        rig = Rig(tmp_path, fault_broker, mqtt_port=proxy.port)
-        rig.start()
-        try:
-            before = Emitter(
-                rig.agent,
-                rig.ledger,
-                kind="fault.before",
-                priorities=("normal", "critical", "high"),
-                limit=600,
-            ).start()
-            before.thread.join(60)
-            rig.agent.terminate()
-            rig.ledger.read_outbox(
-                rig.db_path
-            )  # every event numbered so far, the agent's own included
-            numbered = rig.ledger.expected_ids()
-            size = rig.db_path.stat().st_size
-            with open(rig.db_path, "r+b") as f:
-                f.seek(size // 2)
-                f.write(os.urandom(4096))
-            proxy.set_pass()
-            rig.agent.start()
-            after = Emitter(
-                rig.agent,
-                rig.ledger,
-                kind="fault.after",
-                priorities=("critical", "normal"),
-                limit=100,
-            ).start()
-            after.thread.join(60)
-            rig.wait_drained()
-            rig.agent.terminate()
-        finally:
-            rig.close()
+    numbered: set[str] = set()
+
+    def overwrite(rig: Rig) -> None:
+        rig.ledger.read_outbox(rig.db_path)  # every event numbered so far, the agent's own too
+        numbered.update(rig.ledger.expected_ids())
+        with open(rig.db_path, "r+b") as f:
+            f.seek(rig.db_path.stat().st_size // 2)
+            f.write(os.urandom(4096))
+
+    rig = _restart_with_damaged_outbox(
+        tmp_path, fault_broker, overwrite, ("normal", "critical", "high"), 600, after=100
+    )
     since = set(rig.ledger.accepted) - numbered
     assert rig.wait_delivered(since, timeout=10), "events accepted after the recovery were lost"
     lost = numbered - rig.seen_ids()
