@@ -50,11 +50,33 @@ class AlarmError(Exception):
     """The transition is not possible (unknown alarm, or already past that state)."""
 
 
+#: Called with a command's id after it is made and before it leaves (see :class:`Commander`).
+Record = Callable[[str], None]
+
+
 class Commander(Protocol):
     def send(
-        self, site: str, device: str, name: str, args: dict[str, Any], target: str | None = None
+        self,
+        site: str,
+        device: str,
+        name: str,
+        args: dict[str, Any],
+        target: str | None = None,
+        *,
+        record: Record | None = None,
     ) -> str:
-        """Send command ``name`` to a device; returns the command id."""
+        """Send command ``name`` to a device; returns the command id. ``record(id)`` runs
+        before the command is published: the device may answer before ``send`` returns, and
+        its answer must find the command already in the store."""
+
+
+def recorder(
+    store: Store, site: str, device: str, name: str, args: dict[str, Any], *, alarm_id: str | None
+) -> Record:
+    """The ``record`` that keeps a command in ``store`` (for an alarm, one more attempt)."""
+    return lambda command_id: store.record_command(
+        command_id, site, device, name, args, issued_at=time.time(), alarm_id=alarm_id
+    )
 
 
 def command_message(
@@ -90,12 +112,21 @@ class MqttCommander:
         self.sign = sign
 
     def send(
-        self, site: str, device: str, name: str, args: dict[str, Any], target: str | None = None
+        self,
+        site: str,
+        device: str,
+        name: str,
+        args: dict[str, Any],
+        target: str | None = None,
+        *,
+        record: Record | None = None,
     ) -> str:
         """Publish command ``name``; :class:`~contract.commands.ContractError` if the contract
         does not allow ``args`` (nothing is sent then)."""
         validate_args(name, args)
         command = command_message(site, device, name, args, target=target, sign=self.sign)
+        if record is not None:
+            record(str(command["id"]))
         self.client.publish(f"{self.prefix}/{site}/{device}/cmd/{name}", json.dumps(command), qos=1)
         return str(command["id"])
 
@@ -161,15 +192,12 @@ class AlarmDesk:
     def _send(self, alarm: Alarm, command: str, who: str) -> None:
         assert self.commander is not None
         args = {ALARM_ARG: alarm.id, **({BY_ARG: who} if who else {})}
-        command_id = self.commander.send(alarm.site, alarm.device, command, args)
-        self.store.record_command(
-            command_id,
+        self.commander.send(
             alarm.site,
             alarm.device,
             command,
             args,
-            issued_at=time.time(),
-            alarm_id=alarm.id,
+            record=recorder(self.store, alarm.site, alarm.device, command, args, alarm_id=alarm.id),
         )
 
     @staticmethod

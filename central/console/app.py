@@ -52,7 +52,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from agent.event import Priority
-from central.alarms import AlarmDesk, AlarmError, Commander
+from central.alarms import AlarmDesk, AlarmError, Commander, recorder
 from central.config import ReceiverConfig
 from central.console import figures
 from central.console.alarmview import ESCALATED, FACE_MATCH, AlarmView
@@ -236,15 +236,13 @@ class Console:
             raise AlarmError("this console has no connection to the devices")
         args = args or {}
         command_args = {**args, "by": operator}
-        command_id = self.commander.send(site, device, name, command_args)
-        self.store.record_command(
-            command_id,
+        alarm_id = alarm.id if alarm else None
+        command_id = self.commander.send(
             site,
             device,
             name,
             command_args,
-            issued_at=time.time(),
-            alarm_id=alarm.id if alarm else None,
+            record=recorder(self.store, site, device, name, command_args, alarm_id=alarm_id),
         )
         self.tables.audit(
             operator,

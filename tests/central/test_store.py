@@ -11,7 +11,7 @@ import pytest
 
 from agent.config import ConfigError
 from agent.event import utc_iso, uuid7
-from central.alarms import AlarmDesk, AlarmError
+from central.alarms import AlarmDesk, AlarmError, MqttCommander, Record
 from central.config import ReceiverConfig, load_receiver_config, parse_receiver_config
 from central.intake import Inbound, Intake
 from central.stats import WEEK, availability, transmission_by_day
@@ -282,10 +282,20 @@ class SentCommands:
         self.sent: list[tuple[str, dict[str, Any]]] = []
 
     def send(
-        self, site: str, device: str, name: str, args: dict[str, Any], target: str | None = None
+        self,
+        site: str,
+        device: str,
+        name: str,
+        args: dict[str, Any],
+        target: str | None = None,
+        *,
+        record: Record | None = None,
     ) -> str:
         self.sent.append((name, args))
-        return f"cmd-{len(self.sent)}"
+        command_id = f"cmd-{len(self.sent)}"
+        if record is not None:
+            record(command_id)
+        return command_id
 
 
 def test_unconfirmed_commands_are_sent_again_then_reported(
@@ -315,6 +325,33 @@ def test_unconfirmed_commands_are_sent_again_then_reported(
     # The second attempt's late answer still confirms it.
     cycle(intake, store, [result_msg("cmd-2", ok=True)], T0 + 200)
     assert store.alarm(alarm.id).device_state == "confirmed"  # type: ignore[union-attr]
+
+
+class AnsweringClient:
+    """Stands in for the MQTT client under :class:`MqttCommander` as the fastest device a
+    receiver can meet: the device's answer is stored before ``publish`` even returns."""
+
+    def __init__(self, intake: Intake, store: Store) -> None:
+        self.intake, self.store = intake, store
+
+    def publish(self, topic: str, payload: str, qos: int = 0) -> None:
+        command = json.loads(payload)
+        cycle(self.intake, self.store, [result_msg(command["id"], ok=True)], T0 + 1)
+
+
+def test_a_device_answering_at_once_confirms_the_command(
+    make_config: Callable[..., ReceiverConfig], store: Store
+) -> None:
+    """The command is in the store before it leaves: an answer faster than the sender's next
+    step still finds it (recorded after publishing, the answer was lost and the console never
+    showed "confirmed by device")."""
+    intake = intake_for(make_config(), store)
+    cycle(intake, store, [event_msg(seq=1)], T0)
+    (alarm,) = store.alarms()
+    desk = AlarmDesk(store, MqttCommander(AnsweringClient(intake, store)))  # type: ignore[arg-type]
+    desk.acknowledge(alarm.id, "desk 1")
+    acked = store.alarm(alarm.id)
+    assert acked is not None and acked.device_state == "confirmed", acked and acked.at_device
 
 
 def test_centre_alarms_need_no_device_confirmation(
