@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -12,23 +14,28 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
+from agent.testing.agent import DEADLINE
 from agent.testing.serial_frames import rdm6300
 from agent.testing.serial_pty import PtyDevice
 
 WARDPOST = Path(sys.executable).with_name("wardpost")
 
 
-def read_until(proc: subprocess.Popen[str], needle: str, timeout: float = 10.0) -> str:
+def read_until(proc: subprocess.Popen[str], needle: str, timeout: float = DEADLINE) -> str:
+    """What the process printed until ``needle``. Read from the descriptor itself: lines in
+    the file object's buffer would be invisible to ``select`` (and ``communicate`` later reads
+    the rest through that buffer, so it must stay empty)."""
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     seen = ""
     deadline = time.monotonic() + timeout
     while needle not in seen and time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        ready, _, _ = select.select([fd], [], [], 0.1)
         if ready:
-            line = proc.stdout.readline()
-            if not line:
+            chunk = os.read(fd, 65536)
+            if not chunk:
                 break
-            seen += line
+            seen += chunk.decode(errors="replace")
     assert needle in seen, seen
     return seen
 
@@ -49,8 +56,6 @@ def test_sniff_shows_bytes_and_dialects_and_captures_for_replay(
             "rdm6300",
             "--capture",
             str(capture),
-            "--duration",
-            "3",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -61,7 +66,12 @@ def test_sniff_shows_bytes_and_dialects_and_captures_for_replay(
         device.write(b"ALARM Z3 I85\r\n")
         time.sleep(0.2)
         device.write(b"PASS IN\r\n" + rdm6300(bytes.fromhex("0100CDA4EC")))
-        out, _ = proc.communicate(timeout=15)
+        # Stopped as a technician does (Ctrl-C) once it has shown the last frame: a fixed
+        # --duration could end before a starved test process even wrote the bytes.
+        out = read_until(proc, "rdm6300: rfid.read")
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=DEADLINE)
+        out += rest
     finally:
         proc.kill()
         device.close()
