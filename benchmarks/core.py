@@ -25,6 +25,7 @@ from agent.control import ControlError, request
 from agent.delivery.outbox import Outbox
 from agent.driver import Emission
 from agent.event import Event, Priority
+from agent.mqttloop import disconnect_and_stop
 from agent.runtime import Agent
 from agent.testing.agent import agent_config, write_config
 from agent.testing.broker import Broker
@@ -70,8 +71,7 @@ class Receiver:
             return self.arrivals[key]
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        disconnect_and_stop(self.client)
 
 
 def bare_client(broker: Broker, window: int = 0) -> mqtt.Client:
@@ -100,8 +100,7 @@ def bare_latency(broker: Broker, n: int, gap: float) -> list[float]:
         tx.publish("bench/bare/panic", body, qos=1)
         lat.append(rx.wait(str(i)) - t0)
         time.sleep(gap)
-    tx.disconnect()
-    tx.loop_stop()
+    disconnect_and_stop(tx)
     rx.close()
     return lat
 
@@ -214,8 +213,7 @@ def bare_throughput(broker: Broker, n: int, window: int) -> float:
         tx.publish("bench/bare/drain", body, qos=1)
     done.wait(120)
     elapsed = time.perf_counter() - t0
-    tx.disconnect()
-    tx.loop_stop()
+    disconnect_and_stop(tx)
     return n / elapsed
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.mqttloop import disconnect_and_stop
 from agent.testing.broker import Broker
 from benchmarks.report import Row, percentile
 
@@ -61,8 +62,7 @@ class Arrivals:
             return self._arrived.pop(topic)
 
     def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        disconnect_and_stop(self.client)
 
 
 def raw_publisher(broker: Broker, client_id: str) -> mqtt.Client:

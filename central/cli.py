@@ -215,6 +215,7 @@ NOT_CONFIRMED_YET = 3
 
 def cmd_transition(args: argparse.Namespace) -> int:
     """Move the alarm on, then wait for the device to confirm (the receiver stores its answer)."""
+    from agent.mqttloop import disconnect_and_stop
     from central.alarms import AlarmDesk, AlarmError, MqttCommander
     from central.receiver import command_signer, connect, make_client
     from central.store import open_store
@@ -255,8 +256,7 @@ def cmd_transition(args: argparse.Namespace) -> int:
         return 1
     finally:
         time.sleep(0.2)  # let the command leave before disconnecting
-        client.disconnect()
-        client.loop_stop()
+        disconnect_and_stop(client)
         store.close()
 
 

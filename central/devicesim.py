@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.event import utc_iso, uuid7
+from agent.mqttloop import disconnect_and_stop
 
 
 class SimulatedDevice:
@@ -233,8 +234,7 @@ class SimulatedDevice:
             self.client.publish(
                 f"{self.base}/status", self._status("stopped", self.connection), qos=1, retain=True
             ).wait_for_publish(2)
-            self.client.disconnect()
-            self.client.loop_stop()
+            disconnect_and_stop(self.client)
         else:
             self.client.loop_stop()
             sock = self.client.socket()

@@ -39,6 +39,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import read_secret
+from agent.mqttloop import disconnect_and_stop
 from agent.security import Signer
 from central.alarms import (
     AlarmDesk,
@@ -704,8 +705,7 @@ class Monitor:
             )
 
     def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        disconnect_and_stop(self.client)
 
     # -- operator ----------------------------------------------------------------------
 
@@ -816,6 +816,5 @@ def send_command(
                 "error": f"no result from {site}/{device} within {timeout}s",
             }
     finally:
-        client.disconnect()
-        client.loop_stop()
+        disconnect_and_stop(client)
     return result

@@ -54,6 +54,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.backoff import Backoff
+from agent.mqttloop import disconnect_and_stop
 from central.alarms import AlarmDesk, MqttCommander, Signing, unsigned
 from central.config import ReceiverConfig, ReceiverMQTTConfig
 from central.intake import Inbound, Intake, Outcome
@@ -221,8 +222,7 @@ class Receiver:
             self.bridge.stop()
         if self.stats.supervising:  # hand supervision over now rather than when the lease ends
             self.store.release_lease(SUPERVISION_LEASE, self.name)
-        self.client.disconnect()
-        self.client.loop_stop()
+        disconnect_and_stop(self.client)
         if self._own_store:
             self.store.close()
 

@@ -14,6 +14,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import load_config
+from agent.mqttloop import disconnect_and_stop
 from agent.runtime import Agent
 from agent.testing.broker import Broker
 from agent.testing.toml_writer import dumps
@@ -183,8 +184,7 @@ class Recorder:
         return self
 
     def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        disconnect_and_stop(self.client)
 
     def __enter__(self) -> Recorder:
         return self.start()

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+from agent.mqttloop import disconnect_and_stop
 from central.config import ReceiverConfig, load_receiver_config
 
 log = logging.getLogger("wardpost.console")
@@ -50,8 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: done.set())
     done.wait(args.duration)
     server.stop()
-    client.disconnect()
-    client.loop_stop()
+    disconnect_and_stop(client)
     return 0
 
 

@@ -17,6 +17,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.event import Event, Priority
+from agent.mqttloop import disconnect_and_stop
 from agent.testing.broker import Broker
 from tests.support.tls import Identity, TestPKI
 
@@ -55,8 +56,7 @@ class HostileClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        disconnect_and_stop(self.client)
 
     def publish(self, topic: str, payload: bytes | str, timeout: float = 30.0) -> int:
         """QoS 1 publish; returns the broker's PUBACK reason code."""
