@@ -640,6 +640,12 @@ class Outbox:
             except Exception:  # the writer must never die: log, keep events in memory
                 log.exception("outbox: unexpected error in the writer")
                 self._to_memory(adds, "unexpected writer error")
+            # Whatever this batch held in memory: a critical event is sent before its commit,
+            # so its receipt may be in this very batch (held as unconfirmed, it would go to
+            # disk later as pending for good), and its seq must count as lost after a crash.
+            # Here, after the batch's commit, so the mark's fdatasync never delays an alarm's.
+            self._release_memory(releases)
+            self.seqs.note_held(self._memory_seq)
             for barrier in barriers:
                 barrier.set()
 
@@ -656,14 +662,13 @@ class Outbox:
         self._announce_recovery()
         if not (adds or releases or chores or prune):
             return
+        self._release_memory(releases)  # those held before this batch; see _writer for the rest
         if self._conn is None:
             self._to_memory(adds, self._disk_fault or "no database")
-            self._release_memory(releases)  # after the hold: see the commit failure below
             # Rows on a read-only disk stay pending there: keep their releases until they
             # can be recorded (the publisher holds them back from re-sending meanwhile).
             self._unreleased.extend(releases)
             return
-        self._release_memory(releases)
         # Releases whose update failed earlier are retried with this batch.
         releases, self._unreleased = self._unreleased + releases, []
         adds = self._keep_space_for_alarms(adds)
@@ -693,9 +698,6 @@ class Outbox:
                         self._conn.close()
                     self._conn = None
                 self._to_memory(adds, reason)
-                # A critical event is sent before its commit: its receipt may be in this very
-                # batch, and held as unconfirmed it would go to disk later as pending for good.
-                self._release_memory(releases)
                 return
         if self._disk_fault and not self._memory:
             self._storage_restored()
@@ -955,7 +957,6 @@ class Outbox:
                 self._memory_emissions[row.id] = emission
             dropped = self._trim_memory()
         self._memory_seq = max(self._memory_seq, *(row.seq for _, row in adds))
-        self.seqs.note_held(self._memory_seq)
         if not self._last_disk_retry:
             self._last_disk_retry = time.monotonic()  # the first retry comes after a pause
         for emission, _ in adds:

@@ -37,6 +37,11 @@ _RETRY_AFTER = 5.0  # seconds between attempts to write the mark on a failing di
 _HELD_RECORD = 24  # bytes of the .held file: one zero-padded number and a newline
 
 
+def _held_record(seq: int) -> bytes:
+    """The whole .held file: always the same length, so rewriting it needs no new block."""
+    return f"{seq:0{_HELD_RECORD - 1}d}\n".encode()
+
+
 class SeqReserve:
     """Hands out increasing sequence numbers, each above any a previous run could have used.
 
@@ -86,7 +91,7 @@ class SeqReserve:
         if seq <= self._held_written or self._held_fd is None:
             return
         try:
-            os.pwrite(self._held_fd, f"{seq:0{_HELD_RECORD - 1}d}\n".encode(), 0)
+            os.pwrite(self._held_fd, _held_record(seq), 0)
             os.fdatasync(self._held_fd)
             self._held_written = seq
         except OSError as exc:
@@ -202,7 +207,7 @@ class SeqReserve:
             self._held_fd = os.open(self.held_path, os.O_RDWR | os.O_CREAT, 0o640)
             # Real bytes, not a hole or fallocate's unwritten extent: overwriting them
             # later must not need a block from a full disk.
-            os.pwrite(self._held_fd, f"{held:0{_HELD_RECORD - 1}d}\n".encode(), 0)
+            os.pwrite(self._held_fd, _held_record(held), 0)
             os.fsync(self._held_fd)
         except OSError as exc:
             log.error("held-seq mark %s unusable: %s", self.held_path, exc)
