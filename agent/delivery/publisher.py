@@ -64,6 +64,7 @@ from agent.config import Config
 from agent.delivery.outbox import Outbox, PendingRow, Reply
 from agent.driver import Emission
 from agent.event import Priority, utc_iso
+from agent.mqttloop import NetworkLoop
 
 log = logging.getLogger("wardpost.publisher")
 
@@ -277,6 +278,8 @@ class Publisher:
 
         self._inbox: queue.SimpleQueue[_PumpItem] = queue.SimpleQueue()
         self._wake = threading.Event()
+        self._net = NetworkLoop()
+        self._pump_owed = False  # network thread only: items handed, wake-up not yet given
         self._stopping = threading.Event()
         self._live: WeakValueDictionary[str, Emission] = WeakValueDictionary()
         self._live_lock = threading.Lock()
@@ -349,9 +352,9 @@ class Publisher:
         client.on_subscribe = self._on_answer
         client.on_unsubscribe = self._on_answer
         # paho writes to the socket from whichever thread calls publish() unless an external
-        # loop is registered; two writers can reorder or interleave packets. Registering a
-        # no-op makes publish() only queue and wake our network thread, the one writer.
-        client.on_socket_register_write = lambda client, userdata, sock: None
+        # loop is registered; two writers can reorder or interleave packets. With ours,
+        # publish() only queues and wakes the network thread, the one writer.
+        self._net.attach(client)
         return client
 
     def start(self) -> None:
@@ -420,7 +423,10 @@ class Publisher:
         self._wake.set()
 
     def released(self, ids: list[str]) -> None:
-        self._hand_pump(_ReleaseStored(ids))
+        """The outbox has stored these as released. Nothing waits on it (the pump only stops
+        excluding them from its reads, which no longer return them), so the pump takes it
+        on its next pass rather than being woken a second time per batch."""
+        self._inbox.put(_ReleaseStored(ids))
 
     def publish_heartbeat(self, payload: Mapping[str, Any]) -> None:
         """A heartbeat (QoS 0, never kept: the next one says the same), if the link is up."""
@@ -494,9 +500,19 @@ class Publisher:
     def _hand_pump(self, item: _PumpItem) -> None:
         """Give the pump an item and make sure it wakes for it. The item goes in first and
         the pump clears its flag before it empties the inbox, so a flag still set means the
-        pump has yet to look: one PUBACK in a burst of hundreds pays for the wake-up, not all."""
+        pump has yet to look. From paho's callbacks (the network thread) the wake-up waits
+        until the loop has read everything that arrived: the pump then takes a burst of
+        PUBACKs in one pass, while the network thread waits in select, instead of
+        contending with it for the interpreter at every PUBACK."""
         self._inbox.put(item)
-        if not self._wake.is_set():
+        if threading.get_ident() == self._net_thread.ident:
+            self._pump_owed = True
+        elif not self._wake.is_set():
+            self._wake.set()
+
+    def _wake_pump_after_loop(self) -> None:
+        if self._pump_owed:
+            self._pump_owed = False
             self._wake.set()
 
     def _on_answer(self, client: mqtt.Client, userdata: Any, mid: int, *rest: Any) -> None:
@@ -551,7 +567,8 @@ class Publisher:
                 self._client, self._client_link = client, link
             rc = mqtt.MQTT_ERR_SUCCESS
             while rc == mqtt.MQTT_ERR_SUCCESS and not self._stopping.is_set():
-                rc = client.loop(timeout=0.5)
+                rc = self._net.run_once(client, timeout=0.5)
+                self._wake_pump_after_loop()
                 if self.connected:
                     backoff.reset()
             with self._send_lock:
@@ -559,10 +576,11 @@ class Publisher:
             if rc == mqtt.MQTT_ERR_SUCCESS:  # stopping on a client stop() did not see
                 client.disconnect()
                 for _ in range(8):
-                    if client.loop(timeout=0.25) != mqtt.MQTT_ERR_SUCCESS:
+                    if self._net.run_once(client, timeout=0.25) != mqtt.MQTT_ERR_SUCCESS:
                         break
             self._hand_pump(_Disconnected(link, rc))
             self._stopping.wait(backoff.next())
+        self._net.close()
 
     def _note_error(self, text: str) -> None:
         if text != self.last_error:
