@@ -1,15 +1,21 @@
 """The publisher: moves events from the outbox to the MQTT broker and releases them.
 
-Two threads, each with one job:
+One thread, the **network thread**, does two jobs in turn:
 
-* the **network thread** runs paho's loop, connects and reconnects with jittered
-  exponential backoff, and turns paho callbacks into items on the pump's inbox
-  (never doing work inside a paho callback: an exception there can kill paho's loop);
-* the **pump thread** owns every piece of delivery state: which event went out under
-  which message id, which wait for a PUBACK or a receipt, the outbox cursor. It sends
-  critical events the moment they are emitted (from memory, while their commit
-  completes), then fills a bounded in-flight window from the outbox, critical first
-  then oldest first, and releases events once the centre has them.
+* it runs the connection: connects and reconnects with jittered exponential backoff,
+  drives paho's client through its external-loop API (:class:`~agent.mqttloop.NetworkLoop`)
+  and turns paho callbacks into items on the pump's inbox (never doing work inside a
+  paho callback: an exception there can kill paho's loop);
+* after each turn of that loop it **pumps**: it owns every piece of delivery state
+  (which event went out under which message id, which wait for a PUBACK or a receipt,
+  the outbox cursor), fills a bounded in-flight window from the outbox, critical first
+  then oldest first, and releases events once the centre has them. Other threads hand
+  it items and wake its select. Critical events are sent the moment they are emitted,
+  from the emitting thread (from memory, while their commit completes).
+
+Why one thread and not a pump thread beside it: the two would hand the interpreter to
+each other at every small socket read and write of the other (a convoy on the GIL), and
+the drain of a backlog would stall on it; one thread drains as a bare paho client does.
 
 An event is released (marked published in the outbox) on the broker's PUBACK with
 ``delivery = "broker"``, or on the centre's receipt with ``delivery = "receipt"``.
@@ -271,15 +277,16 @@ class Publisher:
         self.connected = False
         self.last_error: str | None = None
         # Link liveness: the last packet from the broker (set by the network thread) and
-        # the probe sent for it (pump thread).
+        # the probe sent for it (the pump).
         self._last_inbound = time.monotonic()
         self._probe_sent_at: float | None = None
         self._probe_topic = f"{self.topics.base}/link-probe"
 
         self._inbox: queue.SimpleQueue[_PumpItem] = queue.SimpleQueue()
+        # Set when another thread has woken the network thread for the pump, cleared by the
+        # pump before it empties the inbox: one wake-up per burst of hand-offs.
         self._wake = threading.Event()
         self._net = NetworkLoop()
-        self._pump_owed = False  # network thread only: items handed, wake-up not yet given
         self._stopping = threading.Event()
         self._live: WeakValueDictionary[str, Emission] = WeakValueDictionary()
         self._live_lock = threading.Lock()
@@ -289,7 +296,7 @@ class Publisher:
         self._client: mqtt.Client | None = None  # this connection's client (under lock)
         self._client_link = 0  # which connection it belongs to (under lock)
         self._sendable = False  # the pump has taken in the current connection (under lock)
-        # Pump-thread state only:
+        # The pump's state (network thread only):
         self._link = 0  # the connection the pump's maps below belong to
         self._by_mid: dict[int, _Unconfirmed] = {}
         self._inflight: dict[str, int] = {}  # event id -> mid, waiting for PUBACK
@@ -316,7 +323,6 @@ class Publisher:
         self._net_thread = threading.Thread(
             target=self._network_loop, name="mqtt-network", daemon=True
         )
-        self._pump_thread = threading.Thread(target=self._pump, name="mqtt-pump", daemon=True)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -359,7 +365,6 @@ class Publisher:
 
     def start(self) -> None:
         self._net_thread.start()
-        self._pump_thread.start()
 
     def stop(self, flush_timeout: float = 5.0) -> None:
         """Publish ``stopped``, wait up to ``flush_timeout`` for in-flight events, disconnect."""
@@ -375,11 +380,10 @@ class Publisher:
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(max(0.1, deadline - time.monotonic()))
         self._stopping.set()
-        self._wake.set()
         if client is not None:
             client.disconnect()  # wakes the network thread's loop at once
+        self._net.wake()
         self._net_thread.join(5)
-        self._pump_thread.join(5)
 
     # -------------------------------------------------------- called by agent
 
@@ -420,7 +424,7 @@ class Publisher:
     def committed(self, min_key: tuple[int, int]) -> None:
         """The outbox committed events starting at ``min_key``: look there again."""
         self._rewind(min_key)
-        self._wake.set()
+        self._wake_pump()
 
     def released(self, ids: list[str]) -> None:
         """The outbox has stored these as released. Nothing waits on it (the pump only stops
@@ -457,7 +461,7 @@ class Publisher:
         self._hand_pump(_ReplyQueued(reply))
 
     def alive(self) -> bool:
-        return self._net_thread.is_alive() and self._pump_thread.is_alive()
+        return self._net_thread.is_alive()
 
     def in_flight(self) -> int:
         return len(self._inflight) + len(self._awaiting)
@@ -498,22 +502,19 @@ class Publisher:
         self._hand_pump(_Acked(userdata, mid, reason))
 
     def _hand_pump(self, item: _PumpItem) -> None:
-        """Give the pump an item and make sure it wakes for it. The item goes in first and
-        the pump clears its flag before it empties the inbox, so a flag still set means the
-        pump has yet to look. From paho's callbacks (the network thread) the wake-up waits
-        until the loop has read everything that arrived: the pump then takes a burst of
-        PUBACKs in one pass, while the network thread waits in select, instead of
-        contending with it for the interpreter at every PUBACK."""
+        """Give the pump an item and make sure it looks soon. From paho's callbacks (the
+        network thread itself) nothing more is needed: the pump runs after the loop has
+        read everything that arrived, so a burst of PUBACKs is taken in one pass."""
         self._inbox.put(item)
-        if threading.get_ident() == self._net_thread.ident:
-            self._pump_owed = True
-        elif not self._wake.is_set():
-            self._wake.set()
+        if threading.get_ident() != self._net_thread.ident:
+            self._wake_pump()
 
-    def _wake_pump_after_loop(self) -> None:
-        if self._pump_owed:
-            self._pump_owed = False
+    def _wake_pump(self) -> None:
+        """The item goes in first and the pump clears the flag before it empties the inbox,
+        so a flag still set means the pump has yet to look: one wake-up serves a burst."""
+        if not self._wake.is_set():
             self._wake.set()
+            self._net.wake()
 
     def _on_answer(self, client: mqtt.Client, userdata: Any, mid: int, *rest: Any) -> None:
         """SUBACK or UNSUBACK (a probe's answer): the broker is there."""
@@ -567,8 +568,9 @@ class Publisher:
                 self._client, self._client_link = client, link
             rc = mqtt.MQTT_ERR_SUCCESS
             while rc == mqtt.MQTT_ERR_SUCCESS and not self._stopping.is_set():
+                # Half a second at most: also the resolution of ack and receipt timeouts.
                 rc = self._net.run_once(client, timeout=0.5)
-                self._wake_pump_after_loop()
+                self._pump()
                 if self.connected:
                     backoff.reset()
             with self._send_lock:
@@ -579,6 +581,7 @@ class Publisher:
                     if self._net.run_once(client, timeout=0.25) != mqtt.MQTT_ERR_SUCCESS:
                         break
             self._hand_pump(_Disconnected(link, rc))
+            self._pump()  # the link is down: say so now, not after the backoff
             self._stopping.wait(backoff.next())
         self._net.close()
 
@@ -587,17 +590,15 @@ class Publisher:
             log.warning("%s", text)
         self.last_error = text
 
-    # ----------------------------------------------------------- pump thread
+    # ------------------------------------------------ the pump (network thread)
 
     def _pump(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(timeout=0.5)  # also the resolution of ack/receipt timeouts
-            self._wake.clear()
-            try:
-                self._pump_once()
-            except Exception:  # the pump must never die
-                log.exception("publisher pump error")
-                time.sleep(0.1)
+        self._wake.clear()
+        try:
+            self._pump_once()
+        except Exception:  # the network thread must never die
+            log.exception("publisher pump error")
+            time.sleep(0.1)
 
     def _pump_once(self) -> None:
         releases: list[str] = []
