@@ -29,49 +29,10 @@ from agent.mqttloop import disconnect_and_stop
 from agent.runtime import Agent
 from agent.testing.agent import agent_config, write_config
 from agent.testing.broker import Broker
+from benchmarks.latency import Arrivals
 from benchmarks.report import Report, Row, percentile
 
 PAYLOAD = {"location": {"ward": "3", "room": "12", "floor": "2"}, "mode": "press", "presses": 1}
-
-
-class Receiver:
-    """A paho subscriber that timestamps arrivals by a key taken from each message."""
-
-    def __init__(self, broker: Broker, topic: str, key: str = "id"):
-        self.arrivals: dict[str, float] = {}
-        self.count = 0
-        self._key = key
-        self._cond = threading.Condition()
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"bench-rx-{os.getpid()}-{id(self)}",
-            protocol=mqtt.MQTTv5,
-        )
-        self.client.on_message = self._on_message
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
-        self.client.connect(broker.host, broker.port, 30)
-        self.client.loop_start()
-        if not subscribed.wait(5):
-            raise RuntimeError("benchmark subscriber did not subscribe")
-
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        now = time.perf_counter()
-        key = json.loads(msg.payload)[self._key]
-        with self._cond:
-            self.arrivals.setdefault(key, now)
-            self.count += 1
-            self._cond.notify_all()
-
-    def wait(self, key: str, timeout: float = 5.0) -> float:
-        with self._cond:
-            if not self._cond.wait_for(lambda: key in self.arrivals, timeout):
-                raise RuntimeError(f"message {key} not received")
-            return self.arrivals[key]
-
-    def close(self) -> None:
-        disconnect_and_stop(self.client)
 
 
 def bare_client(broker: Broker, window: int = 0) -> mqtt.Client:
@@ -91,18 +52,25 @@ def bare_client(broker: Broker, window: int = 0) -> mqtt.Client:
 
 
 def bare_latency(broker: Broker, n: int, gap: float) -> list[float]:
-    rx = Receiver(broker, "bench/bare/#", key="k")
+    rx = Arrivals(broker, ["bench/bare/#"], f"bench-bare-rx-{os.getpid()}", key="k")
     tx = bare_client(broker)
     lat = []
     for i in range(n):
         body = json.dumps({"k": str(i), "payload": PAYLOAD, "pad": "x" * 300})
         t0 = time.perf_counter()
         tx.publish("bench/bare/panic", body, qos=1)
-        lat.append(rx.wait(str(i)) - t0)
+        lat.append(_arrival(rx, str(i)) - t0)
         time.sleep(gap)
     disconnect_and_stop(tx)
-    rx.close()
+    rx.stop()
     return lat
+
+
+def _arrival(rx: Arrivals, tag: str) -> float:
+    arrived = rx.wait(tag)
+    if arrived is None:
+        raise RuntimeError(f"message {tag} not received")
+    return arrived
 
 
 def agent_latency(broker: Broker, tmp: Path, n: int, gap: float) -> tuple[list[float], list[float]]:
@@ -113,16 +81,16 @@ def agent_latency(broker: Broker, tmp: Path, n: int, gap: float) -> tuple[list[f
     deadline = time.monotonic() + 10
     while not (agent.publisher and agent.publisher.connected) and time.monotonic() < deadline:
         time.sleep(0.01)
-    rx = Receiver(broker, "wardpost/+/+/events/#")
+    rx = Arrivals(broker, ["wardpost/+/+/events/#"], f"bench-agent-rx-{os.getpid()}", key="id")
     lat, call = [], []
     for _ in range(n):
         t0 = time.perf_counter()
         emission = agent.emit("bench", "panic.pressed", PAYLOAD, Priority.CRITICAL)
         t1 = time.perf_counter()
-        lat.append(rx.wait(emission.event.id) - t0)
+        lat.append(_arrival(rx, emission.event.id) - t0)
         call.append(t1 - t0)
         time.sleep(gap)
-    rx.close()
+    rx.stop()
     agent.stop()
     return lat, call
 
@@ -233,7 +201,9 @@ def agent_drain(tmp: Path, n: int) -> float:
     t0 = time.perf_counter()
     # The publisher's count of released events, not the outbox's backlog: counting pending
     # rows in SQLite every few milliseconds would slow the very drain it measures.
-    while agent.publisher.counters["confirmed"] < n and time.monotonic() < deadline:
+    publisher = agent.publisher
+    assert publisher is not None
+    while publisher.counters["confirmed"] < n and time.monotonic() < deadline:
         time.sleep(0.005)
     elapsed = time.perf_counter() - t0
     agent.stop()

@@ -8,61 +8,104 @@ rows (the driver path beside raw paho) for ``scripts/bench``'s one table.
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.mqttloop import disconnect_and_stop
 from agent.testing.broker import Broker
 from benchmarks.report import Row, percentile
 
 
 class Arrivals:
-    """A subscriber that timestamps the next message on any of its topics."""
+    """A subscriber in a process of its own that timestamps each message on its topics.
 
-    def __init__(self, broker: Broker, topics: list[str], client_id: str):
+    Tagged by topic, or by a field of the JSON payload (``key``). Its own process: inside
+    the benchmark's process it would wait for the interpreter behind the very threads it
+    measures (the agent's outbox writer, its network thread) and add their time to the
+    path's latency, which a centre on another machine never sees. ``time.perf_counter`` is
+    ``CLOCK_MONOTONIC`` on Linux, one clock for every process, so its times and ours
+    compare. Only the first arrival of a tag counts (a re-sent copy is not a new one)."""
+
+    def __init__(self, broker: Broker, topics: list[str], client_id: str, key: str = ""):
         self._cond = threading.Condition()
         self._arrived: dict[str, float] = {}
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5,
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.latency",
+                "--subscribe",
+                broker.host,
+                str(broker.port),
+                client_id,
+                key,
+                *topics,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
         )
-        subscribed = threading.Event()
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in topics])
-        self.client.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port, 30)
-        self.client.loop_start()
-        if not subscribed.wait(5):
+        assert self._proc.stdout is not None
+        if self._proc.stdout.readline().strip() != "subscribed":
+            self._proc.kill()
             raise RuntimeError("subscriber did not subscribe")
+        self._reader = threading.Thread(target=self._read, args=(self._proc.stdout,), daemon=True)
+        self._reader.start()
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        now = time.perf_counter()
-        with self._cond:
-            self._arrived[msg.topic] = now
-            self._cond.notify_all()
+    def _read(self, lines: IO[str]) -> None:
+        for line in lines:
+            tag, _, at = line.rstrip("\n").rpartition(" ")
+            with self._cond:
+                self._arrived.setdefault(tag, float(at))
+                self._cond.notify_all()
 
-    def clear(self, topic: str) -> None:
+    def clear(self, tag: str) -> None:
         with self._cond:
-            self._arrived.pop(topic, None)
+            self._arrived.pop(tag, None)
 
-    def wait(self, topic: str, timeout: float = 2.0) -> float | None:
-        deadline = time.monotonic() + timeout
+    def wait(self, tag: str, timeout: float = 5.0) -> float | None:
+        """The arrival time of ``tag`` (taken by the subscriber), or None after ``timeout``."""
         with self._cond:
-            while topic not in self._arrived:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._cond.wait(left)
-            return self._arrived.pop(topic)
+            if not self._cond.wait_for(lambda: tag in self._arrived, timeout):
+                return None
+            return self._arrived.pop(tag)
 
     def stop(self) -> None:
-        disconnect_and_stop(self.client)
+        self._proc.terminate()
+        self._proc.wait(10)
+        self._reader.join(5)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+
+def _subscribe(host: str, port: int, client_id: str, key: str, topics: list[str]) -> None:
+    """The subscriber process: one line ``<tag> <perf_counter>`` per message."""
+    out = sys.stdout
+
+    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        now = time.perf_counter()
+        tag = str(json.loads(msg.payload)[key]) if key else msg.topic
+        out.write(f"{tag} {now!r}\n")
+        out.flush()
+
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+    )
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in topics])
+    client.on_subscribe = lambda c, u, mid, rcs, p: print("subscribed", flush=True)
+    client.on_message = on_message
+    signal.signal(signal.SIGTERM, lambda *_: client.disconnect())
+    client.connect(host, port, 30)
+    client.loop_forever()
 
 
 def raw_publisher(broker: Broker, client_id: str) -> mqtt.Client:
@@ -80,7 +123,7 @@ def timed(arrivals: Arrivals, topic: str, action: Callable[[], object]) -> float
     arrivals.clear(topic)
     start = time.perf_counter()
     action()
-    arrived = arrivals.wait(topic)
+    arrived = arrivals.wait(topic, timeout=2.0)
     return None if arrived is None else (arrived - start) * 1000
 
 
@@ -140,3 +183,9 @@ def latency_table(
             ok=(met and not lost[subject]) if targets else None,
         ),
     ]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--subscribe"] or len(sys.argv) < 7:
+        sys.exit("usage: python -m benchmarks.latency --subscribe HOST PORT CLIENT_ID KEY TOPIC...")
+    _subscribe(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6:])

@@ -84,6 +84,10 @@ _WINDOW_FLOOR = 8  # events in flight a connection starts with, and never goes b
 _QUEUED_LOW, _QUEUED_HIGH = 8, 16
 
 
+def _queue_only(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Registered for writing while the network thread publishes a batch: paho then queues."""
+
+
 class Window:
     """How many events may be in flight: as many as keep the link busy, not more.
 
@@ -286,13 +290,15 @@ class Publisher:
         # Set when another thread has woken the network thread for the pump, cleared by the
         # pump before it empties the inbox: one wake-up per burst of hand-offs.
         self._wake = threading.Event()
-        self._net = NetworkLoop()
         self._stopping = threading.Event()
         self._live: WeakValueDictionary[str, Emission] = WeakValueDictionary()
         self._live_lock = threading.Lock()
-        # Held around every publish and while the network thread swaps clients; a direct
-        # send and its record enter the inbox together under it.
-        self._send_lock = threading.Lock()
+        # Held around every call into the client (the network loop's reads and writes too)
+        # and while the network thread swaps clients; a direct send and its record enter the
+        # inbox together under it. With it, paho writes a publish on the calling thread at
+        # once: an alarm is on the wire before another thread has to be scheduled.
+        self._send_lock = threading.RLock()
+        self._net = NetworkLoop(self._send_lock)
         self._client: mqtt.Client | None = None  # this connection's client (under lock)
         self._client_link = 0  # which connection it belongs to (under lock)
         self._sendable = False  # the pump has taken in the current connection (under lock)
@@ -357,10 +363,8 @@ class Publisher:
         client.on_message = self._on_message
         client.on_subscribe = self._on_answer
         client.on_unsubscribe = self._on_answer
-        # paho writes to the socket from whichever thread calls publish() unless an external
-        # loop is registered; two writers can reorder or interleave packets. With ours,
-        # publish() only queues and wakes the network thread, the one writer.
-        self._net.attach(client)
+        # paho writes to the socket from whichever thread calls publish(); two writers at once
+        # could interleave packets, so every call into the client holds _send_lock.
         return client
 
     def start(self) -> None:
@@ -373,15 +377,20 @@ class Publisher:
             time.sleep(0.02)
         with self._send_lock:
             client = self._client
-        if self.connected and client is not None:
-            info = client.publish(
-                self.topics.status, self._status_payload("stopped"), qos=1, retain=True
-            )
+            info = None
+            if self.connected and client is not None:
+                info = client.publish(
+                    self.topics.status, self._status_payload("stopped"), qos=1, retain=True
+                )
+                self._net.sent(client)
+        if info is not None:
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(max(0.1, deadline - time.monotonic()))
         self._stopping.set()
-        if client is not None:
-            client.disconnect()  # wakes the network thread's loop at once
+        with self._send_lock:
+            if client is not None:
+                client.disconnect()
+                self._net.sent(client)
         self._net.wake()
         self._net_thread.join(5)
 
@@ -416,9 +425,10 @@ class Publisher:
             assert self._client is not None  # sendable
             del self._held_criticals[row.id]
             self.counters["critical_direct"] += 1
+            # Written to the socket here, on the emitting thread (see _send_lock).
             info = self._client.publish(self.topics.event(row.kind), row.body, qos=1)
-            # No wake-up: the network thread is the one to run now, to put the alarm on the
-            # wire; the pump reads this record with the PUBACK, or within half a second.
+            self._net.sent(self._client)
+            # No wake-up: the pump reads this record with the PUBACK, or within half a second.
             self._inbox.put(_Published(self._client_link, info, row))
 
     def committed(self, min_key: tuple[int, int]) -> None:
@@ -439,6 +449,7 @@ class Publisher:
                 self._client.publish(
                     self.topics.heartbeat, json.dumps(payload, separators=(",", ":")), qos=0
                 )
+                self._net.sent(self._client)
 
     def publish_retained(self, topic: str, body: str) -> bool:
         """A retained QoS 1 message outside the event stream (Home Assistant discovery), on
@@ -447,6 +458,7 @@ class Publisher:
             if not (self._sendable and self._client is not None):
                 return False
             self._client.publish(topic, body, qos=1, retain=True)
+            self._net.sent(self._client)
             return True
 
     def publish_command_result(self, command_id: str, payload: Mapping[str, Any]) -> None:
@@ -576,7 +588,8 @@ class Publisher:
             with self._send_lock:
                 self._sendable = False
             if rc == mqtt.MQTT_ERR_SUCCESS:  # stopping on a client stop() did not see
-                client.disconnect()
+                with self._send_lock:
+                    client.disconnect()
                 for _ in range(8):
                     if self._net.run_once(client, timeout=0.25) != mqtt.MQTT_ERR_SUCCESS:
                         break
@@ -842,23 +855,33 @@ class Publisher:
                 return  # refill in batches: one read for many events, not one per PUBACK
             busy = self._inflight.keys() | self._awaiting.keys() | self._releasing
             rows = self.outbox.fetch_pending(self._cursor, room, busy)
-            for row in rows:
-                if not self._send(row):
-                    return  # the link went; the next CONNACK starts over from the top
-                self._cursor = row.key
+            if not self._send_batch(rows):
+                return  # the link went; the next CONNACK starts over from the top
             if len(rows) < room:
                 self._db_exhausted = True
             if self._db_exhausted or self._cursor[0] > Priority.CRITICAL:
                 with self._send_lock:
                     self._criticals_caught_up = True
 
-    def _send(self, row: PendingRow) -> bool:
+    def _send_batch(self, rows: list[PendingRow]) -> bool:
+        """Publish ``rows`` in order (False: the link went before all were out).
+
+        Queued, not written one by one as other threads' publishes are: this is the network
+        thread, which writes the whole batch as soon as the pass is over. Paho queues when an
+        external loop is registered for writing, so one is registered for the batch."""
         with self._send_lock:
-            if not self._sendable or self._client is None:
+            client = self._client
+            if not self._sendable or client is None:
                 return False
-            info = self._client.publish(self.topics.event(row.kind), row.body, qos=1)
-            self._held_criticals.pop(row.id, None)
-        self._record(info, row)
+            client.on_socket_register_write = _queue_only
+            try:
+                for row in rows:
+                    info = client.publish(self.topics.event(row.kind), row.body, qos=1)
+                    self._held_criticals.pop(row.id, None)
+                    self._record(info, row)
+                    self._cursor = row.key
+            finally:
+                client.on_socket_register_write = None
         return True
 
     def _send_replies(self) -> None:
