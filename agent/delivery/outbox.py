@@ -504,9 +504,13 @@ class Outbox:
         return int(count), oldest
 
     def fetch_pending(
-        self, after: tuple[int, int], limit: int, exclude: set[str] | frozenset[str] = frozenset()
+        self,
+        after: tuple[int, int],
+        limit: int,
+        exclude: Callable[[str], bool] = lambda event_id: False,
     ) -> list[PendingRow]:
-        """Pending events in send order (critical first, then oldest) after ``after``."""
+        """Pending events in send order (critical first, then oldest) after ``after``,
+        leaving out those ``exclude`` names."""
         rows: list[PendingRow] = []
         cursor = after
         while len(rows) < limit:  # excluded rows are rare (a rewind): read on past them
@@ -515,15 +519,13 @@ class Outbox:
                 "WHERE published IS NULL AND (rank, seq) > (?, ?) ORDER BY rank, seq LIMIT ?",
                 (cursor[0], cursor[1], limit),
             )
-            rows.extend(PendingRow(*row) for row in batch if row[0] not in exclude)
+            rows.extend(PendingRow(*row) for row in batch if not exclude(row[0]))
             if len(batch) < limit:
                 break
             cursor = (batch[-1][1], batch[-1][2])
         with self._memory_lock:
             if self._memory:
-                rows.extend(
-                    r for r in self._memory.values() if r.key > after and r.id not in exclude
-                )
+                rows.extend(r for r in self._memory.values() if r.key > after and not exclude(r.id))
                 rows.sort(key=lambda r: r.key)
         return rows[:limit]
 

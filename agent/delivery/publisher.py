@@ -114,6 +114,8 @@ class Window:
         self._best = float("inf")
 
     def confirmed(self, round_trip: float) -> None:
+        if self.floor == self.ceiling:
+            return  # a fixed window
         round_trip = max(round_trip, 1e-6)
         self._best = min(self._best, round_trip)
         queued = self.size * (1.0 - self._best / round_trip)
@@ -140,13 +142,6 @@ class _Published:
     link: int
     info: mqtt.MQTTMessageInfo
     row: PendingRow
-
-
-@dataclass(frozen=True, slots=True)
-class _Acked:
-    link: int
-    mid: int
-    reason: ReasonCode
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,13 +172,7 @@ class _Disconnected:
 
 
 _PumpItem = (
-    _Published
-    | _Acked
-    | _ReceiptArrived
-    | _ReleaseStored
-    | _ReplyQueued
-    | _Connected
-    | _Disconnected
+    _Published | _ReceiptArrived | _ReleaseStored | _ReplyQueued | _Connected | _Disconnected
 )
 
 
@@ -287,6 +276,8 @@ class Publisher:
         self._probe_topic = f"{self.topics.base}/link-probe"
 
         self._inbox: queue.SimpleQueue[_PumpItem] = queue.SimpleQueue()
+        # PUBACKs as paho reports them: (link, mid, reason), under _send_lock.
+        self._acks: list[tuple[int, int, ReasonCode]] = []
         # Set when another thread has woken the network thread for the pump, cleared by the
         # pump before it empties the inbox: one wake-up per burst of hand-offs.
         self._wake = threading.Event()
@@ -511,7 +502,9 @@ class Publisher:
     ) -> None:
         # Not evidence of a live link by itself: paho reports QoS 0 messages (heartbeats)
         # here as soon as they are written. An event's PUBACK counts (_handle_puback).
-        self._hand_pump(_Acked(userdata, mid, reason))
+        # paho calls this while _send_lock is held (every call into the client holds it):
+        # a plain list will do, and the pump, on this thread, takes it after the read.
+        self._acks.append((userdata, mid, reason))
 
     def _hand_pump(self, item: _PumpItem) -> None:
         """Give the pump an item and make sure it looks soon. From paho's callbacks (the
@@ -617,23 +610,28 @@ class Publisher:
         releases: list[str] = []
         items = []
         with self._send_lock:  # a direct send's PUBACK and its record are drained in one pass
+            acks, self._acks = self._acks, []
             while True:
                 try:
                     items.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
+        # PUBACKs first: everything else in the inbox (a connection's end, the next one)
+        # came after them, except the records of direct sends, which may be read after.
         early_acks: dict[int, ReasonCode] = {}
+        for link, mid, reason in acks:
+            if link != self._link:
+                continue  # from a connection the pump has already left behind
+            if mid in self._by_mid or mid in self._reply_mids:
+                self._handle_puback(mid, reason, releases)
+            else:  # a direct send acknowledged before its record was read
+                early_acks[mid] = reason
         receipts: list[bytes] = []
         for item in items:
             match item:
                 case _Published(link=self._link):
                     if self._record(item.info, item.row) and item.info.mid in early_acks:
                         self._handle_puback(item.info.mid, early_acks.pop(item.info.mid), releases)
-                case _Acked(link=self._link):
-                    if item.mid in self._by_mid or item.mid in self._reply_mids:
-                        self._handle_puback(item.mid, item.reason, releases)
-                    else:  # a direct send acknowledged before its record was read
-                        early_acks[item.mid] = item.reason
                 case _ReceiptArrived():
                     # Judged after this pass's records: a receipt for a direct send can
                     # overtake its record into the inbox, never out of the drain.
@@ -822,10 +820,11 @@ class Publisher:
         resend_from: tuple[int, int] | None = None
         ack_cutoff = now - self.mqtt.ack_timeout
         for mid, sent in list(self._by_mid.items()):
-            if sent.sent < ack_cutoff:
-                del self._by_mid[mid]
-                self._inflight.pop(sent.row_id, None)
-                resend_from = sent.key if resend_from is None else min(resend_from, sent.key)
+            if sent.sent >= ack_cutoff:
+                break  # entries go in as they are sent: the rest are younger still
+            del self._by_mid[mid]
+            self._inflight.pop(sent.row_id, None)
+            resend_from = sent.key if resend_from is None else min(resend_from, sent.key)
         receipt_cutoff = now - self.mqtt.receipt_timeout
         for event_id, sent in list(self._awaiting.items()):
             if sent.sent < receipt_cutoff:
@@ -853,8 +852,7 @@ class Publisher:
             room = self.window.size - len(self._inflight) - len(self._awaiting)
             if room <= 0 or (room < self.window.size // 8 and self._cursor[0] > Priority.CRITICAL):
                 return  # refill in batches: one read for many events, not one per PUBACK
-            busy = self._inflight.keys() | self._awaiting.keys() | self._releasing
-            rows = self.outbox.fetch_pending(self._cursor, room, busy)
+            rows = self.outbox.fetch_pending(self._cursor, room, self._busy)
             if not self._send_batch(rows):
                 return  # the link went; the next CONNACK starts over from the top
             if len(rows) < room:
@@ -862,6 +860,13 @@ class Publisher:
             if self._db_exhausted or self._cursor[0] > Priority.CRITICAL:
                 with self._send_lock:
                     self._criticals_caught_up = True
+
+    def _busy(self, event_id: str) -> bool:
+        """In flight, waiting for a receipt, or released but not yet stored as such: not to
+        be read for sending again (only rows behind the cursor can be, after a rewind)."""
+        return (
+            event_id in self._inflight or event_id in self._awaiting or event_id in self._releasing
+        )
 
     def _send_batch(self, rows: list[PendingRow]) -> bool:
         """Publish ``rows`` in order (False: the link went before all were out).
