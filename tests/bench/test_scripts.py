@@ -60,6 +60,17 @@ def test_serial_benchmark_reports_every_dialect_and_the_latency(tmp_path: Path) 
     assert all(r["baseline"] for r in rows)
 
 
+def test_receiver_benchmark_drains_a_backlog_beside_a_bare_subscriber(tmp_path: Path) -> None:
+    out, rows = run_script(
+        tmp_path, "scripts/bench-receiver", "--devices", "3", "--events", "20", "--runs", "sqlite"
+    )
+    assert "drain: bare paho QoS 1 -> counting subscriber" in out
+    [row] = rows
+    assert row["metric"] == "drain: 1 receiver, SQLite, stored + receipted"
+    assert row["baseline"] and row["value"]
+    assert "60 of 60" in str(row["notes"])  # every event stored and receipted
+
+
 @pytest.mark.parametrize(
     "script", ["scripts/bench", "scripts/bench-face", "scripts/bench-receiver", "scripts/fleet-sim"]
 )
