@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -50,12 +49,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.backoff import Backoff
-from agent.mqttloop import NetworkLoop
+from agent.mqttloop import disconnect_and_stop
 from central.alarms import AlarmDesk, MqttCommander, Signing, unsigned
 from central.config import ReceiverConfig, ReceiverMQTTConfig
 from central.intake import Inbound, Intake, Outcome
@@ -123,8 +122,8 @@ def command_signer(config: ReceiverConfig) -> Signing:
     return Signer.from_file(config.commands.signing_key).sign
 
 
-def connect_later(client: mqtt.Client, config: ReceiverMQTTConfig, *, persistent: bool) -> None:
-    """Give ``client`` where and how to connect; ``reconnect()`` (or paho's loop) connects."""
+def connect(client: mqtt.Client, config: ReceiverMQTTConfig, *, persistent: bool) -> None:
+    """Start connecting (asynchronously; paho keeps reconnecting)."""
     properties = None
     if config.protocol == "5":
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -136,11 +135,6 @@ def connect_later(client: mqtt.Client, config: ReceiverMQTTConfig, *, persistent
         clean_start=not persistent if config.protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
         properties=properties,
     )
-
-
-def connect(client: mqtt.Client, config: ReceiverMQTTConfig, *, persistent: bool) -> None:
-    """Start connecting on paho's own thread (asynchronously; paho keeps reconnecting)."""
-    connect_later(client, config, persistent=persistent)
     client.loop_start()
 
 
@@ -166,15 +160,6 @@ class Receiver:
         self._writer = threading.Thread(
             target=self._write_loop, name="receiver-writer", daemon=True
         )
-        # The MQTT client runs on a thread of ours (paho's external loop), not paho's
-        # loop_start(): the writer acknowledges every message and publishes receipts from its
-        # own thread, and paho's own loop would then wake its select with a system call per
-        # acknowledgement (see agent.mqttloop).
-        self._net = NetworkLoop()
-        self._net_stopping = threading.Event()
-        self._network = threading.Thread(
-            target=self._network_loop, name="receiver-mqtt", daemon=True
-        )
         self._listeners: list[Callable[[Outcome], None]] = []
         self._refusal = ""  # why the store last refused a batch
         mq = config.mqtt
@@ -196,7 +181,6 @@ class Receiver:
         self.client.on_message = self._on_message
         # Connected means subscribed: a message published before the SUBACK would be missed.
         self.client.on_subscribe = lambda *_: self.connected.set()
-        self._net.attach(self.client)
         self.bridge: Any = None
         if config.dc09.enabled:
             from central.bridge import Dc09Bridge
@@ -217,8 +201,7 @@ class Receiver:
     # --- lifecycle ---
     def start(self) -> Receiver:
         self._writer.start()
-        connect_later(self.client, self.config.mqtt, persistent=self._persistent)
-        self._network.start()
+        connect(self.client, self.config.mqtt, persistent=self._persistent)
         if self.bridge is not None:
             self.bridge.start()
         return self
@@ -239,42 +222,12 @@ class Receiver:
             self.bridge.stop()
         if self.stats.supervising:  # hand supervision over now rather than when the lease ends
             self.store.release_lease(SUPERVISION_LEASE, self.name)
-        self.client.disconnect()  # written by the network thread, which then ends
-        self._net_stopping.set()
-        self._net.wake()
-        self._network.join(timeout=timeout)
-        self._net.close()
+        disconnect_and_stop(self.client)
         if self._own_store:
             self.store.close()
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
         return self.connected.wait(timeout)
-
-    # --- the network thread ---
-    def _network_loop(self) -> None:
-        """Connect, run the client until the link ends, reconnect after a jittered backoff
-        (the same client: a persistent session is resumed by client id)."""
-        backoff = Backoff(1.0, 5.0)
-        mq = self.config.mqtt
-        while not self._net_stopping.is_set():
-            try:
-                self.client.reconnect()
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                log.warning("cannot connect to %s:%d: %s", mq.host, mq.port, exc)
-                self._net_stopping.wait(backoff.next())
-                continue
-            rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-            stop_by: float | None = None
-            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                rc = self._net.run_once(self.client, timeout=1.0)
-                if self.connected.is_set():
-                    backoff.reset()
-                if self._net_stopping.is_set():  # DISCONNECT is on its way; give it a moment
-                    stop_by = stop_by or time.monotonic() + 2.0
-                    if time.monotonic() > stop_by:
-                        break
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not self._net_stopping.is_set():
-                self._net_stopping.wait(backoff.next())
 
     # --- paho callbacks: queue only ---
     def _filters(self) -> list[str]:
