@@ -8,18 +8,12 @@ paho write a byte to an internal socket pair on *every* ``publish()`` from anoth
 interrupt its select. With many events in flight that is one system call and one thread
 hand-over (GIL included) per event.
 
-Other threads send in one of two ways:
-
-* **queued** (``NetworkLoop()``, then ``attach(client)``): ``publish()`` only queues, and
-  wakes the loop when the client goes from "nothing to write" to "something to write"
-  (paho's ``on_socket_register_write``), so a burst of publishes costs one wake-up; the
-  loop's thread is the one writer;
-* **direct** (``NetworkLoop(lock)``): every call into the client, by the loop and by its
-  callers, is made holding ``lock``, so paho writes a ``publish()`` on the caller's thread
-  at once (paho does that when no external loop is registered) and one writer at a time
-  is guaranteed by the lock. An alarm then reaches the wire without waiting for another
-  thread to be scheduled. A caller calls :meth:`NetworkLoop.sent` after its calls, which
-  wakes the loop only if a full socket buffer left bytes for it to write.
+Other threads send directly: every call into the client, by the loop and by its callers,
+is made holding one lock, so paho writes a ``publish()`` on the caller's thread at once
+(paho does that when no external loop is registered for writing) and the lock keeps to
+one writer at a time. An alarm then reaches the wire without waiting for another thread
+to be scheduled. A caller calls :meth:`NetworkLoop.sent` after its calls, which wakes the
+loop only if a full socket buffer left bytes for it to write.
 
 ``loop_stop()`` in paho 2.x checks its thread, then joins it; a thread that ends in between
 (as it does by itself right after ``disconnect()``) leaves ``None`` behind, and ``loop_stop``
@@ -34,7 +28,6 @@ import select
 import socket
 import ssl
 import threading
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
@@ -50,32 +43,23 @@ def disconnect_and_stop(client: mqtt.Client) -> None:
 class NetworkLoop:
     """One thread's select loop for paho clients (one at a time), woken by other threads.
 
-    ``attach(client)`` (queued mode) before ``connect()``; then call ``run_once()``
-    repeatedly on one thread while ``MQTT_ERR_SUCCESS`` comes back. ``wake()`` (any thread)
-    makes the current ``run_once()`` return early."""
+    Call ``run_once()`` repeatedly on one thread while ``MQTT_ERR_SUCCESS`` comes back;
+    every other call into the client holds ``lock``. ``wake()`` (any thread) makes the
+    current ``run_once()`` return early."""
 
-    def __init__(self, lock: threading.Lock | threading.RLock | None = None) -> None:
-        self._lock: contextlib.AbstractContextManager[Any] = (
-            lock if lock is not None else contextlib.nullcontext()
-        )
+    def __init__(self, lock: threading.Lock | threading.RLock) -> None:
+        self._lock = lock
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-
-    def attach(self, client: mqtt.Client) -> None:
-        """Queued mode: ``publish()`` on other threads only queues and wakes this loop."""
-        client.on_socket_register_write = self._on_register_write
-
-    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self.wake()
 
     def wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):  # full: a wake-up is pending anyway
             self._wake_w.send(b"\0")
 
     def sent(self, client: mqtt.Client) -> None:
-        """Direct mode, after calls into ``client`` (lock held): if the socket could not take
-        everything, the rest is this loop's to write."""
+        """After calls into ``client`` (lock held): if the socket could not take everything,
+        the rest is this loop's to write."""
         if client.want_write():
             self.wake()
 
@@ -88,8 +72,7 @@ class NetworkLoop:
                 return MQTTErrorCode.MQTT_ERR_NO_CONN
             # Bytes TLS has already decrypted are not visible to select: read them first.
             buffered = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
-            # Checked after the last loop_write: a publish that found paho still "registered"
-            # for writing (and so woke nobody) is seen here.
+            # What a full socket buffer left behind.
             writing = [sock] if client.want_write() else []
         try:
             readable, _, _ = select.select(
