@@ -381,8 +381,7 @@ class Publisher:
         with self._send_lock:
             if client is not None:
                 client.disconnect()
-                self._net.sent(client)
-        self._net.wake()
+        self._net.wake()  # the loop writes the DISCONNECT, or sees _stopping in its backoff
         self._net_thread.join(5)
 
     # -------------------------------------------------------- called by agent
@@ -869,7 +868,7 @@ class Publisher:
         )
 
     def _send_batch(self, rows: list[PendingRow]) -> bool:
-        """Publish ``rows`` in order (False: the link went before all were out).
+        """Publish ``rows`` in order (False: no link to send them on).
 
         Queued, not written one by one as other threads' publishes are: this is the network
         thread, which writes the whole batch as soon as the pass is over. Paho queues when an
