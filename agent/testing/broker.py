@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import random
 import shutil
 import signal
 import socket
@@ -12,10 +13,32 @@ import time
 from pathlib import Path
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port below the kernel's ephemeral range.
+
+    A server the tests stop and start again (a broker outage) must find its port free when
+    it comes back. A port from the ephemeral range can meanwhile be taken by any socket the
+    kernel numbers itself: one bound to port 0 (paho's internal socket pair binds one on
+    loopback), or a client's source port. Below the range only an explicit bind can take it.
+    Seen once under load: mosquitto's restart failed with "Address already in use"."""
+    low, _ = _ephemeral_ports()
+    for _ in range(100):
+        port = random.randrange(10_000, max(10_001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port between 10000 and {low}")
 
 
 class Broker:
